@@ -1,0 +1,66 @@
+// safetensors files: an 8-byte little-endian header length n, n bytes of JSON
+// {"name": {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}},
+// then the data buffer; offsets are relative to the buffer's start.
+// The reader memory-maps the file and validates everything before handing out a tensor:
+// header length within the file, JSON syntax, known dtype, non-negative shape,
+// dtype size x numel == end - begin, offsets within the buffer and not overlapping.
+// Every violation throws qt::Error "[safetensors] <file>: <what>".
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace qt {
+
+struct SafetensorsEntry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+  size_t begin = 0, end = 0;  // byte offsets into the data buffer
+};
+
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);  // mmap + validate
+  const std::string& path() const { return path_; }
+  const std::vector<SafetensorsEntry>& entries() const { return entries_; }  // in file order
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  bool contains(const std::string& name) const;
+  const SafetensorsEntry& entry(const std::string& name) const;  // throws naming the tensor
+  // A CPU tensor viewing the mapped bytes (dtype as on disk); keeps the mapping alive.
+  Tensor view(const std::string& name) const;
+
+ private:
+  std::string path_;
+  std::shared_ptr<void> mapping_;
+  const uint8_t* buffer_ = nullptr;  // start of the data buffer
+  std::vector<SafetensorsEntry> entries_;
+  std::map<std::string, size_t> index_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// A checkpoint directory: model.safetensors, or model.safetensors.index.json + shards (the index's
+// weight_map names each tensor's shard; every shard is validated). Also accepts a path to a
+// single .safetensors file.
+class SafetensorsCheckpoint {
+ public:
+  explicit SafetensorsCheckpoint(const std::string& dir_or_file);
+  std::vector<std::string> names() const;  // sorted
+  bool contains(const std::string& name) const;
+  const SafetensorsEntry& entry(const std::string& name) const;
+  Tensor view(const std::string& name) const;
+
+ private:
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const SafetensorsFile*> owner_;
+};
+
+// Writes tensors (any dtype, CPU) atomically: path.tmp.<pid> is written and fsync'ed, then renamed
+// over path. Names must be unique; metadata goes to "__metadata__".
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace qt

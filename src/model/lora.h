@@ -1,0 +1,62 @@
+// LoRA adapters (PEFT format) in memory.
+//   y = x W^T + scale * (dropout(x) A^T) B^T,  scale = alpha / r  (alpha / sqrt(r) with rslora)
+// Dense modules: A (r,in), B (out,r). Expert modules of a MoE layer are held fused:
+// A (E,r,in), B (E,out,r); they convert losslessly to PEFT's per-expert names
+// base_model.model.model.layers.L.mlp.experts.E.{gate,up,down}_proj.lora_{A,B}.weight.
+#pragma once
+#include <array>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/hf_config.h"
+
+namespace qt {
+
+enum LoraSlot { kLoraQ, kLoraK, kLoraV, kLoraO, kLoraGate, kLoraUp, kLoraDown, kNumLoraSlots };
+const char* lora_slot_module(LoraSlot s);  // "q_proj", ..., "down_proj"
+
+struct LoraConfig {
+  int64_t r = 16;
+  double alpha = 16;
+  bool use_rslora = false;
+  double dropout = 0.0;
+  std::vector<std::string> target_modules;  // short names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+  std::string base_model_name_or_path;
+  double scale() const;
+  bool targets(LoraSlot s) const;
+};
+
+struct LoraPair {
+  Tensor A, B;  // both undefined when the module has no adapter
+  bool present() const { return A.defined(); }
+};
+
+struct LayerLora {
+  // For a MoE layer, gate/up/down slots hold the fused expert adapters (3-D tensors).
+  std::array<LoraPair, kNumLoraSlots> slot;
+};
+
+struct LoraAdapter {
+  LoraConfig cfg;
+  std::vector<LayerLora> layers;
+  // Same structure, all tensors zero (gradient buffers, optimizer states).
+  LoraAdapter zeros_like() const;
+};
+
+// Fresh adapter as PEFT initialises it: A kaiming-uniform(a=sqrt(5)) i.e. U(-1/sqrt(in), 1/sqrt(in)),
+// B zeros; deterministic for a seed.
+LoraAdapter init_lora(const ModelConfig& mcfg, const LoraConfig& lcfg, DType dtype, uint64_t seed);
+
+// PEFT names <-> tensors. Per-expert names by default; `fused_experts` writes (E,r,in)/(E,out,r)
+// under base_model.model.model.layers.L.mlp.{gate,up,down}_proj.lora_{A,B}.weight.
+std::vector<std::pair<std::string, Tensor>> lora_named_tensors(const LoraAdapter& a, const ModelConfig& mcfg,
+                                                               bool fused_experts = false);
+
+// DIR/adapter_config.json + DIR/adapter_model.safetensors. Reading accepts per-expert or fused
+// expert names, validates every shape against the model, and converts to `dtype`.
+LoraAdapter load_peft_adapter(const std::string& dir, const ModelConfig& mcfg, DType dtype);
+void save_peft_adapter(const std::string& dir, const LoraAdapter& a, const ModelConfig& mcfg,
+                       bool fused_experts = false);
+
+}  // namespace qt

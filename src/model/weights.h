@@ -1,0 +1,58 @@
+// Base model weights of one Qwen decoder (Qwen2, Qwen3, Qwen3-MoE), frozen during LoRA training.
+// Shapes (PyTorch nn.Linear layout, W (out, in)):
+//   embed (V,H); per layer: input_norm (H), post_norm (H),
+//   q_w (nh*hd, H) [+ q_b], k_w (nkv*hd, H) [+ k_b], v_w (nkv*hd, H) [+ v_b], o_w (H, nh*hd),
+//   q_norm, k_norm (hd) [qwen3 only];
+//   dense MLP: gate (I,H), up (I,H), down (H,I);
+//   MoE: router (E,H); experts fused: gate (E,I,H), up (E,I,H), down (E,H,I);
+//   final_norm (H); lm_head (V,H), the same tensor as embed when tie_word_embeddings.
+// On disk the loader accepts the Hub's per-expert names, transformers v5's fused
+// mlp.experts.gate_up_proj (E,2I,H) / down_proj (E,H,I), and transformers-qwen3-moe-fused's
+// mlp.{gate,up,down}_proj.weight (E,out,in); any float dtype on disk.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/hf_config.h"
+
+namespace qt {
+
+struct AttentionWeights {
+  Tensor q_w, k_w, v_w, o_w;
+  Tensor q_b, k_b, v_b;   // undefined when the model has no attention bias
+  Tensor q_norm, k_norm;  // undefined unless cfg.qk_norm
+};
+
+struct MlpWeights {
+  // dense layer: gate (I,H), up (I,H), down (H,I)
+  // MoE layer:   gate (E,I,H), up (E,I,H), down (E,H,I), router (E,H)
+  Tensor gate, up, down;
+  Tensor router;  // undefined for dense layers
+};
+
+struct LayerWeights {
+  bool is_moe = false;
+  Tensor input_norm, post_norm;
+  AttentionWeights attn;
+  MlpWeights mlp;
+};
+
+struct ModelWeights {
+  ModelConfig cfg;
+  Tensor embed;       // (V,H)
+  std::vector<LayerWeights> layers;
+  Tensor final_norm;  // (H)
+  Tensor lm_head;     // (V,H); shares storage with embed when tied
+};
+
+// Loads DIR (config.json + model.safetensors or sharded) into `dtype` (F32 for the CPU engine,
+// F64 for exactness tests). Missing, unexpected or mis-shaped tensors: "[weights] ..." naming it.
+ModelWeights load_model_weights(const std::string& dir, DType dtype);
+ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, DType dtype);
+
+// Random weights of a config's shape (for benchmarks and the embedded default), deterministic
+// for a seed: normal(0, std) for matrices, ones for norms, zeros for biases.
+ModelWeights random_model_weights(const ModelConfig& cfg, DType dtype, uint64_t seed, double std = 0.02);
+
+}  // namespace qt
