@@ -92,7 +92,7 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const
 
 #pragma omp parallel
   {
-    std::vector<T> kt(size_t(hd * S)), s(size_t(S)), acc(size_t(hd));
+    std::vector<T> kt(size_t(hd * S)), s(static_cast<size_t>(S)), acc(static_cast<size_t>(hd));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * nh; ++bh) {
       const int64_t b = bh / nh, h = bh % nh, g = h / a.group();
@@ -139,7 +139,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out, const 
 
 #pragma omp parallel
   {
-    std::vector<T> kt(size_t(hd * S)), vt(size_t(hd * S)), s(size_t(S)), dp(size_t(S));
+    std::vector<T> kt(size_t(hd * S)), vt(size_t(hd * S)), s(static_cast<size_t>(S)), dp(static_cast<size_t>(S));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * nh; ++bh) {
       const int64_t b = bh / nh, h = bh % nh, g = h / a.group();
