@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "qwentune 0.1.0");
   qt::cli::register_debug_commands(app);
   qt::cli::register_tokenize_command(app);
+  qt::cli::register_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

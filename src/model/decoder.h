@@ -32,7 +32,10 @@ struct Batch {
 struct StepResult {
   double loss_sum = 0;   // sum of per-token losses
   int64_t count = 0;     // predicted (unmasked) tokens
-  double loss() const { return count ? loss_sum / double(count) : 0.0; }
+  double aux_loss = 0;   // MoE load-balancing loss (only when config.output_router_logits)
+  double aux_coef = 0;   // router_aux_loss_coef when aux_loss is part of the loss, else 0
+  // HF's loss: mean cross-entropy (+ coef * aux when output_router_logits).
+  double loss() const { return (count ? loss_sum / double(count) : 0.0) + aux_coef * aux_loss; }
   Tensor logits;         // (B,S,V) when requested
 };
 
@@ -44,7 +47,8 @@ class QwenDecoder {
 
   // Forward pass; when `grads` is non-null also the backward pass, ACCUMULATING the gradient of
   // grad_scale * loss_sum into *grads (same structure as the adapter). grad_scale <= 0 means
-  // 1/count, the gradient of the mean loss.
+  // 1/count, the gradient of the mean loss. The router aux loss, when on, is weighted as
+  // grad_scale * count * coef * aux (its HF weight relative to the mean).
   StepResult forward_backward(const Batch& batch, LoraAdapter* grads, bool keep_logits, double grad_scale = 0);
 
  private:

@@ -6,5 +6,6 @@ namespace qt::cli {
 
 void register_debug_commands(CLI::App& app);   // debug grads
 void register_tokenize_command(CLI::App& app); // tokenize
+void register_bench_command(CLI::App& app);    // bench
 
 }  // namespace qt::cli
