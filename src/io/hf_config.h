@@ -1,5 +1,11 @@
 // HF config.json for model_type qwen2, qwen3 and qwen3_moe: every key that changes the math.
-// parse_hf_config validates types and consistency and throws "[config] <file>: ..." on errors.
+// parse_hf_config_json validates types and consistency and throws "[config] <file>: ..." on errors.
+// Absent optional keys take transformers' class defaults (see hf_config.cpp), notably: qwen3's
+// head_dim defaults to 128 (Qwen3Config), qwen2/qwen3_moe's to hidden/heads; num_key_value_heads
+// absent -> 32 (qwen2, qwen3) or 4 (qwen3_moe), null -> num_attention_heads. Both the v4 keys
+// (rope_theta, rope_scaling) and v5's rope_parameters are read; only plain RoPE is supported.
+// Rejected as unsupported: rope scaling, sliding-window attention, qwen3 attention_bias=true
+// (it adds an o_proj bias), hidden_act other than silu, attention_dropout != 0.
 #pragma once
 #include <cstdint>
 #include <string>

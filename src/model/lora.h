@@ -15,6 +15,14 @@ namespace qt {
 
 enum LoraSlot { kLoraQ, kLoraK, kLoraV, kLoraO, kLoraGate, kLoraUp, kLoraDown, kNumLoraSlots };
 const char* lora_slot_module(LoraSlot s);  // "q_proj", ..., "down_proj"
+bool lora_slot_from_module(const std::string& module, LoraSlot* out);  // inverse; false when unknown
+
+// Shape of slot `s` in layer `layer`: in/out features of the base projection, and experts = E for
+// the expert projections (gate/up/down) of a MoE layer (fused 3-D adapters), 0 otherwise.
+struct LoraSlotShape {
+  int64_t experts = 0, in = 0, out = 0;
+};
+LoraSlotShape lora_slot_shape(const ModelConfig& mcfg, int64_t layer, LoraSlot s);
 
 struct LoraConfig {
   int64_t r = 16;
@@ -25,6 +33,9 @@ struct LoraConfig {
   std::string base_model_name_or_path;
   double scale() const;
   bool targets(LoraSlot s) const;
+  // Throws "[lora] ..." unless r >= 1, alpha finite, 0 <= dropout < 1 and every target is one of
+  // the seven module names above (at least one).
+  void validate() const;
 };
 
 struct LoraPair {
@@ -52,6 +63,12 @@ LoraAdapter init_lora(const ModelConfig& mcfg, const LoraConfig& lcfg, DType dty
 // under base_model.model.model.layers.L.mlp.{gate,up,down}_proj.lora_{A,B}.weight.
 std::vector<std::pair<std::string, Tensor>> lora_named_tensors(const LoraAdapter& a, const ModelConfig& mcfg,
                                                                bool fused_experts = false);
+
+// adapter_config.json text -> LoraConfig, resolved against the model: target_modules may be a
+// list (PEFT suffix match on module names), "all-linear", or a regex string (full match on names
+// like model.layers.3.self_attn.q_proj / model.layers.3.mlp.experts.7.up_proj); the selection must
+// cover a slot in every layer or in none. Unsupported PEFT features throw "[adapter] <origin>: ...".
+LoraConfig parse_peft_adapter_config(const std::string& json_text, const std::string& origin, const ModelConfig& mcfg);
 
 // DIR/adapter_config.json + DIR/adapter_model.safetensors. Reading accepts per-expert or fused
 // expert names, validates every shape against the model, and converts to `dtype`.

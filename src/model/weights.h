@@ -47,12 +47,16 @@ struct ModelWeights {
 };
 
 // Loads DIR (config.json + model.safetensors or sharded) into `dtype` (F32 for the CPU engine,
-// F64 for exactness tests). Missing, unexpected or mis-shaped tensors: "[weights] ..." naming it.
+// F64 for exactness tests; BF16/F16 also work). Missing, unexpected or mis-shaped tensors:
+// "[weights] <name>: ..." naming it. Tolerated and ignored: lm_head.weight when tied (transformers
+// ignores it too) and legacy self_attn.rotary_emb.inv_freq buffers. The expert layout is detected
+// per layer; a layer mixing layouts fails on the left-over tensors.
 ModelWeights load_model_weights(const std::string& dir, DType dtype);
 ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, DType dtype);
 
 // Random weights of a config's shape (for benchmarks and the embedded default), deterministic
-// for a seed: normal(0, std) for matrices, ones for norms, zeros for biases.
+// for a seed (independent of the thread count and the C++ library): normal(0, std) for matrices
+// (router and embeddings included), ones for norms, zeros for biases; lm_head = embed when tied.
 ModelWeights random_model_weights(const ModelConfig& cfg, DType dtype, uint64_t seed, double std = 0.02);
 
 }  // namespace qt
