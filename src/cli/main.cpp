@@ -13,6 +13,9 @@ int main(int argc, char** argv) {
   qt::cli::register_debug_commands(app);
   qt::cli::register_tokenize_command(app);
   qt::cli::register_bench_command(app);
+  qt::cli::register_merge_command(app);
+  qt::cli::register_convert_lora_command(app);
+  qt::cli::register_data_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -7,5 +7,8 @@ namespace qt::cli {
 void register_debug_commands(CLI::App& app);   // debug grads
 void register_tokenize_command(CLI::App& app); // tokenize
 void register_bench_command(CLI::App& app);    // bench
+void register_merge_command(CLI::App& app);    // merge
+void register_convert_lora_command(CLI::App& app);  // convert-lora
+void register_data_commands(CLI::App& app);       // data preview
 
 }  // namespace qt::cli
