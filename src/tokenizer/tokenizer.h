@@ -1,7 +1,9 @@
-// Byte-level BPE tokenizer loaded from a Hugging Face tokenizer.json (Qwen2/2.5/3 vocabularies).
-// encode(): added/special tokens are matched first (longest match), the remaining text is split
-// by the pre-tokenizer regex read from the file (PCRE2, JIT, Unicode), each piece is mapped to
-// byte-level symbols and merged by BPE ranks. decode() reverses the byte mapping.
+// Byte-level BPE tokenizer loaded from a Hugging Face tokenizer.json (Qwen2/2.5/3 vocabularies),
+// giving HF tokenizers' ids exactly. encode(): added/special tokens are matched first (longest
+// match, with HF's lstrip/rstrip/single_word/normalized rules), the remaining text is normalised
+// (NFC when the file says so) and split by the pre-tokenizer regex read from the file (PCRE2, JIT,
+// Unicode), each piece is mapped to byte-level symbols and merged by BPE ranks. decode() reverses
+// the byte mapping (so decode(encode(s)) == s for text in NFC). Implementation: src/tokenizer/*.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -23,9 +25,15 @@ class Tokenizer {
 
   std::vector<int32_t> encode(std::string_view text) const;  // special tokens written in the text are matched
   std::vector<int32_t> encode_ordinary(std::string_view text) const;  // no special-token matching
-  // Multi-threaded batch encode (threads = 0: all cores), results in input order.
-  std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string>& texts, int threads = 0) const;
-  std::string decode(const std::vector<int32_t>& ids) const;  // invalid UTF-8 bytes kept as-is
+  // Multi-threaded batch encode (threads = 0: all cores), results in input order; special = false
+  // encodes like encode_ordinary.
+  std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string>& texts, int threads = 0,
+                                                 bool special = true) const;
+  // Invalid UTF-8 input (HF cannot hold it): each invalid byte becomes its one-byte token and the
+  // valid text around it is encoded as separate texts. decode(encode(s)) gives back s for any bytes,
+  // except that each valid UTF-8 stretch comes back in NFC (when the tokenizer normalises).
+  std::string decode(const std::vector<int32_t>& ids) const;  // invalid UTF-8 bytes kept as-is;
+                                                              // throws on ids out of range
 
   int32_t token_to_id(std::string_view token) const;  // -1 when absent
   std::string id_to_token(int32_t id) const;          // "" when out of range
