@@ -3,7 +3,7 @@
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkg-config git python3
       nlohmann-json3-dev libpcre2-dev libcli11-dev libyaml-cpp-dev libfmt-dev libopenblas-dev
-      libgtest-dev libcurl4-openssl-dev clang libclang-rt-dev)
+      libgtest-dev libcurl4-openssl-dev clang libclang-rt-dev libomp-dev)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

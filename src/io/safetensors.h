@@ -5,6 +5,9 @@
 // header length within the file, JSON syntax, known dtype, non-negative shape,
 // dtype size x numel == end - begin, offsets within the buffer and not overlapping.
 // Every violation throws qt::Error "[safetensors] <file>: <what>".
+// Also accepted: holes between tensors and bytes after the last one (the reference reader refuses
+// them; they are harmless). Views are read-only memory; a tensor whose bytes are not aligned to its
+// element size (possible with files from other writers) is copied into an aligned buffer instead.
 #pragma once
 #include <map>
 #include <memory>
@@ -54,6 +57,7 @@ class SafetensorsCheckpoint {
   Tensor view(const std::string& name) const;
 
  private:
+  std::string origin_;  // the path given, for error messages
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const SafetensorsFile*> owner_;
 };
@@ -62,5 +66,17 @@ class SafetensorsCheckpoint {
 // over path. Names must be unique; metadata goes to "__metadata__".
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+namespace detail {
+// The validated layout of a whole safetensors file held in memory (bytes [0, size)): the parser
+// behind SafetensorsFile, exposed for the fuzzer. Entry offsets are relative to the data buffer,
+// which starts at data_start = 8 + header length. Throws like SafetensorsFile.
+struct SafetensorsLayout {
+  size_t data_start = 0;
+  std::vector<SafetensorsEntry> entries;  // in header order
+  std::map<std::string, std::string> metadata;
+};
+SafetensorsLayout parse_safetensors(const uint8_t* bytes, size_t size, const std::string& origin);
+}  // namespace detail
 
 }  // namespace qt
