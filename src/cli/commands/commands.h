@@ -10,5 +10,6 @@ void register_bench_command(CLI::App& app);    // bench
 void register_merge_command(CLI::App& app);    // merge
 void register_convert_lora_command(CLI::App& app);  // convert-lora
 void register_data_commands(CLI::App& app);       // data preview
+void register_train_command(CLI::App& app);       // train
 
 }  // namespace qt::cli

@@ -1,0 +1,340 @@
+// The CPU LoRA training loop (see trainer.h for the step math and the outputs).
+#include "train/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "data/batch_iterator.h"
+#include "data/dataset.h"
+#include "model/decoder.h"
+#include "model/lora.h"
+#include "model/weights.h"
+#include "tokenizer/tokenizer.h"
+
+namespace qt {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+struct ResolvedModel {
+  ModelConfig cfg;
+  ModelWeights weights;
+  std::string tokenizer_path;
+  std::string description;
+};
+
+std::string bundled_tokenizer() { return (fs::path(QT_SOURCE_DIR) / "data" / "qwen3-tokenizer").string(); }
+
+bool has_safetensors(const fs::path& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.path().extension() == ".safetensors") return true;
+  return false;
+}
+
+ResolvedModel resolve_model(const TrainConfig& tc) {
+  const fs::path p(tc.base_model);
+  std::error_code ec;
+  ResolvedModel m;
+  if (fs::is_directory(p, ec)) {
+    if (!fs::exists(p / "config.json")) fail("train", "base_model {}: the folder has no config.json", tc.base_model);
+    if (!has_safetensors(p)) fail("train", "base_model {}: the folder has no .safetensors weights", tc.base_model);
+    m.cfg = load_hf_config(p.string());
+    m.weights = load_model_weights(p.string(), m.cfg, DType::F32);
+    m.tokenizer_path = fs::exists(p / "tokenizer.json") ? p.string() : bundled_tokenizer();
+    m.description = fmt::format("{} (weights from the folder)", tc.base_model);
+  } else if (fs::is_regular_file(p, ec)) {
+    m.cfg = load_hf_config(p.string());
+    m.weights = random_model_weights(m.cfg, DType::F32, uint64_t(tc.seed));
+    const fs::path sibling = p.parent_path() / "tokenizer.json";
+    m.tokenizer_path = fs::exists(sibling) ? p.parent_path().string() : bundled_tokenizer();
+    m.description = fmt::format("{} (random weights, seed {})", tc.base_model, tc.seed);
+  } else {
+    fail("train", "base_model {}: no such folder or config file", tc.base_model);
+  }
+  return m;
+}
+
+data::DatasetFormat format_of(const std::string& type) {
+  return data::parse_dataset_format(type == "chat" ? "messages" : type);
+}
+
+// Appends the sequences `which` of `src` to `dst`.
+void append_sequences(data::TokenizedDataset& dst, const data::TokenizedDataset& src, const std::vector<int64_t>& which) {
+  for (int64_t i : which) {
+    const auto ids = src.ids(i);
+    const auto labels = src.label_span(i);
+    const auto docs = src.docs(i);
+    dst.input_ids.insert(dst.input_ids.end(), ids.begin(), ids.end());
+    dst.labels.insert(dst.labels.end(), labels.begin(), labels.end());
+    dst.doc_lengths.insert(dst.doc_lengths.end(), docs.begin(), docs.end());
+    dst.seq_offsets.push_back(int64_t(dst.input_ids.size()));
+    dst.seq_doc_offsets.push_back(int64_t(dst.doc_lengths.size()));
+  }
+}
+
+std::vector<int64_t> iota_vec(int64_t n) {
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[size_t(i)] = i;
+  return v;
+}
+
+// Predicted tokens of a batch: labels[b, s] != -100 for s >= 1 (HF shift).
+int64_t predicted_tokens(const Batch& b) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < b.B; ++r)
+    for (int64_t s = 1; s < b.S; ++s) n += b.labels[size_t(r * b.S + s)] != -100;
+  return n;
+}
+
+void zero_grads(LoraAdapter& g) {
+  for (auto& layer : g.layers)
+    for (auto& p : layer.slot)
+      if (p.present()) {
+        std::fill_n(p.A.data<float>(), p.A.numel(), 0.f);
+        std::fill_n(p.B.data<float>(), p.B.numel(), 0.f);
+      }
+}
+
+// Token-mean loss over the whole validation set (no gradients).
+double evaluate(QwenDecoder<float>& dec, const data::TokenizedDataset& val, const TrainConfig& tc, int32_t pad_id) {
+  data::BatchOptions bo;
+  bo.micro_batch_size = tc.micro_batch_size;
+  bo.shuffle = false;
+  bo.pad_id = pad_id;
+  data::BatchIterator it(val, bo);
+  double sum = 0;
+  int64_t count = 0;
+  Batch b;
+  for (int64_t i = 0; i < it.batches_per_epoch(); ++i) {
+    it.next(b);
+    const StepResult r = dec.forward_backward(b, nullptr, false);
+    sum += r.loss_sum + double(r.count) * r.aux_coef * r.aux_loss;
+    count += r.count;
+  }
+  return count ? sum / double(count) : 0.0;
+}
+
+std::string format_duration(double s) {
+  const int64_t t = int64_t(std::llround(std::max(0.0, s)));
+  return t >= 3600 ? fmt::format("{}h{:02}m{:02}s", t / 3600, (t / 60) % 60, t % 60)
+                   : fmt::format("{}m{:02}s", t / 60, t % 60);
+}
+
+}  // namespace
+
+int64_t steps_per_epoch(int64_t batches_per_epoch, int64_t grad_accum) {
+  QT_ASSERT(grad_accum >= 1, "grad_accum {}", grad_accum);
+  return std::max<int64_t>(1, (batches_per_epoch + grad_accum - 1) / grad_accum);
+}
+
+int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch) {
+  if (cfg.max_steps) return *cfg.max_steps;
+  const double epochs = cfg.num_epochs.value_or(1.0);
+  const double per = double(steps_per_epoch(batches_per_epoch, cfg.gradient_accumulation_steps));
+  return std::max<int64_t>(1, int64_t(std::ceil(epochs * per)));
+}
+
+TrainResult run_training(const TrainConfig& tc) {
+  tc.validate("train");
+  if (tc.device == "cuda") fail("train", "device cuda: the CUDA backend is not built yet; use --device cpu");
+  if (tc.device != "cpu") fail("train", "device {}: use cpu", tc.device);
+  if (tc.quantize_base()) fail("train", "adapter qlora (4-bit base weights) is not supported yet on the CPU; use adapter: lora");
+  if (tc.lora_dropout > 0) fail("train", "lora_dropout {} is not supported yet; set lora_dropout: 0", tc.lora_dropout);
+  if (tc.save_steps > 0)
+    std::fprintf(stderr, "qwentune: warning: save_steps is not implemented yet; the adapter is saved at the end only\n");
+
+  const fs::path out_dir(tc.output_dir);
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) fail("train", "output_dir {}: cannot create it: {}", tc.output_dir, ec.message());
+  {
+    std::ofstream f(out_dir / "qwentune_config.yaml", std::ios::trunc);
+    f << train_config_to_yaml(tc);
+    if (!f) fail("train", "cannot write {}", (out_dir / "qwentune_config.yaml").string());
+  }
+
+  // Model and tokenizer.
+  ResolvedModel model = resolve_model(tc);
+  const Tokenizer tok = Tokenizer::load(model.tokenizer_path);
+  if (tok.vocab_size() > model.cfg.vocab_size)
+    fail("train", "the tokenizer {} has {} tokens but the model's vocab_size is {}", model.tokenizer_path,
+         tok.vocab_size(), model.cfg.vocab_size);
+  const std::string tok_fp = data::tokenizer_fingerprint(model.tokenizer_path);
+  fmt::print("model: {}\ntokenizer: {}\n", model.description, model.tokenizer_path);
+
+  // Data.
+  data::TokenizedDataset all;
+  for (const DatasetSpec& spec : tc.datasets) {
+    data::DatasetOptions opts;
+    opts.path = spec.path;
+    opts.read.format = format_of(spec.type);
+    opts.tokenize.chat_template = data::resolve_chat_template(
+        tc.chat_template, tok, (fs::path(model.tokenizer_path) / "tokenizer_config.json").string());
+    opts.tokenize.train_on_inputs = tc.train_on_inputs;
+    opts.tokenize.sequence_len = tc.sequence_len;
+    opts.tokenize.packing = tc.sample_packing;
+    opts.cache_dir = (out_dir / "dataset_cache").string();
+    const data::LoadedDataset ld = data::load_dataset(opts, tok, tok_fp);
+    fmt::print("dataset {}: {} sequences, {} tokens ({} trained){}\n", spec.path, ld.data.size(),
+               ld.data.stats.tokens, ld.data.stats.trained_tokens, ld.from_cache ? " [cached]" : "");
+    if (!ld.cache_note.empty()) std::fprintf(stderr, "qwentune: note: %s\n", ld.cache_note.c_str());
+    append_sequences(all, ld.data, iota_vec(ld.data.size()));
+  }
+  const int64_t n_all = all.size();
+  int64_t n_val = 0;
+  if (tc.val_set_size > 0)
+    n_val = tc.val_set_size < 1 ? int64_t(std::llround(tc.val_set_size * double(n_all))) : int64_t(tc.val_set_size);
+  if (tc.val_set_size > 0 && n_val < 1) n_val = 1;
+  if (n_val >= n_all)
+    fail("train", "val_set_size {} leaves no training data ({} sequences in all)", tc.val_set_size, n_all);
+  data::TokenizedDataset train_ds, val_ds;
+  {
+    // Split permutation: the batch iterator's order function with a dedicated epoch index.
+    const std::vector<int64_t> perm = n_val > 0 ? data::epoch_order(n_all, uint64_t(tc.seed), -1, true) : iota_vec(n_all);
+    std::vector<int64_t> val_idx(perm.begin(), perm.begin() + n_val), train_idx(perm.begin() + n_val, perm.end());
+    std::sort(val_idx.begin(), val_idx.end());
+    std::sort(train_idx.begin(), train_idx.end());
+    append_sequences(train_ds, all, train_idx);
+    append_sequences(val_ds, all, val_idx);
+  }
+
+  const int32_t pad_id = tok.pad_id() >= 0 ? tok.pad_id() : std::max(0, tok.eos_id());
+  data::BatchOptions bo;
+  bo.micro_batch_size = tc.micro_batch_size;
+  bo.shuffle = true;
+  bo.seed = uint64_t(tc.seed);
+  bo.pad_id = pad_id;
+  data::BatchIterator batches(train_ds, bo);
+  const int64_t batches_per_epoch = batches.batches_per_epoch();
+  const int64_t ga = tc.gradient_accumulation_steps;
+  const int64_t total = total_training_steps(tc, batches_per_epoch);
+  const int64_t per_epoch = steps_per_epoch(batches_per_epoch, ga);
+  const int64_t log_every = tc.logging_steps_for(total);
+  const LrSchedule schedule(tc.scheduler_kind(), tc.learning_rate, tc.warmup_steps_for(total), total);
+
+  // Adapter and optimizer.
+  const LoraConfig lcfg = tc.lora_config();
+  LoraAdapter lora = init_lora(model.cfg, lcfg, DType::F32, uint64_t(tc.seed));
+  LoraAdapter grads = lora.zeros_like();
+  AdamW opt(lora, tc.adamw_config());
+  QwenDecoder<float> dec(model.weights, &lora);
+  int64_t n_params = 0;
+  for (const auto& layer : lora.layers)
+    for (const auto& p : layer.slot)
+      if (p.present()) n_params += p.A.numel() + p.B.numel();
+  fmt::print("train: {} sequences, {} micro-batches of {} per epoch, {} optimizer steps per epoch; val: {}\n",
+             train_ds.size(), batches_per_epoch, tc.micro_batch_size, per_epoch, val_ds.size());
+  fmt::print("lora: r {}, alpha {}, modules {}, {} trainable parameters; {} steps, lr {} ({})\n", lcfg.r, lcfg.alpha,
+             fmt::join(lcfg.target_modules, ","), n_params, total, tc.learning_rate,
+             lr_scheduler_name(tc.scheduler_kind()));
+  std::fflush(stdout);
+
+  std::ofstream metrics(out_dir / "metrics.jsonl", std::ios::trunc);
+  if (!metrics) fail("train", "cannot write {}", (out_dir / "metrics.jsonl").string());
+  auto write_metrics = [&](const nlohmann::json& j) {
+    metrics << j.dump() << "\n";
+    metrics.flush();
+  };
+
+  TrainResult res;
+  res.total_steps = total;
+  const auto t_start = Clock::now();
+  auto t_log = t_start;
+  int64_t tokens_since_log = 0, consecutive_bad = 0, epoch_batches_used = 0;
+  double loss_since_log = 0;
+  int64_t steps_since_log = 0;
+  std::vector<Batch> micro;
+  for (int64_t step = 0; step < total; ++step) {
+    // Micro-batches of this step: up to `ga`, not crossing the end of an epoch.
+    if (epoch_batches_used >= batches_per_epoch) epoch_batches_used = 0;
+    const int64_t k = std::min(ga, batches_per_epoch - epoch_batches_used);
+    epoch_batches_used += k;
+    micro.resize(size_t(k));
+    int64_t n_pred = 0, n_tokens = 0;
+    for (auto& b : micro) {
+      batches.next(b);
+      n_pred += predicted_tokens(b);
+      n_tokens += b.B * b.S;
+    }
+    zero_grads(grads);
+    double loss_sum = 0;
+    for (const auto& b : micro) {
+      if (n_pred == 0) break;
+      const StepResult r = dec.forward_backward(b, &grads, false, 1.0 / double(n_pred));
+      QT_ASSERT(r.count == predicted_tokens(b), "decoder counted {} predicted tokens, trainer {}", r.count,
+                predicted_tokens(b));
+      loss_sum += r.loss_sum + double(r.count) * r.aux_coef * r.aux_loss;
+    }
+    const double loss = n_pred ? loss_sum / double(n_pred) : 0.0;
+    const double lr = schedule.lr(step);
+    double gnorm = tc.max_grad_norm > 0 ? clip_grad_norm(grads, tc.max_grad_norm) : grad_global_norm(grads);
+    const bool ok = n_pred > 0 && std::isfinite(loss) && std::isfinite(gnorm) && grads_all_finite(grads);
+    if (ok) {
+      opt.step(lora, grads, lr);
+      consecutive_bad = 0;
+      if (res.steps_done == 0) res.first_loss = loss;
+      res.last_loss = loss;
+      ++res.steps_done;
+      loss_since_log += loss;
+      ++steps_since_log;
+    } else {
+      ++res.steps_skipped;
+      ++consecutive_bad;
+      std::fprintf(stderr, "qwentune: warning: step %lld skipped: %s (loss %g, grad norm %g)\n",
+                   (long long)(step + 1), n_pred == 0 ? "no predicted tokens" : "non-finite loss or gradients", loss,
+                   gnorm);
+      if (consecutive_bad >= 5)
+        fail("train", "{} steps in a row had non-finite loss or gradients (last at step {}); stopping",
+             consecutive_bad, step + 1);
+    }
+    tokens_since_log += n_tokens;
+
+    const int64_t done = step + 1;
+    if (done % log_every == 0 || done == total) {
+      const double dt = seconds_since(t_log), elapsed = seconds_since(t_start);
+      const double tps = dt > 0 ? double(tokens_since_log) / dt : 0.0;
+      const double eta = elapsed / double(done) * double(total - done);
+      const double mean_loss = steps_since_log ? loss_since_log / double(steps_since_log) : std::nan("");
+      fmt::print("step {}/{}  loss {:.4f}  lr {:.3e}  grad_norm {:.4f}  tok/s {:.0f}  elapsed {}  eta {}\n", done,
+                 total, mean_loss, lr, gnorm, tps, format_duration(elapsed), format_duration(eta));
+      std::fflush(stdout);
+      nlohmann::json j = {{"type", "train"}, {"step", done},       {"total_steps", total},
+                          {"epoch", double(done) / double(per_epoch)}, {"lr", lr},          {"grad_norm", gnorm},
+                          {"tokens_per_s", tps}, {"elapsed_s", elapsed}, {"skipped_steps", res.steps_skipped}};
+      j["loss"] = steps_since_log ? nlohmann::json(mean_loss) : nlohmann::json(nullptr);
+      write_metrics(j);
+      t_log = Clock::now();
+      tokens_since_log = 0;
+      loss_since_log = 0;
+      steps_since_log = 0;
+    }
+    const bool eval_now = val_ds.size() > 0 && ((tc.eval_steps > 0 && done % tc.eval_steps == 0) || done == total);
+    if (eval_now) {
+      const double vl = evaluate(dec, val_ds, tc, pad_id);
+      fmt::print("eval  step {}/{}  eval_loss {:.4f}\n", done, total, vl);
+      std::fflush(stdout);
+      write_metrics({{"type", "eval"}, {"step", done}, {"eval_loss", vl}});
+    }
+  }
+
+  save_peft_adapter(out_dir.string(), lora, model.cfg);
+  fmt::print("saved the adapter to {} ({} steps, {} skipped, loss {:.4f} -> {:.4f}, {})\n", tc.output_dir,
+             res.steps_done, res.steps_skipped, res.first_loss, res.last_loss,
+             format_duration(seconds_since(t_start)));
+  return res;
+}
+
+}  // namespace qt
