@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Installs dependencies, builds qwentune, and runs the embedded default on the CPU: the bundled tiny
-# Qwen3-MoE-shaped model (configs/tiny-qwen3-moe.json, random init), LoRA on every linear layer and
-# every expert, timed forward + backward to the LoRA gradients.
-# (When the trainer lands, this becomes a fine-tune of the bundled sample chat data.)
+# Installs dependencies, builds qwentune, and runs the embedded default on the CPU: LoRA fine-tuning of
+# the bundled tiny Qwen3-MoE-shaped model (configs/tiny-qwen3-moe.json, random init, the real Qwen3
+# tokenizer in data/qwen3-tokenizer) on the bundled sample chat data (data/sample/chat.jsonl).
+# The adapter lands in out/tiny-default/ (adapter_config.json + adapter_model.safetensors).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/build.sh
-echo "== qwentune bench on the embedded default (CPU, tiny Qwen3-MoE, LoRA r=16 on all targets)"
-./build/qwentune bench --config configs/tiny-qwen3-moe.json --batch 1 --seq 256 --lora-targets all --steps 3
+echo "== qwentune train configs/tiny-default.yaml (CPU)"
+./build/qwentune train configs/tiny-default.yaml
