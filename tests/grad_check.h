@@ -25,6 +25,12 @@ inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
   return s;
 }
 
+inline std::vector<double> minus(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> r(a.size());
+  for (size_t i = 0; i < a.size(); ++i) r[i] = a[i] - b[i];
+  return r;
+}
+
 inline double rel_error(const std::vector<double>& got, const std::vector<double>& ref) {
   double num = 0, den = 0;
   for (size_t i = 0; i < got.size(); ++i) {

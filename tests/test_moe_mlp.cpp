@@ -24,6 +24,7 @@
 using namespace qt;
 using qt::testing::dot;
 using qt::testing::expect_grad_close;
+using qt::testing::minus;
 using qt::testing::numeric_grad;
 using qt::testing::random_vec;
 using qt::testing::rel_error;
@@ -31,11 +32,6 @@ using Vec = std::vector<double>;
 
 namespace {
 
-Vec minus(const Vec& a, const Vec& b) {
-  Vec r(a.size());
-  for (size_t i = 0; i < a.size(); ++i) r[i] = a[i] - b[i];
-  return r;
-}
 
 // A tensor viewing a vector's memory: perturbing the vector perturbs the tensor.
 Tensor view(Vec& v, const Shape& shape) {

@@ -17,6 +17,7 @@
 using namespace qt::cpu;
 using qt::testing::dot;
 using qt::testing::expect_grad_close;
+using qt::testing::minus;
 using qt::testing::numeric_grad;
 using qt::testing::random_vec;
 using qt::testing::rel_error;
@@ -24,11 +25,6 @@ using Vec = std::vector<double>;
 
 namespace {
 
-Vec minus(const Vec& a, const Vec& b) {
-  Vec r(a.size());
-  for (size_t i = 0; i < a.size(); ++i) r[i] = a[i] - b[i];
-  return r;
-}
 
 // Values rounded to float, so a float run and a double run see the same inputs.
 Vec float_rounded(Vec v) {

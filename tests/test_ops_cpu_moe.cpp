@@ -19,6 +19,7 @@
 using namespace qt::cpu;
 using qt::testing::dot;
 using qt::testing::expect_grad_close;
+using qt::testing::minus;
 using qt::testing::numeric_grad;
 using qt::testing::random_vec;
 using qt::testing::rel_error;
@@ -27,11 +28,6 @@ using IVec = std::vector<int32_t>;
 
 namespace {
 
-Vec minus(const Vec& a, const Vec& b) {
-  Vec r(a.size());
-  for (size_t i = 0; i < a.size(); ++i) r[i] = a[i] - b[i];
-  return r;
-}
 
 struct NaiveRouting {
   Vec probs;  // (N,E)
