@@ -13,6 +13,9 @@
 #include "core/error.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/unicode.h"
+#include "../tests/tokenizer_round_trip.h"
+
+using qt::testing::expected_round_trip;
 
 namespace {
 const qt::Tokenizer& tokenizer() {
@@ -20,17 +23,6 @@ const qt::Tokenizer& tokenizer() {
   return t;
 }
 
-std::string expected_round_trip(std::string_view s) {
-  std::string out;
-  size_t pos = 0;
-  while (pos < s.size()) {
-    size_t valid = qt::tok::utf8_valid_prefix(s.substr(pos));
-    out += qt::tok::nfc(s.substr(pos, valid));
-    pos += valid;
-    if (pos < s.size()) out += s[pos++];
-  }
-  return out;
-}
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -25,10 +25,12 @@
 #include "tokenizer/pretokenizer.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/unicode.h"
+#include "tokenizer_round_trip.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using qt::Tokenizer;
+using qt::testing::expected_round_trip;
 
 namespace {
 
@@ -56,19 +58,6 @@ std::string show(const std::vector<int32_t>& ids) {
   return s + "]";
 }
 
-// What decode(encode(s)) must give: the normaliser turns each valid UTF-8 stretch into NFC; invalid
-// bytes come back as they were.
-std::string expected_round_trip(std::string_view s) {
-  std::string out;
-  size_t pos = 0;
-  while (pos < s.size()) {
-    size_t valid = qt::tok::utf8_valid_prefix(s.substr(pos));
-    out += qt::tok::nfc(s.substr(pos, valid));
-    pos += valid;
-    if (pos < s.size()) out += s[pos++];
-  }
-  return out;
-}
 
 // Compares every case of a {"cases": [{"text", "ids"}]} fixture; returns the number of cases.
 size_t check_fixture(const std::string& path) {
