@@ -12,11 +12,7 @@
 // (".lora_A.default.weight" from raw state dicts is accepted too); expert adapters per expert
 // (mlp.experts.E.<proj>) or fused (mlp.<proj>, A (E,r,in), B (E,out,r)). Every targeted module
 // must be present with the right shape, every tensor in the file must be used.
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <array>
-#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -27,6 +23,7 @@
 #include <set>
 #include <sstream>
 
+#include "io/atomic_file.h"
 #include "io/safetensors.h"
 #include "model/lora.h"
 
@@ -218,33 +215,6 @@ class AdapterTensors {
   std::set<std::string> used_;
 };
 
-void write_file_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = fmt::format("{}.tmp.{}", path, ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail("adapter", "{}: cannot create: {}", tmp, std::strerror(errno));
-  size_t done = 0;
-  while (done < text.size()) {
-    ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      fail("adapter", "{}: write failed: {}", tmp, std::strerror(err));
-    }
-    done += size_t(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    fail("adapter", "{}: fsync/close failed: {}", tmp, std::strerror(errno));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    fail("adapter", "{}: rename to {} failed: {}", tmp, path, std::strerror(err));
-  }
-}
-
 }  // namespace
 
 LoraConfig parse_peft_adapter_config(const std::string& json_text, const std::string& origin, const ModelConfig& mcfg) {
@@ -392,7 +362,7 @@ void save_peft_adapter(const std::string& dir, const LoraAdapter& a, const Model
   c["megatron_config"] = nullptr;
   c["megatron_core"] = "megatron.core";
   c["loftq_config"] = json::object();
-  write_file_atomically(dir + "/adapter_config.json", c.dump(2) + "\n");
+  write_file_atomically(dir + "/adapter_config.json", c.dump(2) + "\n", "adapter");
 }
 
 }  // namespace qt

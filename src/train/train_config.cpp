@@ -98,8 +98,11 @@ const std::vector<KeySpec>& keys() {
       {"seed", &C::seed, "int", "42", "Seed for adapter init, shuffling and dropout (HF default).", {}, "Run"},
       {"output_dir", &C::output_dir, "string", "./model-out",
        "Where the adapter, checkpoints and the resolved config are written (Axolotl default)."},
-      {"save_steps", &C::save_steps, "int", "0", "Save a checkpoint every N optimizer steps; 0 = only at the end."},
-      {"save_total_limit", &C::save_total_limit, "int", "0", "Keep only the newest N checkpoints; 0 = keep all."},
+      {"save_steps", &C::save_steps, "int", "0",
+       "Save output_dir/checkpoint-STEP every N optimizer steps and at the end; 0 = no periodic checkpoints "
+       "(the final adapter is always written to output_dir)."},
+      {"save_total_limit", &C::save_total_limit, "int", "0",
+       "Keep only the newest N checkpoints (older ones are deleted after each save); 0 = keep all."},
       {"eval_steps", &C::eval_steps, "int", "0",
        "Evaluate on the validation set every N steps; 0 = at the end only (when val_set_size > 0)."},
       {"logging_steps", &C::logging_steps, "int", "(unset: auto)",
@@ -468,10 +471,16 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 
 std::string train_config_help() {
   std::string s =
-      "Usage: qwentune train CONFIG.yaml [--key value ...]\n\n"
+      "Usage: qwentune train CONFIG.yaml [--key value ...] [--resume [CHECKPOINT_DIR]] [--stop-after-steps N]\n\n"
       "CONFIG.yaml is a map of the keys below (Axolotl names). Any key can be overridden on the command\n"
       "line as --key value or --key=value; lists as a,b or [a, b]; a bool key alone means true.\n"
-      "A key with an empty value keeps its default.\n";
+      "A key with an empty value keeps its default.\n\n"
+      "Checkpoints: output_dir/checkpoint-STEP/ (a loadable PEFT adapter plus optimizer.safetensors and\n"
+      "trainer_state.json) every save_steps steps and at the end, and when the run is stopped. Ctrl-C (or\n"
+      "SIGTERM) finishes the current step, saves a checkpoint and exits with code 130 (143); a second\n"
+      "Ctrl-C quits at once. --resume continues from the newest valid checkpoint (or the folder given)\n"
+      "with the same config: on the CPU the losses are exactly those of an uninterrupted run.\n"
+      "--stop-after-steps N stops after N steps of this run with a checkpoint (the schedule is unchanged).\n";
   for (const KeySpec& k : keys()) {
     if (k.section) s += fmt::format("\n{}:\n", k.section);
     const std::string def = std::string(k.def) == "required" ? "required" : fmt::format("default: {}", k.def);

@@ -17,6 +17,8 @@
 #include "model/lora.h"
 #include "model/weights.h"
 #include "tokenizer/tokenizer.h"
+#include "train/checkpoint.h"
+#include "train/interrupt.h"
 
 namespace qt {
 
@@ -147,14 +149,13 @@ int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch) 
   return std::max<int64_t>(1, int64_t(std::ceil(epochs * per)));
 }
 
-TrainResult run_training(const TrainConfig& tc) {
+TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   tc.validate("train");
   if (tc.device == "cuda") fail("train", "device cuda: the CUDA backend is not built yet; use --device cpu");
   if (tc.device != "cpu") fail("train", "device {}: use cpu", tc.device);
   if (tc.quantize_base()) fail("train", "adapter qlora (4-bit base weights) is not supported yet on the CPU; use adapter: lora");
   if (tc.lora_dropout > 0) fail("train", "lora_dropout {} is not supported yet; set lora_dropout: 0", tc.lora_dropout);
-  if (tc.save_steps > 0)
-    std::fprintf(stderr, "qwentune: warning: save_steps is not implemented yet; the adapter is saved at the end only\n");
+  if (run.stop_after_steps < 0) fail("train", "--stop-after-steps {}: must be >= 1", run.stop_after_steps);
 
   const fs::path out_dir(tc.output_dir);
   std::error_code ec;
@@ -224,12 +225,24 @@ TrainResult run_training(const TrainConfig& tc) {
   const int64_t per_epoch = steps_per_epoch(batches_per_epoch, ga);
   const int64_t log_every = tc.logging_steps_for(total);
   const LrSchedule schedule(tc.scheduler_kind(), tc.learning_rate, tc.warmup_steps_for(total), total);
+  const nlohmann::json fingerprint = training_fingerprint(tc, total, tokenized_dataset_sha256(train_ds));
+  ResumePoint resume;
+  if (run.resume) {
+    resume = run.resume_from.empty() ? find_resume_checkpoint(tc.output_dir)
+                                     : ResumePoint{run.resume_from, validate_checkpoint(run.resume_from)};
+    check_fingerprint(resume.state.fingerprint, fingerprint, resume.dir);
+  } else if (const auto old = list_checkpoints(tc.output_dir); !old.empty()) {
+    std::fprintf(stderr, "qwentune: warning: %s already holds %zu checkpoint(s) (newest %s) from an earlier run; "
+                 "this run starts from step 0 (use --resume to continue instead)\n", tc.output_dir.c_str(),
+                 old.size(), old.back().c_str());
+  }
 
   // Adapter and optimizer.
   const LoraConfig lcfg = tc.lora_config();
   LoraAdapter lora = init_lora(model.cfg, lcfg, DType::F32, uint64_t(tc.seed));
   LoraAdapter grads = lora.zeros_like();
   AdamW opt(lora, tc.adamw_config());
+  if (run.resume) load_checkpoint_weights(resume, model.cfg, lora, opt);
   QwenDecoder<float> dec(model.weights, &lora);
   int64_t n_params = 0;
   for (const auto& layer : lora.layers)
@@ -242,7 +255,8 @@ TrainResult run_training(const TrainConfig& tc) {
              lr_scheduler_name(tc.scheduler_kind()));
   std::fflush(stdout);
 
-  std::ofstream metrics(out_dir / "metrics.jsonl", std::ios::trunc);
+  if (run.resume) truncate_metrics((out_dir / "metrics.jsonl").string(), resume.state.global_step);
+  std::ofstream metrics(out_dir / "metrics.jsonl", run.resume ? std::ios::app : std::ios::trunc);
   if (!metrics) fail("train", "cannot write {}", (out_dir / "metrics.jsonl").string());
   auto write_metrics = [&](const nlohmann::json& j) {
     metrics << j.dump() << "\n";
@@ -256,8 +270,46 @@ TrainResult run_training(const TrainConfig& tc) {
   int64_t tokens_since_log = 0, consecutive_bad = 0, epoch_batches_used = 0;
   double loss_since_log = 0;
   int64_t steps_since_log = 0;
+  // Checkpoint state: restored on resume, captured at each save.
+  TrainerState ckpt = run.resume ? resume.state : TrainerState{};
+  if (run.resume) {
+    res.steps_done = ckpt.steps_done;
+    res.steps_skipped = ckpt.steps_skipped;
+    res.first_loss = ckpt.first_loss;
+    res.last_loss = ckpt.last_loss;
+    consecutive_bad = ckpt.consecutive_bad;
+    loss_since_log = ckpt.loss_since_log;
+    steps_since_log = ckpt.steps_since_log;
+    tokens_since_log = ckpt.tokens_since_log;
+    if (ckpt.global_step < total) batches.seek(ckpt.epoch, ckpt.batch_in_epoch);
+    epoch_batches_used = ckpt.batch_in_epoch;
+    fmt::print("resumed from {} at step {}/{}\n", resume.dir, ckpt.global_step, total);
+  }
+  const int64_t start_step = ckpt.global_step;
+  const double elapsed_before = ckpt.elapsed_s;
+  auto write_checkpoint = [&](int64_t done) {
+    ckpt.global_step = done;
+    ckpt.total_steps = total;
+    // The position of the next micro-batch (the iterator moves to the next epoch lazily).
+    ckpt.epoch = batches.step() >= batches_per_epoch ? batches.epoch() + 1 : batches.epoch();
+    ckpt.batch_in_epoch = batches.step() >= batches_per_epoch ? 0 : batches.step();
+    ckpt.optimizer_step = opt.step_count();
+    ckpt.seed = tc.seed;
+    ckpt.steps_done = res.steps_done;
+    ckpt.steps_skipped = res.steps_skipped;
+    ckpt.consecutive_bad = consecutive_bad;
+    ckpt.first_loss = res.first_loss;
+    ckpt.last_loss = res.last_loss;
+    ckpt.loss_since_log = loss_since_log;
+    ckpt.steps_since_log = steps_since_log;
+    ckpt.tokens_since_log = tokens_since_log;
+    ckpt.elapsed_s = elapsed_before + seconds_since(t_start);
+    ckpt.fingerprint = fingerprint;
+    res.last_checkpoint = save_checkpoint(tc.output_dir, lora, model.cfg, opt, ckpt, tc.save_total_limit);
+  };
+  const StopSignalGuard stop_guard;
   std::vector<Batch> micro;
-  for (int64_t step = 0; step < total; ++step) {
+  for (int64_t step = start_step; step < total; ++step) {
     // Micro-batches of this step: up to `ga`, not crossing the end of an epoch.
     if (epoch_batches_used >= batches_per_epoch) epoch_batches_used = 0;
     const int64_t k = std::min(ga, batches_per_epoch - epoch_batches_used);
@@ -288,6 +340,7 @@ TrainResult run_training(const TrainConfig& tc) {
       if (res.steps_done == 0) res.first_loss = loss;
       res.last_loss = loss;
       ++res.steps_done;
+      ckpt.train_loss.push_back({step + 1, loss});
       loss_since_log += loss;
       ++steps_since_log;
     } else {
@@ -304,7 +357,7 @@ TrainResult run_training(const TrainConfig& tc) {
 
     const int64_t done = step + 1;
     if (done % log_every == 0 || done == total) {
-      const double dt = seconds_since(t_log), elapsed = seconds_since(t_start);
+      const double dt = seconds_since(t_log), elapsed = elapsed_before + seconds_since(t_start);
       const double tps = dt > 0 ? double(tokens_since_log) / dt : 0.0;
       const double eta = elapsed / double(done) * double(total - done);
       const double mean_loss = steps_since_log ? loss_since_log / double(steps_since_log) : std::nan("");
@@ -327,13 +380,26 @@ TrainResult run_training(const TrainConfig& tc) {
       fmt::print("eval  step {}/{}  eval_loss {:.4f}\n", done, total, vl);
       std::fflush(stdout);
       write_metrics({{"type", "eval"}, {"step", done}, {"eval_loss", vl}});
+      ckpt.eval_loss.push_back({done, vl});
+    }
+    const int sig = done < total ? stop_signal() : 0;
+    const bool stop_here = run.stop_after_steps > 0 && done - start_step >= run.stop_after_steps && done < total;
+    if ((tc.save_steps > 0 && (done % tc.save_steps == 0 || done == total)) || sig || stop_here)
+      write_checkpoint(done);
+    if (sig || stop_here) {
+      fmt::print("{} at step {}: saved {}; continue with --resume\n", sig ? "interrupted" : "stopped (--stop-after-steps)",
+                 done, res.last_checkpoint);
+      std::fflush(stdout);
+      res.stop_signal = sig;
+      res.stopped_early = true;
+      return res;
     }
   }
 
   save_peft_adapter(out_dir.string(), lora, model.cfg);
   fmt::print("saved the adapter to {} ({} steps, {} skipped, loss {:.4f} -> {:.4f}, {})\n", tc.output_dir,
              res.steps_done, res.steps_skipped, res.first_loss, res.last_loss,
-             format_duration(seconds_since(t_start)));
+             format_duration(elapsed_before + seconds_since(t_start)));
   return res;
 }
 

@@ -15,7 +15,17 @@
 //   AdamW with lr = schedule(step) (HF: the lambda at the number of steps already taken).
 // Output in output_dir: qwentune_config.yaml (resolved config, written first), metrics.jsonl (one
 // JSON line per logged step {"type":"train",...} and per evaluation {"type":"eval",...}),
-// adapter_config.json + adapter_model.safetensors (the final adapter).
+// adapter_config.json + adapter_model.safetensors (the final adapter), and checkpoint-STEP/ folders
+// (train/checkpoint.h) every save_steps steps and at the end (when save_steps > 0), on Ctrl-C or
+// SIGTERM, and at --stop-after-steps.
+// Resume (RunOptions::resume): the newest valid checkpoint (or the one named) must have the same
+// settings fingerprint; the adapter, AdamW's moments and step, the scheduler step, the data position
+// (epoch, micro-batch) and the logging accumulators are restored, metrics.jsonl is cut back to the
+// checkpoint's step and appended to, and the run continues with exactly the losses, learning rates
+// and gradient norms of an uninterrupted run on the CPU.
+// Stops: after each optimizer step the loop checks the stop flag (train/interrupt.h); on a signal
+// it saves a checkpoint, prints "interrupted at step N: saved DIR; continue with --resume" and
+// returns with TrainResult::stop_signal set (the CLI exits with 128 + signal, 130 for Ctrl-C).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -29,6 +39,15 @@ struct TrainResult {
   int64_t steps_done = 0;
   int64_t steps_skipped = 0;  // non-finite loss or gradients
   double first_loss = 0, last_loss = 0;
+  int stop_signal = 0;          // SIGINT/SIGTERM that stopped the run early (0: none)
+  bool stopped_early = false;   // by a signal or by stop_after_steps
+  std::string last_checkpoint;  // path of the last checkpoint written by this run ("" if none)
+};
+
+struct RunOptions {
+  bool resume = false;
+  std::string resume_from;       // a checkpoint folder; "" = the newest valid one in output_dir
+  int64_t stop_after_steps = 0;  // > 0: stop with a checkpoint after this many steps of this run
 };
 
 // Optimizer steps of one epoch: ceil(batches / grad_accum), at least 1.
@@ -38,6 +57,6 @@ int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch);
 
 // Runs the whole training; progress lines go to stdout, warnings to stderr. Throws qt::Error on
 // user errors (unsupported settings, bad files).
-TrainResult run_training(const TrainConfig& cfg);
+TrainResult run_training(const TrainConfig& cfg, const RunOptions& run = {});
 
 }  // namespace qt
