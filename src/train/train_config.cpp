@@ -478,9 +478,11 @@ std::string train_config_help() {
       "Checkpoints: output_dir/checkpoint-STEP/ (a loadable PEFT adapter plus optimizer.safetensors and\n"
       "trainer_state.json) every save_steps steps and at the end, and when the run is stopped. Ctrl-C (or\n"
       "SIGTERM) finishes the current step, saves a checkpoint and exits with code 130 (143); a second\n"
-      "Ctrl-C quits at once. --resume continues from the newest valid checkpoint (or the folder given)\n"
-      "with the same config: on the CPU the losses are exactly those of an uninterrupted run.\n"
-      "--stop-after-steps N stops after N steps of this run with a checkpoint (the schedule is unchanged).\n";
+      "Ctrl-C quits at once. A resumed run (same config) logs on the CPU exactly the losses of an\n"
+      "uninterrupted one. Run options:\n"
+      "  --resume [CHECKPOINT_DIR]  continue from the newest valid checkpoint in output_dir, or from the\n"
+      "                             folder given (after CONFIG.yaml); the settings must match the checkpoint's\n"
+      "  --stop-after-steps N       stop after N steps of this run with a checkpoint (schedule unchanged)\n";
   for (const KeySpec& k : keys()) {
     if (k.section) s += fmt::format("\n{}:\n", k.section);
     const std::string def = std::string(k.def) == "required" ? "required" : fmt::format("default: {}", k.def);

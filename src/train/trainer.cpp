@@ -156,16 +156,22 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   if (tc.quantize_base()) fail("train", "adapter qlora (4-bit base weights) is not supported yet on the CPU; use adapter: lora");
   if (tc.lora_dropout > 0) fail("train", "lora_dropout {} is not supported yet; set lora_dropout: 0", tc.lora_dropout);
   if (run.stop_after_steps < 0) fail("train", "--stop-after-steps {}: must be >= 1", run.stop_after_steps);
+  // The checkpoint to resume from, validated before anything is loaded or written.
+  ResumePoint resume;
+  if (run.resume)
+    resume = run.resume_from.empty() ? find_resume_checkpoint(tc.output_dir)
+                                     : ResumePoint{run.resume_from, validate_checkpoint(run.resume_from)};
 
   const fs::path out_dir(tc.output_dir);
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) fail("train", "output_dir {}: cannot create it: {}", tc.output_dir, ec.message());
-  {
+  auto write_resolved_config = [&] {
     std::ofstream f(out_dir / "qwentune_config.yaml", std::ios::trunc);
     f << train_config_to_yaml(tc);
     if (!f) fail("train", "cannot write {}", (out_dir / "qwentune_config.yaml").string());
-  }
+  };
+  if (!run.resume) write_resolved_config();  // on resume: once the settings are known to match
 
   // Model and tokenizer.
   ResolvedModel model = resolve_model(tc);
@@ -226,11 +232,9 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   const int64_t log_every = tc.logging_steps_for(total);
   const LrSchedule schedule(tc.scheduler_kind(), tc.learning_rate, tc.warmup_steps_for(total), total);
   const nlohmann::json fingerprint = training_fingerprint(tc, total, tokenized_dataset_sha256(train_ds));
-  ResumePoint resume;
   if (run.resume) {
-    resume = run.resume_from.empty() ? find_resume_checkpoint(tc.output_dir)
-                                     : ResumePoint{run.resume_from, validate_checkpoint(run.resume_from)};
     check_fingerprint(resume.state.fingerprint, fingerprint, resume.dir);
+    write_resolved_config();
   } else if (const auto old = list_checkpoints(tc.output_dir); !old.empty()) {
     std::fprintf(stderr, "qwentune: warning: %s already holds %zu checkpoint(s) (newest %s) from an earlier run; "
                  "this run starts from step 0 (use --resume to continue instead)\n", tc.output_dir.c_str(),
