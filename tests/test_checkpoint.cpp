@@ -3,11 +3,13 @@
 // truncated or missing file, or a broken trainer_state.json is refused with a message naming it;
 // the resume search falls back to the newest valid checkpoint and ignores hidden temporaries;
 // save_total_limit keeps the newest; fingerprints name every differing key; metrics.jsonl is cut
-// back to a step. (tests/test_checkpoint_resume.cpp runs the real binary: resume equality, kill
+// back to a step; the stop-signal guard flags the first signal and exits on the second. (tests/test_checkpoint_resume.cpp runs the real binary: resume equality, kill
 // during a save, Ctrl-C.)
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -18,6 +20,7 @@
 #include "io/hf_config.h"
 #include "model/lora.h"
 #include "train/checkpoint.h"
+#include "train/interrupt.h"
 #include "train/optimizer.h"
 
 using namespace qt;
@@ -302,6 +305,41 @@ TEST(Checkpoint, NamesAndMetricsTruncation) {
                       R"({"type":"eval","step":2,"eval_loss":2.5})" "\n");
   truncate_metrics((tmp.path / "none.jsonl").string(), 2);
   EXPECT_FALSE(fs::exists(tmp.path / "none.jsonl"));
+}
+
+TEST(StopSignal, FirstSignalIsAFlagSecondExitsAt128PlusSignal) {
+  // In a child: signals raised with raise() are handled before it returns, so this is deterministic.
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    {
+      const StopSignalGuard guard;
+      if (stop_signal() != 0) ::_exit(10);
+      std::raise(SIGTERM);
+      if (stop_signal() != SIGTERM) ::_exit(11);
+    }
+    if (stop_signal() != SIGTERM) ::_exit(12);  // the flag outlives the guard; the handler does not
+    const StopSignalGuard again;
+    if (stop_signal() != 0) ::_exit(13);
+    std::raise(SIGINT);
+    std::raise(SIGINT);
+    ::_exit(14);  // not reached: the second signal exits
+  }
+  int st = 0;
+  ASSERT_EQ(::waitpid(pid, &st, 0), pid);
+  ASSERT_TRUE(WIFEXITED(st)) << "killed by signal " << (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+  EXPECT_EQ(WEXITSTATUS(st), 130);
+
+  // Outside any guard the previous disposition is back: here SIGTERM's default kills the child.
+  const pid_t pid2 = ::fork();
+  ASSERT_GE(pid2, 0);
+  if (pid2 == 0) {
+    { const StopSignalGuard guard; }
+    std::raise(SIGTERM);
+    ::_exit(0);
+  }
+  ASSERT_EQ(::waitpid(pid2, &st, 0), pid2);
+  EXPECT_TRUE(WIFSIGNALED(st) && WTERMSIG(st) == SIGTERM);
 }
 
 }  // namespace

@@ -271,6 +271,14 @@ TEST(CheckpointResume, KillBeforeTheRenameLeavesNothingThatLooksValid) {
   EXPECT_TRUE(has(res.output, "no checkpoint to resume from")) << res.output;
 }
 
+// Waits for the first metrics line of a run writing to `out`: its loop (and signal handler) is running.
+void wait_for_first_metrics(const fs::path& out) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (read_file(out / "metrics.jsonl").find('\n') == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+}
+
 TEST(CheckpointResume, SigintSavesACheckpointAndExits130) {
   TempDir tmp("sigint");
   Runner r(tmp.path);
@@ -278,11 +286,7 @@ TEST(CheckpointResume, SigintSavesACheckpointAndExits130) {
   const std::vector<std::string> cfg = {"--max_steps", "200"};
   const pid_t pid = r.start(out, cfg, log);
   ASSERT_GT(pid, 0);
-  // Wait for the first metrics line: the loop (and its signal handler) is running.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  while (read_file(out / "metrics.jsonl").find('\n') == std::string::npos &&
-         std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  wait_for_first_metrics(out);
   ASSERT_EQ(::kill(pid, SIGINT), 0);
   const Outcome o = wait_for(pid, log);
   ASSERT_EQ(o.exit_code, 130) << "signal " << o.signal << "\n" << o.output;
