@@ -323,11 +323,14 @@ std::string save_checkpoint(const std::string& output_dir, const LoraAdapter& lo
   json files = json::object();
   std::vector<fs::path> paths;
   for (const auto& e : fs::directory_iterator(tmp.path, ec))
-    if (e.is_regular_file() && e.path().filename() != kStateFile) paths.push_back(e.path());
+    if (e.is_regular_file(ec) && e.path().filename() != kStateFile) paths.push_back(e.path());
   if (ec) fail("checkpoint", "cannot list {}: {}", tmp.path.string(), ec.message());
   std::sort(paths.begin(), paths.end());
-  for (const fs::path& p : paths)
-    files[p.filename().string()] = {{"size", fs::file_size(p)}, {"sha256", data::sha256_file_hex(p.string())}};
+  for (const fs::path& p : paths) {
+    const uintmax_t size = fs::file_size(p, ec);
+    if (ec) fail("checkpoint", "{}: cannot read its size: {}", p.string(), ec.message());
+    files[p.filename().string()] = {{"size", size}, {"sha256", data::sha256_file_hex(p.string())}};
+  }
   json j = state_json(st);
   j["optimizer_step"] = os.step;
   j["files"] = files;
