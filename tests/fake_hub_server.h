@@ -52,6 +52,7 @@ class FakeHub {
   std::set<std::string> corrupt;       // GET: the first byte flipped
   std::set<std::string> ignore_range;  // GET: 200 with the whole body even when Range was asked
   std::set<std::string> get_redirect;  // small file, GET only: 302 to {cdn_base}/cdn/SHA256
+  std::set<std::string> expire_once;   // GET /cdn/: 403 the first time (an expired signed URL)
 
   FakeHub() {
     fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -128,7 +129,7 @@ class FakeHub {
 
   static void respond(int c, const Request& req, const Reply& r) {
     static const std::map<int, const char*> kReason = {{200, "OK"}, {206, "Partial Content"}, {302, "Found"},
-                                                       {307, "Temporary Redirect"}, {401, "Unauthorized"},
+                                                       {307, "Temporary Redirect"}, {401, "Unauthorized"}, {403, "Forbidden"},
                                                        {404, "Not Found"}, {416, "Range Not Satisfiable"}};
     std::string out = "HTTP/1.1 " + std::to_string(r.status) + " " + kReason.at(r.status) + "\r\n";
     for (const auto& [k, v] : r.headers) out += k + ": " + v + "\r\n";
@@ -181,6 +182,7 @@ class FakeHub {
     if (t.rfind("/cdn/", 0) == 0) {
       std::string name;
       const File* f = file_by_sha(t.substr(5), &name);
+      if (f && expire_once.erase(name)) return error(403, "SignatureExpired");
       return f ? serve_bytes(req, name, *f) : error(404, "EntryNotFound");
     }
     if (!renamed_from.empty() && t.rfind("/" + renamed_from + "/", 0) == 0) {

@@ -343,6 +343,15 @@ TEST_F(HubDownload, ResumesAPartialFileAndRestartsWhenRangeIsIgnored) {
   EXPECT_EQ(read_file(fs::path(snap) / kShard1), content);
 }
 
+TEST_F(HubDownload, AnExpiredCdnUrlIsRefreshedOnce) {
+  hub.expire_once = {kShard2};
+  const std::string snap = resolve_model_dir("Org/Model", server_options(hub, tmp.path));
+  EXPECT_EQ(read_file(fs::path(snap) / kShard2), hub.files[kShard2].content);
+  const std::string head = "/Org/Model/resolve/" + kCommit + "/" + kShard2;
+  EXPECT_EQ(count_requests(hub, "HEAD", head), 2u);  // the second HEAD fetched a fresh URL
+  EXPECT_EQ(count_requests(hub, "GET", "/cdn/" + qt::sha256_hex(hub.files[kShard2].content)), 2u);
+}
+
 TEST_F(HubDownload, ChecksumMismatchLeavesNoBlobAndNoLink) {
   hub.corrupt = {kShard2};
   const std::string err = expect_error([&] { resolve_model_dir("Org/Model", server_options(hub, tmp.path)); });

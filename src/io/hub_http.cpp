@@ -1,7 +1,8 @@
 // Hub HTTP client (see hub_http.h). Retry policy: connection failures, drops mid-body, stalls (no byte
 // for stall_timeout_s), HTTP 408/429/5xx are retried up to max_attempts times with exponential
 // backoff; a download attempt that received bytes resets the count, since it made progress. Anything
-// else (401/403/404, bad metadata, disk full, checksum mismatch) fails at once with one clear line.
+// else (401/403/404, bad metadata, disk full, checksum mismatch) fails at once with one clear line,
+// except an expired CDN URL (401/403/410 from a redirect target), refreshed once by a new HEAD.
 #include "io/hub_http.h"
 
 #include <curl/curl.h>
@@ -456,14 +457,15 @@ void HubClient::download(const FileMeta& meta, const FileTarget& t, const std::s
   Progress progress(opts_.progress, t.path, meta.size, have);
   int write_errno = 0;
 
-  Response r = with_retries(meta.url, t, [&](bool& progressed) {
+  std::string url = meta.url;
+  auto attempt = [&](bool& progressed) {
     Response resp;
     for (int pass = 0; pass < 2; ++pass) {  // a second pass only after a restart from byte 0
       if (meta.size >= 0 && have == meta.size) return Response{};  // already complete on disk
       bool first = true, bad_range = false;
       const int64_t before = have;
       Request q;
-      q.url = meta.url;
+      q.url = url;
       q.follow = true;
       q.range_from = have > 0 ? have : -1;
       q.on_body = [&](long status, const std::map<std::string, std::string>& h, const char* p, size_t n) {
@@ -503,7 +505,20 @@ void HubClient::download(const FileMeta& meta, const FileTarget& t, const std::s
       return resp;
     }
     return resp;
-  });
+  };
+  // The CDN's signed URLs expire: a 401/403/410 from a redirect target (not the resolve URL itself) is
+  // answered once by asking the Hub for a fresh URL and going on from the bytes already on disk.
+  Response r = with_retries(url, t, attempt);
+  const bool expired = r.code == CURLE_OK && (r.status == 401 || r.status == 403 || r.status == 410) &&
+                       url != resolve_url(endpoint_, t.repo_id, t.revision, t.path);
+  if (expired && write_errno == 0) {
+    const FileMeta fresh = *file_meta(t, false);
+    if (fresh.etag != meta.etag)
+      fail(kCtx, "{}/{} changed on the Hub during the download (etag {} -> {}); run again", t.repo_id, t.path,
+           meta.etag, fresh.etag);
+    url = fresh.url;
+    r = with_retries(url, t, attempt);
+  }
   if (write_errno != 0) {
     if (write_errno == ENOSPC || write_errno == EDQUOT)
       fail(kCtx, "disk full while writing {} ({} written; the partial file is kept and the next run resumes it)",
@@ -512,7 +527,7 @@ void HubClient::download(const FileMeta& meta, const FileTarget& t, const std::s
   }
   const bool complete_on_disk = meta.size >= 0 && have == meta.size && r.status == 0 && r.code == CURLE_OK;
   if (!complete_on_disk && (r.code != CURLE_OK || (r.status != 200 && r.status != 206)))
-    fail_for(r.status, r.code, r.error, r.headers, meta.url, t, !token_.empty());
+    fail_for(r.status, r.code, r.error, r.headers, url, t, !token_.empty());
   if (meta.size >= 0 && have != meta.size) {
     ::unlink(partial_path.c_str());
     fail(kCtx, "{}/{}: the server sent {} bytes, the Hub announced {}; the partial download was deleted", t.repo_id,
