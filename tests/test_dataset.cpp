@@ -16,10 +16,11 @@
 #include "data/batch_iterator.h"
 #include "data/dataset.h"
 #include "data/py_json.h"
-#include "data/sha256.h"
+#include "core/sha256.h"
 #include "tokenizer/tokenizer.h"
 
 using namespace qt::data;
+using qt::sha256_hex;
 namespace fs = std::filesystem;
 
 namespace {

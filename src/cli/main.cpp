@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   qt::cli::register_convert_lora_command(app);
   qt::cli::register_data_commands(app);
   qt::cli::register_train_command(app);
+  qt::cli::register_download_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

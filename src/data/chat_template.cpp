@@ -6,7 +6,7 @@
 #include <array>
 
 #include "core/error.h"
-#include "data/sha256.h"
+#include "core/sha256.h"
 
 namespace qt::data {
 namespace {

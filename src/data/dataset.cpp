@@ -6,7 +6,7 @@
 #include <sstream>
 
 #include "core/error.h"
-#include "data/sha256.h"
+#include "core/sha256.h"
 #include "tokenizer/tokenizer.h"
 
 namespace qt::data {

@@ -10,7 +10,7 @@
 #include <sstream>
 
 #include "core/error.h"
-#include "data/sha256.h"
+#include "core/sha256.h"
 
 namespace qt::data {
 namespace {

@@ -11,5 +11,6 @@ void register_merge_command(CLI::App& app);    // merge
 void register_convert_lora_command(CLI::App& app);  // convert-lora
 void register_data_commands(CLI::App& app);       // data preview
 void register_train_command(CLI::App& app);       // train
+void register_download_command(CLI::App& app);    // download
 
 }  // namespace qt::cli

@@ -1,5 +1,5 @@
 // SHA-256 per FIPS 180-4: 64-byte blocks, 64 rounds, big-endian length padding.
-#include "data/sha256.h"
+#include "core/sha256.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -9,7 +9,7 @@
 
 #include "core/error.h"
 
-namespace qt::data {
+namespace qt {
 namespace {
 
 constexpr uint32_t kRound[64] = {
@@ -101,13 +101,13 @@ std::string sha256_hex(std::string_view data) {
 
 std::string sha256_file_hex(const std::string& path) {
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (!f) qt::fail("data", "{}: cannot read", path);
+  if (!f) qt::fail("sha256", "{}: cannot read", path);
   Sha256 h;
   std::vector<char> buf(1 << 20);
   size_t n;
   while ((n = std::fread(buf.data(), 1, buf.size(), f.get())) > 0) h.update(buf.data(), n);
-  if (std::ferror(f.get())) qt::fail("data", "{}: read error", path);
+  if (std::ferror(f.get())) qt::fail("sha256", "{}: read error", path);
   return h.hex_digest();
 }
 
-}  // namespace qt::data
+}  // namespace qt

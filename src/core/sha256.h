@@ -1,4 +1,5 @@
-// SHA-256 (FIPS 180-4), used to fingerprint chat templates, dataset files and cache contents.
+// SHA-256 (FIPS 180-4): fingerprints of chat templates, dataset files and cache contents, and the
+// checksum of files downloaded from the Hugging Face Hub.
 #pragma once
 #include <array>
 #include <cstddef>
@@ -6,7 +7,7 @@
 #include <string>
 #include <string_view>
 
-namespace qt::data {
+namespace qt {
 
 class Sha256 {
  public:
@@ -25,7 +26,7 @@ class Sha256 {
 };
 
 std::string sha256_hex(std::string_view data);
-// Streams a file; throws "[data] <path>: cannot read" when it cannot be opened.
+// Streams a file; throws "[sha256] <path>: cannot read" when it cannot be opened.
 std::string sha256_file_hex(const std::string& path);
 
-}  // namespace qt::data
+}  // namespace qt
