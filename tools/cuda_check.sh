@@ -29,7 +29,7 @@ else
 echo "== configure + build (archs $ARCHS)"
 if ! { cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQT_WERROR=ON -DQT_CUDA=ON \
          -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc &&
-       ninja -C "$BUILD" -j"$JOBS" test_cuda_ops test_cuda_attention; } >"$LOGS/build.log" 2>&1; then
+       ninja -C "$BUILD" -j"$JOBS" test_cuda_ops test_cuda_attention test_cuda_moe; } >"$LOGS/build.log" 2>&1; then
   tail -40 "$LOGS/build.log"
   echo "BUILD FAILED"
   exit 1
@@ -38,7 +38,7 @@ echo "build ok"
 fi
 
 echo "== GPU tests"
-for t in test_cuda_ops test_cuda_attention; do
+for t in test_cuda_ops test_cuda_attention test_cuda_moe; do
   start=$(date +%s)
   if ! "$BIN/$t" >"$LOGS/$t.log" 2>&1; then status=1; fi
   echo "$t: $(grep -E '^\[  (PASSED|FAILED)|SKIPPED' "$LOGS/$t.log" | tr '\n' ' ') ($(( $(date +%s) - start )) s)"
@@ -47,7 +47,7 @@ grep -h "^\[parity\]" "$LOGS"/test_cuda_*.log > "$LOGS/parity.txt" || true
 
 echo "== compute-sanitizer memcheck (quick shapes)"
 SAN="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-for t in test_cuda_ops test_cuda_attention; do
+for t in test_cuda_ops test_cuda_attention test_cuda_moe; do
   if QT_CUDA_PARITY_QUICK=1 "$SAN" --tool memcheck --leak-check full --error-exitcode 3 "$BIN/$t" \
        >"$LOGS/memcheck_$t.log" 2>&1; then
     echo "memcheck $t: clean ($(grep -c '^\[parity\]' "$LOGS/memcheck_$t.log") checks)"

@@ -115,4 +115,28 @@ void attention_backward(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* 
                         const float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* segment,
                         int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd);
 
+// ---- MoE routing (as cpu::moe_*; E <= 256) -------------------------------------------------
+// logits (N,E) bf16 (the router GEMM's output) -> probs (N,E) fp32 = softmax in fp32; topk_idx
+// (N,k) descending (ties: lower index first; NaN last); topk_w (N,k) fp32, renormalised when
+// norm_topk_prob. One warp per token.
+void moe_router_forward(Context& ctx, int32_t* topk_idx, float* topk_w, float* probs, const bf16* logits, int64_t N,
+                        int64_t E, int64_t k, bool norm_topk_prob);
+// dlogits (N,E) bf16 += the gradient through the top-k weights and the softmax (fp32 math).
+void moe_router_backward(Context& ctx, bf16* dlogits, const float* dtopk_w, const float* probs,
+                         const int32_t* topk_idx, int64_t N, int64_t E, int64_t k, bool norm_topk_prob);
+// Stable counting sort of the N*k assignments by expert: perm (N*k), offsets (E+1) int64, both
+// on the device (same result as cpu::moe_sort). Expert ids are trusted (the router wrote them).
+void moe_sort(Context& ctx, int32_t* perm, int64_t* offsets, const int32_t* topk_idx, int64_t N, int64_t k, int64_t E);
+// xs (N*k,H) = x[perm[p] / k]
+void moe_gather(Context& ctx, bf16* xs, const bf16* x, const int32_t* perm, int64_t Nk, int64_t k, int64_t H);
+// dx (N,H) += sum_j dxs[inv[n*k+j]] in order j (deterministic; inv built in scratch)
+void moe_gather_backward(Context& ctx, bf16* dx, const bf16* dxs, const int32_t* perm, int64_t Nk, int64_t k,
+                         int64_t H);
+// out (N,H) ADDS sum_j topk_w[n*k+j] * ys[inv[n*k+j]]
+void moe_combine(Context& ctx, bf16* out, const bf16* ys, const float* topk_w, const int32_t* perm, int64_t Nk,
+                 int64_t k, int64_t H);
+// dys (N*k,H) += topk_w[a] dout[n]; dtopk_w (N*k) fp32 += dout[n] . ys[p] (a = perm[p], n = a / k)
+void moe_combine_backward(Context& ctx, bf16* dys, float* dtopk_w, const bf16* dout, const bf16* ys,
+                          const float* topk_w, const int32_t* perm, int64_t Nk, int64_t k, int64_t H);
+
 }  // namespace qt::cuda
