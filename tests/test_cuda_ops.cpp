@@ -271,6 +271,51 @@ TEST(CudaOps, CrossEntropy) {
   }
 }
 
+// The lm_head GEMM + loss fused chunk by chunk, against the unfused CPU composition with the same
+// two bf16 roundings (the logits, and the logits gradient fed to the dh GEMM).
+TEST(CudaOps, FusedLinearCrossEntropy) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(9);
+  struct Case { int64_t B, S, H, V, chunk; };
+  std::vector<Case> cases = {{1, 1, 1, 1, 0}, {1, 2, 3, 5, 1}, {2, 17, 64, 1000, 7}, {3, 5, 17, 127, 0}};
+  if (!quick()) cases.insert(cases.end(), {{2, 100, 256, 32000, 64}, {1, 300, 128, 151936, 0}});
+  for (const Case& c : cases) {
+    const int64_t N = c.B * c.S;
+    auto h = randn_bf16(size_t(N * c.H), rng), W = randn_bf16(size_t(c.V * c.H), rng, 0.5f),
+         dh0 = randn_bf16(size_t(N * c.H), rng, 0.01f);
+    std::vector<int32_t> labels(static_cast<size_t>(N));
+    for (auto& y : labels) y = (rng() % 5 == 0) ? -100 : int32_t(rng() % c.V);
+    std::vector<float> logits(size_t(N * c.V)), G(logits.size(), 0.0f), dh = dh0;
+    cpu::gemm<float>(false, true, N, c.V, c.H, 1.0f, h.data(), W.data(), 0.0f, logits.data());
+    for (auto& v : logits) v = round_bf16(v);
+    int64_t count = 0;
+    const double sum = cpu::cross_entropy_forward(logits.data(), labels.data(), c.B, c.S, c.V, &count);
+    const float scale = count ? 1.0f / float(count) : 0.0f;
+    cpu::cross_entropy_backward(G.data(), logits.data(), labels.data(), scale, c.B, c.S, c.V);
+    for (auto& v : G) v = round_bf16(v);
+    cpu::gemm<float>(false, false, N, c.H, c.V, 1.0f, G.data(), W.data(), 1.0f, dh.data());
+
+    auto h_d = dev_bf16(h), W_d = dev_bf16(W), dh_d = dev_bf16(dh0);
+    auto lab_d = cuda::to_device(labels);
+    Buffer<double> sum_d(1), sum2_d(1);
+    Buffer<int64_t> count_d(1), count2_d(1);
+    cuda::fused_linear_cross_entropy(ctx, sum_d.get(), count_d.get(), dh_d.get(), h_d.get(), W_d.get(), lab_d.get(),
+                                     scale, c.B, c.S, c.H, c.V, c.chunk);
+    // loss only (evaluation): no gradient pass, same loss
+    cuda::fused_linear_cross_entropy(ctx, sum2_d.get(), count2_d.get(), nullptr, h_d.get(), W_d.get(), lab_d.get(),
+                                     scale, c.B, c.S, c.H, c.V, c.chunk);
+    ctx.synchronize();
+    const std::string name = tag("fused_linear_cross_entropy", {c.B, c.S, c.H, c.V, c.chunk});
+    EXPECT_EQ(count_d.download()[0], count) << name;
+    const double got = sum_d.download()[0];
+    EXPECT_EQ(sum2_d.download()[0], got) << name;
+    std::printf("[parity] %-44s loss_sum rel_err=%.3e\n", name.c_str(), std::fabs(got - sum) / std::max(1.0, std::fabs(sum)));
+    EXPECT_NEAR(got, sum, 1e-4 * std::max(1.0, std::fabs(sum))) << name;
+    expect_close(name + " dh", host_f32(dh_d), dh, kBf16Rtol, kAtolBf16Intermediate);
+  }
+}
+
 TEST(CudaOps, AdamWBitwise) {
   QT_SKIP_WITHOUT_GPU();
   cuda::Context ctx;

@@ -2,6 +2,12 @@
 //   row t of batch b predicts y = labels[b,t+1] (t < S-1, y != -100):
 //   loss = m + log(sum_v exp(x_v - m)) - x_y;   dx_v += scale * (exp(x_v - m - log sum) - [v == y])
 // The forward writes per-row losses to scratch, then one block sums them in fp64 in a fixed order.
+// Fused with the lm_head (fused_linear_cross_entropy): rows go chunk by chunk through
+//   logits_c = bf16(h_c W^T) (C,V) -> row losses, and in place G_c = bf16(scale (softmax - onehot))
+//   -> dh_c += G_c W
+// so only C x V logits ever exist (the bf16 rounding of the logits is HF's own in bf16 training).
+#include <algorithm>
+
 #include "ops/cuda/common.cuh"
 #include "ops/cuda/ops.h"
 
@@ -91,7 +97,54 @@ __global__ void ce_backward_kernel(bf16* dlogits, const bf16* logits, const int3
   }
 }
 
+// One row of a logits chunk: the row's loss into row_loss[bt]; with `grad` the row is overwritten
+// by scale * (softmax - onehot) (zeros for a row that predicts nothing).
+__global__ void ce_chunk_kernel(float* row_loss, bf16* chunk, const int32_t* labels, int64_t row0, int64_t S,
+                                int64_t V, float scale, bool grad) {
+  __shared__ float shared[32];
+  const int64_t bt = row0 + blockIdx.x;
+  bf16* row = chunk + int64_t(blockIdx.x) * V;
+  const int32_t y = row_label(labels, bt, S, V);
+  if (y < 0) {
+    if (threadIdx.x == 0) row_loss[bt] = 0.0f;
+    if (grad)
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) row[v] = to_bf(0.0f);
+    return;
+  }
+  const float xy = to_f(row[y]);  // read before any thread overwrites the row
+  float m, log_sum;
+  row_stats(row, V, shared, &m, &log_sum);  // every read of the row precedes its last barrier
+  if (threadIdx.x == 0) row_loss[bt] = m + log_sum - xy;
+  if (!grad) return;
+  const float shift = m + log_sum;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+    row[v] = to_bf(scale * expf(to_f(row[v]) - shift) - (v == y ? scale : 0.0f));
+}
+
 }  // namespace
+
+void fused_linear_cross_entropy(Context& ctx, double* loss_sum, int64_t* count, bf16* dh, const bf16* h,
+                                const bf16* W, const int32_t* labels, float scale, int64_t B, int64_t S, int64_t H,
+                                int64_t V, int64_t chunk_rows) {
+  QT_CUDA_ASSERT(V > 0 && H > 0 && B >= 0 && S >= 0 && B * S <= 0x7fffffff, "fused_linear_cross_entropy: bad shape");
+  const int64_t N = B * S;
+  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (int64_t(256) << 20) / (V * int64_t(sizeof(bf16))));
+  const int64_t C = std::min<int64_t>(chunk_rows, std::max<int64_t>(N, 1));
+  const size_t loss_bytes = (size_t(std::max<int64_t>(N, 1)) * sizeof(float) + 255) / 256 * 256;
+  auto* base = static_cast<unsigned char*>(ctx.scratch(loss_bytes + size_t(C * V) * sizeof(bf16)));
+  float* row_loss = reinterpret_cast<float*>(base);
+  bf16* logits = reinterpret_cast<bf16*>(base + loss_bytes);
+  for (int64_t r0 = 0; r0 < N; r0 += C) {
+    const int64_t rows = std::min(C, N - r0);
+    gemm(ctx, false, true, rows, V, H, 1.0f, h + r0 * H, W, 0.0f, logits);
+    ce_chunk_kernel<<<unsigned(rows), kRowThreads, 0, ctx.stream()>>>(row_loss, logits, labels, r0, S, V, scale,
+                                                                      dh != nullptr);
+    QT_CUDA_LAUNCH_CHECK();
+    if (dh) gemm(ctx, false, false, rows, H, V, 1.0f, logits, W, 1.0f, dh + r0 * H);
+  }
+  ce_total_kernel<<<1, kRowThreads, 0, ctx.stream()>>>(loss_sum, count, row_loss, labels, N, S, V);
+  QT_CUDA_LAUNCH_CHECK();
+}
 
 void cross_entropy_forward(Context& ctx, double* loss_sum, int64_t* count, const bf16* logits, const int32_t* labels,
                            int64_t B, int64_t S, int64_t V) {

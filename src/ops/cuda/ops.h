@@ -97,6 +97,14 @@ void cross_entropy_forward(Context& ctx, double* loss_sum, int64_t* count, const
 void cross_entropy_backward(Context& ctx, bf16* dlogits, const bf16* logits, const int32_t* labels, float scale,
                             int64_t B, int64_t S, int64_t V);
 
+// The lm_head GEMM fused with the loss, chunk by chunk, never holding the (B*S, V) logits:
+// logits = bf16(h W^T) for chunk_rows rows at a time (0: as many as fit 256 MiB), the loss as
+// cross_entropy_forward, and when dh is not null dh (B*S,H) += bf16(scale (softmax - onehot)) W
+// (scale = dloss/dsum, e.g. 1/count, known on the host from the labels). h (B*S,H), W (V,H) bf16.
+void fused_linear_cross_entropy(Context& ctx, double* loss_sum, int64_t* count, bf16* dh, const bf16* h,
+                                const bf16* W, const int32_t* labels, float scale, int64_t B, int64_t S, int64_t H,
+                                int64_t V, int64_t chunk_rows = 0);
+
 // ---- optimizer ---------------------------------------------------------------------------
 // One fused AdamW update of n fp32 parameters, arithmetic in fp64 and rounded exactly as
 // train/optimizer.cpp (bitwise equal results): p = p*decay_mul - step_size*m/(sqrt(v)/bc2_sqrt + eps).
