@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: configure and build the CUDA backend and its tests, run the GPU
+# On a machine with an NVIDIA GPU: configure and build the CUDA backend, its tests and bench, run the GPU
 # tests (ctest label `gpu`), then compute-sanitizer memcheck over the parity tests with the quick
-# shape set. Logs go to $OUT (or ./cuda-check-logs). Usage: bash tools/cuda_check.sh [archs]
+# shape set, then the op timings. Logs go to $OUT (or ./cuda-check-logs). Usage: bash tools/cuda_check.sh [archs]
 # (default 90a: one architecture keeps the build short; the CMake default builds 80;89;90a).
 # QT_CUDA_PREBUILT=DIR skips the build and runs DIR/test_cuda_* (with DIR/lib on the library path):
 # for a GPU machine without the project's build dependencies, the binaries built elsewhere.
@@ -29,7 +29,7 @@ else
 echo "== configure + build (archs $ARCHS)"
 if ! { cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQT_WERROR=ON -DQT_CUDA=ON \
          -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc &&
-       ninja -C "$BUILD" -j"$JOBS" test_cuda_ops test_cuda_attention test_cuda_moe; } >"$LOGS/build.log" 2>&1; then
+       ninja -C "$BUILD" -j"$JOBS" test_cuda_ops test_cuda_attention test_cuda_moe cuda_ops_bench; } >"$LOGS/build.log" 2>&1; then
   tail -40 "$LOGS/build.log"
   echo "BUILD FAILED"
   exit 1
@@ -57,4 +57,6 @@ for t in test_cuda_ops test_cuda_attention test_cuda_moe; do
     grep -m 20 -E "=========|FAILED" "$LOGS/memcheck_$t.log"
   fi
 done
+echo "== timings (bench/cuda/cuda_ops_bench)"
+if [ -x "$BIN/cuda_ops_bench" ]; then "$BIN/cuda_ops_bench" 2>&1 | tee "$LOGS/bench.log"; fi
 exit $status
