@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <limits>
 #include <random>
 
 #include "cuda_parity.h"
@@ -359,6 +360,46 @@ TEST(CudaOps, AdamWBitwise) {
     }
     std::printf("[parity] adamw_step [%ld,%ld] x3 steps: bitwise equal\n", long(r), long(in));
   }
+}
+
+// Gradient norm and clipping against train/optimizer.cpp's grad_global_norm and clip_grad_norm.
+TEST(CudaOps, GradNormAndClip) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(10);
+  for (auto [r, in] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 17}, {16, 4096}, {64, 5000}}) {
+    LoraAdapter grads;
+    grads.layers.resize(1);
+    const std::vector<float> gA = randn_f32(size_t(r * in), rng, 0.3f), gB = randn_f32(size_t(in * r), rng, 0.3f);
+    grads.layers[0].slot[0].A = Tensor::from_vector(gA, {r, in});
+    grads.layers[0].slot[0].B = Tensor::from_vector(gB, {in, r});
+    auto a_d = cuda::to_device(gA), b_d = cuda::to_device(gB);
+    Buffer<double> sum_d(1);
+    sum_d.fill_bytes(0);
+    cuda::sum_squares(ctx, sum_d.get(), a_d.get(), int64_t(gA.size()));
+    cuda::sum_squares(ctx, sum_d.get(), b_d.get(), int64_t(gB.size()));
+    ctx.synchronize();
+    const double norm_gpu = std::sqrt(sum_d.download()[0]);
+    const double max_norm = 0.5;
+    const double norm_cpu = clip_grad_norm(grads, max_norm);  // also clips the CPU copy
+    // Both sum in fp64, in different orders: agreement to fp64 rounding of the sum.
+    EXPECT_NEAR(norm_gpu, norm_cpu, 1e-12 * norm_cpu) << r << "x" << in;
+    const float coef = float(std::min(1.0, max_norm / (norm_cpu + 1e-6)));
+    cuda::scale_inplace(ctx, a_d.get(), int64_t(gA.size()), coef);
+    const auto a = host_f32(a_d);
+    const float* ac = grads.layers[0].slot[0].A.data<float>();
+    for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], ac[i]) << i;
+    std::printf("[parity] grad norm [%ld,%ld] rel_err=%.3e, clipping bitwise equal\n", long(r), long(in),
+                std::fabs(norm_gpu - norm_cpu) / norm_cpu);
+  }
+  // A non-finite gradient makes the sum non-finite (the trainer's finite check).
+  std::vector<float> bad = {1.0f, std::numeric_limits<float>::quiet_NaN(), 2.0f};
+  auto bad_d = cuda::to_device(bad);
+  Buffer<double> s_d(1);
+  s_d.fill_bytes(0);
+  cuda::sum_squares(ctx, s_d.get(), bad_d.get(), 3);
+  ctx.synchronize();
+  EXPECT_FALSE(std::isfinite(s_d.download()[0]));
 }
 
 }  // namespace

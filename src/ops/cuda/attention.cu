@@ -12,8 +12,9 @@
 //   dKV kernel (grid: key tiles of 32 x (b, kv head)): all query rows of the group's heads go by,
 //     4 at a time (one per warp computes p and ds for the 32 keys), then each warp accumulates
 //     dv_j += p_j dO_i and dk_j += scale ds_j q_i for its quarter of the head dims in registers.
-// Correctness first: plain fp32 FMAs (no tensor cores yet), every key tile up to the diagonal is
-// visited (segments mask, they do not skip tiles).
+// Correctness first: plain fp32 FMAs (no tensor cores yet). Every key tile up to the diagonal is
+// loaded; a query row whose segment has no key in the tile skips it (packed documents cost about
+// their own causal blocks, not the whole sequence's).
 #include <cmath>
 
 #include "ops/cuda/common.cuh"
@@ -117,6 +118,7 @@ __global__ void attn_fwd_kernel(bf16* out, float* lse, const bf16* q, const bf16
       const int64_t i = row0 + r, j = j0 + lane;
       if (i >= S || j0 > i) continue;  // warp-uniform
       const bool valid = j <= i && (segment == nullptr || segs[lane] == seg_i[rr]);
+      if (!__any_sync(0xffffffffu, valid)) continue;  // no visible key here (another packed document)
       const float s = valid ? a.scale * dot_row(Qs + r * hd, Ks + lane * (hd + 1), hd) : -INFINITY;
       const float m_new = fmaxf(m[rr], warp_max(s));
       if (m_new == -INFINITY) continue;  // nothing visible yet (warp-uniform)
@@ -195,6 +197,7 @@ __global__ void attn_dq_kernel(bf16* dq, const bf16* dout, const float* lse, con
       const int64_t i = row0 + r, j = j0 + lane;
       if (i >= S || j0 > i) continue;
       const bool valid = j <= i && (segment == nullptr || segs[lane] == seg_i[rr]);
+      if (!__any_sync(0xffffffffu, valid)) continue;  // no visible key here (another packed document)
       float ds = 0;
       if (valid) {
         const float p = expf(a.scale * dot_row(Qs + r * hd, Ks + lane * (hd + 1), hd) - lse_i[rr]);
@@ -245,13 +248,18 @@ __global__ void attn_dkv_kernel(bf16* dk, bf16* dv, const bf16* dout, const floa
     float p = 0, ds = 0;
     if (u < total) {  // warp-uniform
       const int64_t h = g * grp + u / rows_per_head, i = j0 + u % rows_per_head, bh = b * a.nh + h;
-      for (int64_t d = lane; d < hd; d += 32) {
-        Qr[warp * hd + d] = to_f(q[a.q_off(b, i, h) + d]);
-        dOr[warp * hd + d] = to_f(dout[a.q_off(b, i, h) + d]);
-      }
-      __syncwarp();
       const int seg_i = segment ? segment[b * S + i] : 0;
-      if (j < S && j <= i && (segment == nullptr || segs[lane] == seg_i)) {
+      const bool valid = j < S && j <= i && (segment == nullptr || segs[lane] == seg_i);
+      // A row that sees none of these keys (another packed document) is skipped: p = ds = 0, so
+      // phase 2 never reads its (unloaded) Qr / dOr.
+      if (__any_sync(0xffffffffu, valid)) {
+        for (int64_t d = lane; d < hd; d += 32) {
+          Qr[warp * hd + d] = to_f(q[a.q_off(b, i, h) + d]);
+          dOr[warp * hd + d] = to_f(dout[a.q_off(b, i, h) + d]);
+        }
+        __syncwarp();
+      }
+      if (valid) {
         p = expf(a.scale * dot_row(Qr + warp * hd, Ks + lane * (hd + 1), hd) - lse[bh * S + i]);
         ds = a.scale * p * (dot_row(dOr + warp * hd, Vs + lane * (hd + 1), hd) - Drow[bh * S + i]);
       }

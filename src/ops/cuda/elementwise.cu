@@ -1,4 +1,5 @@
-// Elementwise CUDA ops: dtype conversions, embedding lookup, SwiGLU, residual add, fused AdamW.
+// Elementwise CUDA ops: dtype conversions, embedding lookup, SwiGLU, residual add, fused AdamW,
+// gradient sum of squares and scaling (clipping).
 //   swiglu: h = silu(g) u, silu(g) = g sigmoid(g);
 //           dg += dh u sg (1 + g (1 - sg)), du += dh g sg      (fp32 math on bf16 values)
 //   AdamW:  the per-element update of train/optimizer.cpp in fp64 with explicit round-to-nearest
@@ -65,7 +66,48 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
   }
 }
 
+constexpr int kSumBlocks = 264;  // fixed (two waves on 132 SMs): the reduction order never depends on the GPU
+
+__global__ void sum_squares_partial_kernel(double* partial, const float* x, int64_t n) {
+  __shared__ double sh[kThreads];
+  double s = 0;
+  QT_GRID_STRIDE(i, n) s += double(x[i]) * double(x[i]);
+  sh[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w /= 2) {
+    if (int(threadIdx.x) < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
+}
+
+__global__ void sum_partials_kernel(double* out, const double* partial, int count) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double s = 0;
+  for (int b = 0; b < count; ++b) s += partial[b];
+  *out += s;
+}
+
+__global__ void scale_kernel(float* x, int64_t n, float c) {
+  QT_GRID_STRIDE(i, n) x[i] *= c;
+}
+
 }  // namespace
+
+void sum_squares(Context& ctx, double* sum_sq, const float* x, int64_t n) {
+  if (n <= 0) return;
+  auto* partial = static_cast<double*>(ctx.scratch(kSumBlocks * sizeof(double)));
+  sum_squares_partial_kernel<<<kSumBlocks, kThreads, 0, ctx.stream()>>>(partial, x, n);
+  QT_CUDA_LAUNCH_CHECK();
+  sum_partials_kernel<<<1, 32, 0, ctx.stream()>>>(sum_sq, partial, kSumBlocks);
+  QT_CUDA_LAUNCH_CHECK();
+}
+
+void scale_inplace(Context& ctx, float* x, int64_t n, float c) {
+  if (n <= 0) return;
+  scale_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, c);
+  QT_CUDA_LAUNCH_CHECK();
+}
 
 void f32_to_bf16(Context& ctx, bf16* dst, const float* src, int64_t n) {
   if (n <= 0) return;

@@ -111,6 +111,15 @@ void fused_linear_cross_entropy(Context& ctx, double* loss_sum, int64_t* count, 
 void adamw_step(Context& ctx, float* p, const float* g, float* m, float* v, int64_t n, double decay_mul,
                 double beta1, double beta2, double step_size, double bc2_sqrt, double eps);
 
+// Gradient norm and clipping (as train/optimizer.h's grad_global_norm / clip_grad_norm):
+// *sum_sq (device fp64) ADDS sum(x^2) over n fp32 values, in fp64 with a fixed reduction order
+// (deterministic), so the trainer accumulates every LoRA gradient into one scalar and reads it once.
+// The sum is NaN or inf exactly when some value is (fp32 squares cannot overflow fp64), which
+// doubles as the finite check.
+void sum_squares(Context& ctx, double* sum_sq, const float* x, int64_t n);
+// x (n) *= c (fp32 multiply, as the CPU's clipping)
+void scale_inplace(Context& ctx, float* x, int64_t n, float c);
+
 // ---- causal GQA attention with packed-document segments -----------------------------------
 // As cpu::attention_forward: q (B,S,nh,hd), k/v (B,S,nkv,hd) bf16 -> out (B,S,nh,hd) bf16,
 // lse (B,nh,S) fp32. Flash-style: key tiles with an online softmax; S x S is never stored.
