@@ -14,7 +14,7 @@
 #include <sstream>
 
 #include "core/error.h"
-#include "data/sha256.h"
+#include "core/sha256.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
 
@@ -215,7 +215,7 @@ std::string short_dump(const json& v) {
 }  // namespace
 
 std::string tokenized_dataset_sha256(const data::TokenizedDataset& ds) {
-  data::Sha256 h;
+  Sha256 h;
   auto add = [&](const auto& v) {
     const uint64_t n = v.size();
     h.update(&n, sizeof n);
@@ -235,7 +235,7 @@ json training_fingerprint(const TrainConfig& tc, int64_t total_steps, const std:
   std::error_code ec;
   const fs::path model_config = fs::is_directory(tc.base_model, ec) ? fs::path(tc.base_model) / "config.json"
                                                                     : fs::path(tc.base_model);
-  f["model_config_sha256"] = data::sha256_file_hex(model_config.string());
+  f["model_config_sha256"] = sha256_file_hex(model_config.string());
   json ds = json::array();
   for (const DatasetSpec& d : tc.datasets) ds.push_back({{"path", canonical_text(d.path)}, {"type", d.type}});
   f["datasets"] = ds;
@@ -329,7 +329,7 @@ std::string save_checkpoint(const std::string& output_dir, const LoraAdapter& lo
   for (const fs::path& p : paths) {
     const uintmax_t size = fs::file_size(p, ec);
     if (ec) fail("checkpoint", "{}: cannot read its size: {}", p.string(), ec.message());
-    files[p.filename().string()] = {{"size", size}, {"sha256", data::sha256_file_hex(p.string())}};
+    files[p.filename().string()] = {{"size", size}, {"sha256", sha256_file_hex(p.string())}};
   }
   json j = state_json(st);
   j["optimizer_step"] = os.step;
@@ -380,7 +380,7 @@ TrainerState validate_checkpoint(const std::string& dir) {
     if (size != want_size)
       fail("checkpoint", "{}: {} has {} bytes, trainer_state.json recorded {} (incomplete or modified)", dir, fname,
            size, want_size);
-    if (data::sha256_file_hex(p.string()) != rec.at("sha256").get<std::string>())
+    if (sha256_file_hex(p.string()) != rec.at("sha256").get<std::string>())
       fail("checkpoint", "{}: {} does not match its recorded SHA-256 (the file is corrupted or was modified)", dir,
            fname);
   }
