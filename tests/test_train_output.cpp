@@ -247,6 +247,9 @@ TEST(LossPlot, TrainSmoothedAndEvalCurves) {
   // Tick labels of the y axis are nice numbers covering the range: 0 and 12 appear (range 0.5..11.5).
   EXPECT_NE(svg.find(">0</text>"), std::string::npos) << svg;
   EXPECT_NE(svg.find(">12</text>"), std::string::npos) << svg;
+  EXPECT_NE(svg.find("train loss (EMA 0.50)"), std::string::npos) << "39 points: weight 1 - 20/39 -> 0.5";
+  EXPECT_EQ(qt::loss_plot::smoothing_weight(80), 0.75);
+  EXPECT_EQ(qt::loss_plot::smoothing_weight(100000), 0.9);
 }
 
 TEST(LossPlot, DegenerateInputsStayWellFormed) {

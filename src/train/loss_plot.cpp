@@ -84,6 +84,8 @@ std::string tick_label(double v, double step) {
 
 }  // namespace
 
+double loss_plot::smoothing_weight(size_t n) { return std::clamp(1.0 - 20.0 / double(std::max<size_t>(n, 1)), 0.5, 0.9); }
+
 std::string render_loss_svg(const std::vector<LossPoint>& train, const std::vector<LossPoint>& eval,
                             const std::string& title) {
   const std::vector<Pt> tr = finite_points(train), ev = finite_points(eval);
@@ -151,8 +153,9 @@ std::string render_loss_svg(const std::vector<LossPoint>& train, const std::vect
     legend.push_back({raw_style, "train loss"});
     if (smooth) {
       const char* st = R"(stroke="#1f77b4" stroke-width="2")";
-      s += polyline(downsampled(smoothed(tr, kSmoothWeight), kMaxPolylinePoints), "train-smooth", st);
-      legend.push_back({st, fmt::format("train loss (EMA {})", kSmoothWeight)});
+      const double w = smoothing_weight(tr.size());
+      s += polyline(downsampled(smoothed(tr, w), kMaxPolylinePoints), "train-smooth", st);
+      legend.push_back({st, fmt::format("train loss (EMA {:.2f})", w)});
     }
   }
   if (!ev.empty()) {

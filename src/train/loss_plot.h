@@ -5,8 +5,8 @@
 // [kTop, kHeight - kBottom]. x = step (linear, from the smallest to the largest step shown), y =
 // loss (linear, padded to "nice" tick values 1, 2 or 5 x 10^k). Drawn: axes with tick labels, the
 // training loss as one polyline (buckets of consecutive steps averaged when there are more than
-// kMaxPolylinePoints), a smoothed training curve (debiased EMA, weight kSmoothWeight, when there
-// are at least 10 points), eval losses as circle markers joined by a dashed line, a legend and a
+// kMaxPolylinePoints), a smoothed training curve (debiased EMA with weight smoothing_weight(n) for
+// n points, when there are at least 10), eval losses as circle markers joined by a dashed line, a legend and a
 // title. Non-finite losses are left out.
 #pragma once
 #include <cstdint>
@@ -24,7 +24,8 @@ namespace loss_plot {
 constexpr int kWidth = 760, kHeight = 440;
 constexpr int kLeft = 72, kRight = 24, kTop = 44, kBottom = 52;
 constexpr size_t kMaxPolylinePoints = 2000;
-constexpr double kSmoothWeight = 0.9;
+// 1 - 20/n clamped to [0.5, 0.9]: a lag of about n/20 steps on short runs, 10 steps on long ones.
+double smoothing_weight(size_t n);
 }  // namespace loss_plot
 
 // The SVG text. `train` and `eval` must be in increasing step order (the trainer's order).
