@@ -178,7 +178,7 @@ TEST(CheckpointResume, StopAndResumeReproducesTheUninterruptedRun) {
   EXPECT_EQ(st.batch_in_epoch, 2);
   ASSERT_EQ(st.train_loss.size(), 3u);
   const auto mf = read_metrics(full / "metrics.jsonl");
-  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(st.train_loss[i].value, mf[i]["loss"].get<double>());
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(st.train_loss[i].loss, mf[i]["loss"].get<double>());
   // The checkpoint is itself a PEFT adapter.
   const qt::ModelConfig mcfg = qt::load_hf_config(std::string(QT_SOURCE_DIR) + "/configs/tiny-qwen3-moe.json");
   EXPECT_EQ(qt::load_peft_adapter((split / "checkpoint-3").string(), mcfg, qt::DType::F32).cfg.r, 8);

@@ -154,6 +154,9 @@ TEST(HfConfig, OptionalDefaults) {
   EXPECT_FALSE(c.tie_word_embeddings);
   EXPECT_EQ(c.max_position_embeddings, 32768);
   EXPECT_FALSE(c.attention_bias);
+  EXPECT_EQ(c.initializer_range, 0.02);
+  j["initializer_range"] = 0.15;
+  EXPECT_EQ(parse(j).initializer_range, 0.15);
 }
 
 TEST(HfConfig, Qwen3Moe) {
@@ -283,6 +286,11 @@ TEST(HfConfig, Errors) {
   expect_error(m, "rms_norm_eps");
   m["rms_norm_eps"] = 0;
   expect_error(m, "rms_norm_eps");
+  m = qwen3_config();
+  m["initializer_range"] = 0;
+  expect_error(m, "initializer_range");
+  m["initializer_range"] = "0.02";
+  expect_error(m, "initializer_range");
   m = qwen3_config();
   m["tie_word_embeddings"] = "yes";
   expect_error(m, "tie_word_embeddings");

@@ -1,9 +1,6 @@
 // Tokenized-dataset cache files (format in dataset_cache.h).
 #include "data/dataset_cache.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -11,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/sha256.h"
+#include "io/atomic_file.h"
 
 namespace qt::data {
 namespace {
@@ -177,32 +175,10 @@ bool save_dataset_cache(const std::string& path, const std::string& key_material
   const auto d = h.digest();
   put_bytes(out, d.data(), d.size());
 
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    *error = fmt::format("cannot create {}: {}", tmp, std::strerror(errno));
-    return false;
-  }
-  size_t done = 0;
-  while (done < out.size()) {
-    const ssize_t n = ::write(fd, out.data() + done, out.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      *error = fmt::format("cannot write {}: {}", tmp, std::strerror(errno));
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return false;
-    }
-    done += size_t(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    *error = fmt::format("cannot flush {}: {}", tmp, std::strerror(errno));
-    ::unlink(tmp.c_str());
-    return false;
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    *error = fmt::format("cannot rename {} to {}: {}", tmp, path, std::strerror(errno));
-    ::unlink(tmp.c_str());
+  try {
+    write_file_atomically(path, out, "dataset cache");
+  } catch (const Error& e) {
+    *error = e.what();
     return false;
   }
   return true;

@@ -3,6 +3,7 @@
 // Defaults for absent keys are those of transformers' config classes (Qwen2Config, Qwen3Config,
 // Qwen3MoeConfig, v4.5x and v5):
 //   rms_norm_eps 1e-6, rope_theta 10000, tie_word_embeddings false, max_position_embeddings 32768,
+//   initializer_range 0.02 (the std of random init; used only for random weights),
 //   num_key_value_heads: absent -> 32 (qwen2, qwen3) or 4 (qwen3_moe), null -> num_attention_heads;
 //   head_dim: qwen3 absent -> 128 (Qwen3Config's default), qwen2/qwen3_moe absent -> hidden/heads
 //     (the modeling code's getattr fallback); null -> hidden/heads;
@@ -238,6 +239,9 @@ ModelConfig parse_hf_config_json(const std::string& json_text, const std::string
 
   c.rms_norm_eps = r.optional_number("rms_norm_eps", 1e-6);
   if (!(c.rms_norm_eps > 0)) r.error(fmt::format("'rms_norm_eps' must be positive, got {}", c.rms_norm_eps));
+  c.initializer_range = r.optional_number("initializer_range", 0.02);
+  if (!(c.initializer_range > 0 && c.initializer_range < 1e3))
+    r.error(fmt::format("'initializer_range' must be positive, got {}", c.initializer_range));
   parse_rope(r, c);
   c.tie_word_embeddings = r.optional_bool("tie_word_embeddings", false);
   c.max_position_embeddings = r.optional_int("max_position_embeddings", 32768);

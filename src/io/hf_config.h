@@ -26,6 +26,7 @@ struct ModelConfig {
   int64_t num_key_value_heads = 0;
   int64_t head_dim = 0;           // absent in the file -> hidden_size / num_attention_heads
   double rms_norm_eps = 1e-6;
+  double initializer_range = 0.02;  // std of HF's random init (normal(0, std) for linears, embeddings)
   double rope_theta = 10000.0;
   bool tie_word_embeddings = false;
   bool attention_bias = false;    // q/k/v bias: qwen2 always true; qwen3 from the key

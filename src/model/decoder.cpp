@@ -37,31 +37,48 @@ const T* ptr(const Tensor& t) {
   return t.defined() ? t.data<T>() : nullptr;
 }
 
-// One projection y = x W^T (+ b) (+ LoRA). xa keeps x A^T for the backward.
+// One projection y = x W^T (+ b) (+ LoRA on dropout(x)). xa keeps dropout(x) A^T for the backward;
+// the dropped input itself is recomputed from the mask key when needed.
 template <typename T>
 struct Projection {
   const Tensor& W;
   const Tensor& b;
   const LoraPair* lora;  // null when no adapter on this module
   T scale;
+  double drop_p;         // LoRA dropout probability (0: none)
+  uint64_t drop_key;     // cpu::dropout_key of this (step, micro-batch, layer, slot)
   int64_t in() const { return W.dim(1); }
   int64_t out() const { return W.dim(0); }
 
+  // x itself, or dropout(x) written to buf.
+  const T* lora_input(std::vector<T>& buf, const T* x, int64_t N) const {
+    if (drop_p <= 0) return x;
+    buf.resize(static_cast<size_t>(N * in()));
+    cpu::dropout_apply<T>(buf.data(), x, N, in(), drop_p, drop_key, nullptr);
+    return buf.data();
+  }
   void forward(T* y, std::vector<T>& xa, const T* x, int64_t N) const {
     cpu::linear_forward(y, x, W.data<T>(), ptr<T>(b), N, in(), out());
     if (lora) {
       int64_t r = lora->A.dim(0);
       xa.resize(static_cast<size_t>(N * r));
-      cpu::lora_forward(y, xa.data(), x, lora->A.data<T>(), lora->B.data<T>(), scale, N, in(), out(), r);
+      std::vector<T> xd;
+      cpu::lora_forward(y, xa.data(), lora_input(xd, x, N), lora->A.data<T>(), lora->B.data<T>(), scale, N, in(),
+                        out(), r);
     }
   }
-  // dx += dy W (+ LoRA path); dlora gets dA, dB.
+  // dx += dy W (+ LoRA path, through the dropout mask); dlora gets dA, dB.
   void backward(T* dx, LoraPair* dlora, const T* dy, const T* x, const std::vector<T>& xa, int64_t N) const {
     cpu::linear_backward(dx, (T*)nullptr, (T*)nullptr, dy, x, W.data<T>(), N, in(), out());
-    if (lora) {
-      int64_t r = lora->A.dim(0);
-      cpu::lora_backward(dx, dlora->A.data<T>(), dlora->B.data<T>(), dy, x, xa.data(), lora->A.data<T>(),
-                         lora->B.data<T>(), scale, N, in(), out(), r);
+    if (!lora) return;
+    const int64_t r = lora->A.dim(0);
+    std::vector<T> xd, dxd(drop_p > 0 ? static_cast<size_t>(N * in()) : 0, T(0));
+    cpu::lora_backward(drop_p > 0 ? dxd.data() : dx, dlora->A.data<T>(), dlora->B.data<T>(), dy,
+                       lora_input(xd, x, N), xa.data(), lora->A.data<T>(), lora->B.data<T>(), scale, N, in(), out(),
+                       r);
+    if (drop_p > 0) {
+      cpu::dropout_apply<T>(dxd.data(), dxd.data(), N, in(), drop_p, drop_key, nullptr);  // d dropout(x) / dx
+      cpu::add_inplace(dx, dxd.data(), N * in());
     }
   }
 };
@@ -93,7 +110,7 @@ QwenDecoder<T>::QwenDecoder(const ModelWeights& weights, const LoraAdapter* lora
 
 template <typename T>
 StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* grads, bool keep_logits,
-                                            double grad_scale) {
+                                            double grad_scale, const LoraDropout& dropout) {
   const ModelConfig& c = w_.cfg;
   batch.validate(c.vocab_size);
   const int64_t B = batch.B, S = batch.S, N = B * S, H = c.hidden_size, V = c.vocab_size;
@@ -114,6 +131,16 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
     const LoraPair& p = lora_->layers[l].slot[s];
     return p.present() ? &p : nullptr;
   };
+  const double drop_p = lora_ && dropout.active() ? dropout.p : 0.0;
+  auto drop_key = [&](int64_t l, LoraSlot s) {
+    return cpu::dropout_key(dropout.seed, dropout.step, dropout.micro_batch, l, s);
+  };
+  auto proj = [&](int64_t l, const Tensor& W, const Tensor& b, LoraSlot s) {
+    return Projection<T>{W, b, lora_of(l, s), scale, drop_p, drop_key(l, s)};
+  };
+  auto expert_dropout = [&](int64_t l) {
+    return ExpertDropout{drop_p, {drop_key(l, kLoraGate), drop_key(l, kLoraUp), drop_key(l, kLoraDown)}};
+  };
 
   std::vector<T> x(static_cast<size_t>(N * H));
   cpu::embedding_forward(x.data(), batch.input_ids.data(), w_.embed.data<T>(), N, H);
@@ -132,9 +159,9 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
     cc.a.resize(static_cast<size_t>(N * H));
     cc.rstd1.resize(static_cast<size_t>(N));
     cpu::rmsnorm_forward(cc.a.data(), cc.rstd1.data(), x.data(), lw.input_norm.data<T>(), N, H, c.rms_norm_eps);
-    Projection<T> pq{lw.attn.q_w, lw.attn.q_b, lora_of(l, kLoraQ), scale};
-    Projection<T> pk{lw.attn.k_w, lw.attn.k_b, lora_of(l, kLoraK), scale};
-    Projection<T> pv{lw.attn.v_w, lw.attn.v_b, lora_of(l, kLoraV), scale};
+    const Projection<T> pq = proj(l, lw.attn.q_w, lw.attn.q_b, kLoraQ);
+    const Projection<T> pk = proj(l, lw.attn.k_w, lw.attn.k_b, kLoraK);
+    const Projection<T> pv = proj(l, lw.attn.v_w, lw.attn.v_b, kLoraV);
     cc.q.resize(static_cast<size_t>(N * qd));
     cc.k.resize(static_cast<size_t>(N * kvd));
     cc.v.resize(static_cast<size_t>(N * kvd));
@@ -157,7 +184,7 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
     cc.lse.resize(static_cast<size_t>(B * nh * S));
     cpu::attention_forward(cc.attn.data(), cc.lse.data(), cc.q.data(), cc.k.data(), cc.v.data(), seg, B, S, nh, nkv,
                            hd);
-    Projection<T> po{lw.attn.o_w, kNoBias, lora_of(l, kLoraO), scale};
+    const Projection<T> po = proj(l, lw.attn.o_w, kNoBias, kLoraO);
     std::vector<T> o(static_cast<size_t>(N * H));
     po.forward(o.data(), cc.xa[kLoraO], cc.attn.data(), N);
     cpu::add_inplace(x.data(), o.data(), N * H);
@@ -175,12 +202,12 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
         mc = moe[l].get();
       }
       moe_mlp_forward<T>(y.data(), *mc, cc.m.data(), N, lw.mlp, lora_ ? lora_->layers[l] : kNoLora, scale,
-                         c.num_experts_per_tok, c.norm_topk_prob);
+                         c.num_experts_per_tok, c.norm_topk_prob, expert_dropout(l));
     } else {
       const int64_t I = lw.mlp.gate.dim(0);
-      Projection<T> pg{lw.mlp.gate, kNoBias, lora_of(l, kLoraGate), scale};
-      Projection<T> pu{lw.mlp.up, kNoBias, lora_of(l, kLoraUp), scale};
-      Projection<T> pd{lw.mlp.down, kNoBias, lora_of(l, kLoraDown), scale};
+      const Projection<T> pg = proj(l, lw.mlp.gate, kNoBias, kLoraGate);
+      const Projection<T> pu = proj(l, lw.mlp.up, kNoBias, kLoraUp);
+      const Projection<T> pd = proj(l, lw.mlp.down, kNoBias, kLoraDown);
       cc.g.resize(static_cast<size_t>(N * I));
       cc.u.resize(static_cast<size_t>(N * I));
       cc.act.resize(static_cast<size_t>(N * I));
@@ -248,9 +275,9 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
       moe[l].reset();
     } else {
       const int64_t I = lw.mlp.gate.dim(0);
-      Projection<T> pg{lw.mlp.gate, kNoBias, lora_of(l, kLoraGate), scale};
-      Projection<T> pu{lw.mlp.up, kNoBias, lora_of(l, kLoraUp), scale};
-      Projection<T> pd{lw.mlp.down, kNoBias, lora_of(l, kLoraDown), scale};
+      const Projection<T> pg = proj(l, lw.mlp.gate, kNoBias, kLoraGate);
+      const Projection<T> pu = proj(l, lw.mlp.up, kNoBias, kLoraUp);
+      const Projection<T> pd = proj(l, lw.mlp.down, kNoBias, kLoraDown);
       std::vector<T> dact(static_cast<size_t>(N * I), T(0)), dg(static_cast<size_t>(N * I), T(0)), du(static_cast<size_t>(N * I), T(0));
       pd.backward(dact.data(), dlora_of(l, kLoraDown), dx.data(), cc.act.data(), cc.xa[kLoraDown], N);
       cpu::swiglu_backward(dg.data(), du.data(), dact.data(), cc.g.data(), cc.u.data(), N * I);
@@ -260,7 +287,7 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
     // dx accumulates the norm's gradient: dh = dx + RMSNorm^T(dm)
     cpu::rmsnorm_backward(dx.data(), (T*)nullptr, dm.data(), cc.h.data(), lw.post_norm.data<T>(), cc.rstd2.data(), N, H);
     // Attention block: dx is now d(h) = d(layer input) through the residual + attention path.
-    Projection<T> po{lw.attn.o_w, kNoBias, lora_of(l, kLoraO), scale};
+    const Projection<T> po = proj(l, lw.attn.o_w, kNoBias, kLoraO);
     std::vector<T> dattn(static_cast<size_t>(N * qd), T(0));
     po.backward(dattn.data(), dlora_of(l, kLoraO), dx.data(), cc.attn.data(), cc.xa[kLoraO], N);
     std::vector<T> dq(static_cast<size_t>(N * qd), T(0)), dk(static_cast<size_t>(N * kvd), T(0)), dv(static_cast<size_t>(N * kvd), T(0));
@@ -277,9 +304,9 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
       dq.swap(dq_raw);
       dk.swap(dk_raw);
     }
-    Projection<T> pq{lw.attn.q_w, lw.attn.q_b, lora_of(l, kLoraQ), scale};
-    Projection<T> pk{lw.attn.k_w, lw.attn.k_b, lora_of(l, kLoraK), scale};
-    Projection<T> pv{lw.attn.v_w, lw.attn.v_b, lora_of(l, kLoraV), scale};
+    const Projection<T> pq = proj(l, lw.attn.q_w, lw.attn.q_b, kLoraQ);
+    const Projection<T> pk = proj(l, lw.attn.k_w, lw.attn.k_b, kLoraK);
+    const Projection<T> pv = proj(l, lw.attn.v_w, lw.attn.v_b, kLoraV);
     std::vector<T> da(static_cast<size_t>(N * H), T(0));
     pq.backward(da.data(), dlora_of(l, kLoraQ), dq.data(), cc.a.data(), cc.xa[kLoraQ], N);
     pk.backward(da.data(), dlora_of(l, kLoraK), dk.data(), cc.a.data(), cc.xa[kLoraK], N);

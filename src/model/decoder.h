@@ -49,7 +49,9 @@ class QwenDecoder {
   // grad_scale * loss_sum into *grads (same structure as the adapter). grad_scale <= 0 means
   // 1/count, the gradient of the mean loss. The router aux loss, when on, is weighted as
   // grad_scale * count * coef * aux (its HF weight relative to the mean).
-  StepResult forward_backward(const Batch& batch, LoraAdapter* grads, bool keep_logits, double grad_scale = 0);
+  // `dropout`: the LoRA dropout of a training step (see LoraDropout); the default is none (eval).
+  StepResult forward_backward(const Batch& batch, LoraAdapter* grads, bool keep_logits, double grad_scale = 0,
+                              const LoraDropout& dropout = {});
 
  private:
   const ModelWeights& w_;

@@ -55,6 +55,18 @@ struct LoraAdapter {
   LoraAdapter zeros_like() const;
 };
 
+// The LoRA dropout of one training forward pass. PEFT puts one nn.Dropout(p) in front of lora_A of
+// every adapted module (q, k and v each drop their shared input independently), active in training
+// only: y = x W^T + scale * B A dropout(x), dropout(x) = x * mask / (1 - p). The mask of (layer,
+// slot, row, feature) is cpu::dropout_key(seed, step, micro_batch, layer, slot) hashed with the row
+// and feature (ops/cpu/ops.h), so it needs no saved state. p = 0: no dropout.
+struct LoraDropout {
+  double p = 0;
+  uint64_t seed = 0;
+  int64_t step = 0, micro_batch = 0;
+  bool active() const { return p > 0; }
+};
+
 // Fresh adapter as PEFT initialises it: A kaiming-uniform(a=sqrt(5)) i.e. U(-1/sqrt(in), 1/sqrt(in)),
 // B zeros; deterministic for a seed.
 LoraAdapter init_lora(const ModelConfig& mcfg, const LoraConfig& lcfg, DType dtype, uint64_t seed);

@@ -63,33 +63,59 @@ int64_t check_lora(const LoraPair& lp, LoraSlot s, const MoeDims& d, DType dtype
   return r;
 }
 
-// y (n,out) = x W_e^T (+ LoRA into y, saving xa (n,r)) for expert e of a fused (E,out,in) weight.
+// The LoRA dropout of one expert projection over rows `rows` (assignment ids) of its input.
+struct RowDropout {
+  double p;
+  uint64_t key;
+  const int32_t* rows;
+  // x itself, or dropout(x) (n,in) written to buf.
+  template <typename T>
+  const T* apply(std::vector<T>& buf, const T* x, int64_t n, int64_t in) const {
+    if (p <= 0) return x;
+    buf.resize(size_t(n * in));
+    cpu::dropout_apply<T>(buf.data(), x, n, in, p, key, rows);
+    return buf.data();
+  }
+};
+
+// y (n,out) = x W_e^T (+ LoRA of dropout(x) into y, saving xa (n,r)) for expert e of a fused
+// (E,out,in) weight.
 template <typename T>
 void expert_proj_forward(T* y, T* xa, const T* x, const Tensor& W, const LoraPair& lp, int64_t e, int64_t n,
-                         int64_t in, int64_t out, int64_t r, T scale) {
+                         int64_t in, int64_t out, int64_t r, T scale, const RowDropout& drop) {
   cpu::linear_forward<T>(y, x, W.data<T>() + e * out * in, nullptr, n, in, out);
-  if (r > 0)
-    cpu::lora_forward<T>(y, xa, x, lp.A.data<T>() + e * r * in, lp.B.data<T>() + e * out * r, scale, n, in, out, r);
+  if (r == 0) return;
+  std::vector<T> xd;
+  cpu::lora_forward<T>(y, xa, drop.apply(xd, x, n, in), lp.A.data<T>() + e * r * in, lp.B.data<T>() + e * out * r,
+                       scale, n, in, out, r);
 }
 
-// dx (n,in) += dy W_e (+ LoRA), dA_e / dB_e += LoRA gradients; null outputs skipped.
+// dx (n,in) += dy W_e (+ LoRA through the dropout mask), dA_e / dB_e += LoRA gradients; null
+// outputs skipped.
 template <typename T>
 void expert_proj_backward(T* dx, LoraPair* dlp, const T* dy, const T* x, const T* xa, const Tensor& W,
-                          const LoraPair& lp, int64_t e, int64_t n, int64_t in, int64_t out, int64_t r, T scale) {
+                          const LoraPair& lp, int64_t e, int64_t n, int64_t in, int64_t out, int64_t r, T scale,
+                          const RowDropout& drop) {
   if (dx) cpu::linear_backward<T>(dx, nullptr, nullptr, dy, x, W.data<T>() + e * out * in, n, in, out);
   if (r == 0) return;
   T* dA = dlp ? dlp->A.data<T>() + e * r * in : nullptr;
   T* dB = dlp ? dlp->B.data<T>() + e * out * r : nullptr;
-  if (dx || dA || dB)
-    cpu::lora_backward<T>(dx, dA, dB, dy, x, xa, lp.A.data<T>() + e * r * in, lp.B.data<T>() + e * out * r, scale,
-                          n, in, out, r);
+  if (!(dx || dA || dB)) return;
+  const bool dropped = drop.p > 0;
+  std::vector<T> xd, dxd(dropped && dx ? size_t(n * in) : 0, T(0));
+  cpu::lora_backward<T>(dropped && dx ? dxd.data() : dx, dA, dB, dy, drop.apply(xd, x, n, in), xa,
+                        lp.A.data<T>() + e * r * in, lp.B.data<T>() + e * out * r, scale, n, in, out, r);
+  if (dropped && dx) {
+    cpu::dropout_apply<T>(dxd.data(), dxd.data(), n, in, drop.p, drop.key, drop.rows);  // d dropout(x) / dx
+    cpu::add_inplace<T>(dx, dxd.data(), n * in);
+  }
 }
 
 }  // namespace
 
 template <typename T>
 void moe_mlp_forward(T* y, MoeMlpCache<T>& c, const T* x, int64_t N, const MlpWeights& w, const LayerLora& lora,
-                     T lora_scale, int64_t top_k, bool norm_topk_prob) {
+                     T lora_scale, int64_t top_k, bool norm_topk_prob, const ExpertDropout& dropout) {
   constexpr DType dt = dtype_of<T>();
   const MoeDims d = check_weights(w, dt);
   if (N < 0) fail(kCtx, "negative token count {}", N);
@@ -100,6 +126,8 @@ void moe_mlp_forward(T* y, MoeMlpCache<T>& c, const T* x, int64_t N, const MlpWe
   const int64_t E = d.E, H = d.H, I = d.I, k = top_k, Nk = N * k;
   c.N = N, c.E = E, c.H = H, c.I = I, c.k = k;
   c.norm_topk_prob = norm_topk_prob;
+  if (!(dropout.p >= 0 && dropout.p < 1)) fail(kCtx, "LoRA dropout {} outside [0, 1)", dropout.p);
+  c.dropout = dropout;
   c.router_logits.resize(size_t(N * E));
   c.probs.resize(size_t(N * E));
   c.topk_idx.resize(size_t(Nk));
@@ -127,11 +155,14 @@ void moe_mlp_forward(T* y, MoeMlpCache<T>& c, const T* x, int64_t N, const MlpWe
     if (n == 0) continue;
     const T* xs = c.xs.data() + p0 * H;
     T *g = c.g.data() + p0 * I, *u = c.u.data() + p0 * I, *h = c.h.data() + p0 * I;
-    expert_proj_forward<T>(g, c.xa[0].data() + p0 * rank[0], xs, w.gate, lg, e, n, H, I, rank[0], lora_scale);
-    expert_proj_forward<T>(u, c.xa[1].data() + p0 * rank[1], xs, w.up, lu, e, n, H, I, rank[1], lora_scale);
+    const int32_t* rows = c.perm.data() + p0;
+    expert_proj_forward<T>(g, c.xa[0].data() + p0 * rank[0], xs, w.gate, lg, e, n, H, I, rank[0], lora_scale,
+                           {dropout.p, dropout.key[0], rows});
+    expert_proj_forward<T>(u, c.xa[1].data() + p0 * rank[1], xs, w.up, lu, e, n, H, I, rank[1], lora_scale,
+                           {dropout.p, dropout.key[1], rows});
     cpu::swiglu_forward<T>(h, g, u, n * I);
     expert_proj_forward<T>(c.ys.data() + p0 * H, c.xa[2].data() + p0 * rank[2], h, w.down, ld, e, n, I, H, rank[2],
-                           lora_scale);
+                           lora_scale, {dropout.p, dropout.key[2], rows});
   }
 
   std::fill(y, y + N * H, T(0));
@@ -180,14 +211,16 @@ void moe_mlp_backward(T* dx, LayerLora* dlora, const T* dy, const MoeMlpCache<T>
     T* dxs_e = dx ? dxs.data() + p0 * H : nullptr;
     // down: dh is needed whenever anything upstream of it wants a gradient
     const bool need_dh = dx || dslot[0] || dslot[1];
+    const int32_t* rows = c.perm.data() + p0;
+    const ExpertDropout& dr = c.dropout;
     expert_proj_backward<T>(need_dh ? dh_e : nullptr, dslot[2], dys.data() + p0 * H, h, c.xa[2].data() + p0 * rank[2],
-                            w.down, ld, e, n, I, H, rank[2], lora_scale);
+                            w.down, ld, e, n, I, H, rank[2], lora_scale, {dr.p, dr.key[2], rows});
     if (!need_dh) continue;
     cpu::swiglu_backward<T>(dg_e, du_e, dh_e, g, u, n * I);
     expert_proj_backward<T>(dxs_e, dslot[0], dg_e, xs, c.xa[0].data() + p0 * rank[0], w.gate, lg, e, n, H, I,
-                            rank[0], lora_scale);
+                            rank[0], lora_scale, {dr.p, dr.key[0], rows});
     expert_proj_backward<T>(dxs_e, dslot[1], du_e, xs, c.xa[1].data() + p0 * rank[1], w.up, lu, e, n, H, I, rank[1],
-                            lora_scale);
+                            lora_scale, {dr.p, dr.key[1], rows});
   }
   if (dx == nullptr) return;
 
@@ -203,7 +236,7 @@ void moe_mlp_backward(T* dx, LayerLora* dlora, const T* dy, const MoeMlpCache<T>
 #define QT_INSTANTIATE(T)                                                                                     \
   template struct MoeMlpCache<T>;                                                                             \
   template void moe_mlp_forward<T>(T*, MoeMlpCache<T>&, const T*, int64_t, const MlpWeights&, const LayerLora&, \
-                                   T, int64_t, bool);                                                         \
+                                   T, int64_t, bool, const ExpertDropout&);                                   \
   template void moe_mlp_backward<T>(T*, LayerLora*, const T*, const MoeMlpCache<T>&, const MlpWeights&,        \
                                     const LayerLora&, T, const T*);
 QT_INSTANTIATE(float)

@@ -15,7 +15,9 @@
 //
 // Backward: base weights (router included) are frozen; the gradient reaches x through the experts
 // AND through the routing weights (router -> softmax -> top-k values -> renorm), and reaches every
-// present expert LoRA A and B. LoRA dropout is not applied inside this block.
+// present expert LoRA A and B.
+// LoRA dropout (training): each expert projection's LoRA reads dropout(its input) (PEFT's per-expert
+// modules each own an nn.Dropout), the mask of row = assignment id n*k+j from ExpertDropout's key.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -26,11 +28,20 @@
 
 namespace qt {
 
+// LoRA dropout of the expert projections: probability p (0: none) and the mask keys of the gate,
+// up and down adapters (cpu::dropout_key). Rows are assignment ids, so the mask does not depend on
+// the expert sort order.
+struct ExpertDropout {
+  double p = 0;
+  std::array<uint64_t, 3> key{};
+};
+
 // Everything the backward pass needs, filled by moe_mlp_forward. Buffers are reused across calls.
 template <typename T>
 struct MoeMlpCache {
   int64_t N = 0, E = 0, H = 0, I = 0, k = 0;
   bool norm_topk_prob = false;
+  ExpertDropout dropout;          // as given to the forward
   std::vector<T> router_logits;   // (N,E) x W_r^T, for users (aux loss, routing analysis)
   std::vector<T> probs;           // (N,E) softmax of the logits
   std::vector<int32_t> topk_idx;  // (N,k) chosen experts, descending prob
@@ -41,7 +52,7 @@ struct MoeMlpCache {
   std::vector<T> g, u;            // (N*k,I) gate and up projections (LoRA included)
   std::vector<T> h;               // (N*k,I) silu(g) * u
   std::vector<T> ys;              // (N*k,H) expert outputs before the routing weight
-  // LoRA x A^T of the gate, up and down projections (index = slot - kLoraGate): (N*k, r), empty when
+  // LoRA dropout(x) A^T of the gate, up and down projections (index = slot - kLoraGate): (N*k, r), empty when
   // the slot has no adapter.
   std::array<std::vector<T>, 3> xa;
 
@@ -53,7 +64,8 @@ struct MoeMlpCache {
 // Throws "[moe_mlp] ..." on mis-shaped weights or adapters, or top_k outside [1, E].
 template <typename T>
 void moe_mlp_forward(T* y, MoeMlpCache<T>& cache, const T* x, int64_t N, const MlpWeights& w,
-                     const LayerLora& lora, T lora_scale, int64_t top_k, bool norm_topk_prob);
+                     const LayerLora& lora, T lora_scale, int64_t top_k, bool norm_topk_prob,
+                     const ExpertDropout& dropout = {});
 
 // Backward of the block for dy (N,H). ACCUMULATES (+=): dx (N,H) and, when dlora is non-null, the
 // gradients of every present expert adapter into dlora->slot[s].A / .B (same shapes as lora's).

@@ -106,7 +106,7 @@ void prune_checkpoints(const fs::path& out_dir, int64_t limit, const std::string
 
 json loss_points_json(const std::vector<LossPoint>& v) {
   json a = json::array();
-  for (const LossPoint& p : v) a.push_back({p.step, p.value});
+  for (const LossPoint& p : v) a.push_back({p.step, p.loss});
   return a;
 }
 

@@ -39,16 +39,11 @@
 #include "data/tokenized_dataset.h"
 #include "io/hf_config.h"
 #include "model/lora.h"
+#include "train/loss_plot.h"
 #include "train/optimizer.h"
 #include "train/train_config.h"
 
 namespace qt {
-
-struct LossPoint {
-  int64_t step = 0;  // the optimizer step (1-based) the value belongs to
-  double value = 0;
-  bool operator==(const LossPoint&) const = default;
-};
 
 // Everything the training loop carries between optimizer steps besides the adapter and AdamW.
 struct TrainerState {

@@ -19,6 +19,8 @@
 #include "tokenizer/tokenizer.h"
 #include "train/checkpoint.h"
 #include "train/interrupt.h"
+#include "train/loss_plot.h"
+#include "train/progress.h"
 
 namespace qt {
 
@@ -59,10 +61,10 @@ ResolvedModel resolve_model(const TrainConfig& tc) {
     m.description = fmt::format("{} (weights from the folder)", tc.base_model);
   } else if (fs::is_regular_file(p, ec)) {
     m.cfg = load_hf_config(p.string());
-    m.weights = random_model_weights(m.cfg, DType::F32, uint64_t(tc.seed));
+    m.weights = random_model_weights(m.cfg, DType::F32, uint64_t(tc.seed), m.cfg.initializer_range);
     const fs::path sibling = p.parent_path() / "tokenizer.json";
     m.tokenizer_path = fs::exists(sibling) ? p.parent_path().string() : bundled_tokenizer();
-    m.description = fmt::format("{} (random weights, seed {})", tc.base_model, tc.seed);
+    m.description = fmt::format("{} (random weights, seed {}, std {})", tc.base_model, tc.seed, m.cfg.initializer_range);
   } else {
     fail("train", "base_model {}: no such folder or config file", tc.base_model);
   }
@@ -129,12 +131,6 @@ double evaluate(QwenDecoder<float>& dec, const data::TokenizedDataset& val, cons
   return count ? sum / double(count) : 0.0;
 }
 
-std::string format_duration(double s) {
-  const int64_t t = int64_t(std::llround(std::max(0.0, s)));
-  return t >= 3600 ? fmt::format("{}h{:02}m{:02}s", t / 3600, (t / 60) % 60, t % 60)
-                   : fmt::format("{}m{:02}s", t / 60, t % 60);
-}
-
 }  // namespace
 
 int64_t steps_per_epoch(int64_t batches_per_epoch, int64_t grad_accum) {
@@ -154,7 +150,6 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   if (tc.device == "cuda") fail("train", "device cuda: the CUDA backend is not built yet; use --device cpu");
   if (tc.device != "cpu") fail("train", "device {}: use cpu", tc.device);
   if (tc.quantize_base()) fail("train", "adapter qlora (4-bit base weights) is not supported yet on the CPU; use adapter: lora");
-  if (tc.lora_dropout > 0) fail("train", "lora_dropout {} is not supported yet; set lora_dropout: 0", tc.lora_dropout);
   if (run.stop_after_steps < 0) fail("train", "--stop-after-steps {}: must be >= 1", run.stop_after_steps);
   // The checkpoint to resume from, validated before anything is loaded or written.
   ResumePoint resume;
@@ -270,7 +265,8 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   TrainResult res;
   res.total_steps = total;
   const auto t_start = Clock::now();
-  auto t_log = t_start;
+  auto t_log = t_start, t_step = t_start;
+  ProgressReporter progress(total, {});
   int64_t tokens_since_log = 0, consecutive_bad = 0, epoch_batches_used = 0;
   double loss_since_log = 0;
   int64_t steps_since_log = 0;
@@ -310,6 +306,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     ckpt.elapsed_s = elapsed_before + seconds_since(t_start);
     ckpt.fingerprint = fingerprint;
     res.last_checkpoint = save_checkpoint(tc.output_dir, lora, model.cfg, opt, ckpt, tc.save_total_limit);
+    write_loss_plot((out_dir / "loss.svg").string(), ckpt.train_loss, ckpt.eval_loss, "qwentune: " + tc.output_dir);
   };
   const StopSignalGuard stop_guard;
   std::vector<Batch> micro;
@@ -327,9 +324,10 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     }
     zero_grads(grads);
     double loss_sum = 0;
-    for (const auto& b : micro) {
-      if (n_pred == 0) break;
-      const StepResult r = dec.forward_backward(b, &grads, false, 1.0 / double(n_pred));
+    for (size_t i = 0; i < micro.size() && n_pred > 0; ++i) {
+      const Batch& b = micro[i];
+      const LoraDropout drop{tc.lora_dropout, uint64_t(tc.seed), step, int64_t(i)};
+      const StepResult r = dec.forward_backward(b, &grads, false, 1.0 / double(n_pred), drop);
       QT_ASSERT(r.count == predicted_tokens(b), "decoder counted {} predicted tokens, trainer {}", r.count,
                 predicted_tokens(b));
       loss_sum += r.loss_sum + double(r.count) * r.aux_coef * r.aux_loss;
@@ -350,9 +348,9 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     } else {
       ++res.steps_skipped;
       ++consecutive_bad;
-      std::fprintf(stderr, "qwentune: warning: step %lld skipped: %s (loss %g, grad norm %g)\n",
-                   (long long)(step + 1), n_pred == 0 ? "no predicted tokens" : "non-finite loss or gradients", loss,
-                   gnorm);
+      progress.print_error(fmt::format("qwentune: warning: step {} skipped: {} (loss {}, grad norm {})", step + 1,
+                                       n_pred == 0 ? "no predicted tokens" : "non-finite loss or gradients", loss,
+                                       gnorm));
       if (consecutive_bad >= 5)
         fail("train", "{} steps in a row had non-finite loss or gradients (last at step {}); stopping",
              consecutive_bad, step + 1);
@@ -360,14 +358,14 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     tokens_since_log += n_tokens;
 
     const int64_t done = step + 1;
+    progress.on_step(done, ok ? loss : std::nan(""), lr, gnorm, n_tokens, seconds_since(t_step));
+    t_step = Clock::now();
     if (done % log_every == 0 || done == total) {
       const double dt = seconds_since(t_log), elapsed = elapsed_before + seconds_since(t_start);
       const double tps = dt > 0 ? double(tokens_since_log) / dt : 0.0;
       const double eta = elapsed / double(done) * double(total - done);
       const double mean_loss = steps_since_log ? loss_since_log / double(steps_since_log) : std::nan("");
-      fmt::print("step {}/{}  loss {:.4f}  lr {:.3e}  grad_norm {:.4f}  tok/s {:.0f}  elapsed {}  eta {}\n", done,
-                 total, mean_loss, lr, gnorm, tps, format_duration(elapsed), format_duration(eta));
-      std::fflush(stdout);
+      progress.print_line(render_log_line({done, total, mean_loss, lr, gnorm, tps, elapsed, eta}));
       nlohmann::json j = {{"type", "train"}, {"step", done},       {"total_steps", total},
                           {"epoch", double(done) / double(per_epoch)}, {"lr", lr},          {"grad_norm", gnorm},
                           {"tokens_per_s", tps}, {"elapsed_s", elapsed}, {"skipped_steps", res.steps_skipped}};
@@ -381,8 +379,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     const bool eval_now = val_ds.size() > 0 && ((tc.eval_steps > 0 && done % tc.eval_steps == 0) || done == total);
     if (eval_now) {
       const double vl = evaluate(dec, val_ds, tc, pad_id);
-      fmt::print("eval  step {}/{}  eval_loss {:.4f}\n", done, total, vl);
-      std::fflush(stdout);
+      progress.print_line(fmt::format("eval  step {}/{}  eval_loss {:.4f}", done, total, vl));
       write_metrics({{"type", "eval"}, {"step", done}, {"eval_loss", vl}});
       ckpt.eval_loss.push_back({done, vl});
     }
@@ -400,7 +397,9 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     }
   }
 
+  progress.finish();
   save_peft_adapter(out_dir.string(), lora, model.cfg);
+  write_loss_plot((out_dir / "loss.svg").string(), ckpt.train_loss, ckpt.eval_loss, "qwentune: " + tc.output_dir);
   fmt::print("saved the adapter to {} ({} steps, {} skipped, loss {:.4f} -> {:.4f}, {})\n", tc.output_dir,
              res.steps_done, res.steps_skipped, res.first_loss, res.last_loss,
              format_duration(elapsed_before + seconds_since(t_start)));

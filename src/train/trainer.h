@@ -9,13 +9,15 @@
 // Steps: per epoch ceil(batches / gradient_accumulation_steps) optimizer steps (the last one of an
 // epoch takes the left-over micro-batches); total = max_steps, else ceil(num_epochs * per_epoch).
 // One optimizer step over micro-batches b_1..b_k with N = sum of their predicted tokens:
-//   grads = sum_i d(loss_sum_i / N)    (forward_backward with grad_scale = 1/N)
+//   grads = sum_i d(loss_sum_i / N)    (forward_backward with grad_scale = 1/N; with lora_dropout the
+//           masks of micro-batch i come from (seed, step, i), see LoraDropout; evaluation has none)
 //   loss  = sum_i loss_sum_i / N       (the token mean over the whole step; + weighted MoE aux)
 //   clip to max_grad_norm; non-finite loss or grads -> step skipped with a warning (5 in a row: error)
 //   AdamW with lr = schedule(step) (HF: the lambda at the number of steps already taken).
 // Output in output_dir: qwentune_config.yaml (resolved config, written first), metrics.jsonl (one
 // JSON line per logged step {"type":"train",...} and per evaluation {"type":"eval",...}),
-// adapter_config.json + adapter_model.safetensors (the final adapter), and checkpoint-STEP/ folders
+// adapter_config.json + adapter_model.safetensors (the final adapter), loss.svg (the loss curve, at
+// each checkpoint and at the end), and checkpoint-STEP/ folders
 // (train/checkpoint.h) every save_steps steps and at the end (when save_steps > 0), on Ctrl-C or
 // SIGTERM, and at --stop-after-steps.
 // Resume (RunOptions::resume): the newest valid checkpoint (or the one named) must have the same
@@ -26,6 +28,7 @@
 // Stops: after each optimizer step the loop checks the stop flag (train/interrupt.h); on a signal
 // it saves a checkpoint, prints "interrupted at step N: saved DIR; continue with --resume" and
 // returns with TrainResult::stop_signal set (the CLI exits with 128 + signal, 130 for Ctrl-C).
+// Progress: a live bar on a terminal, plain log lines otherwise (train/progress.h).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -79,6 +79,17 @@ template <typename T>
 void lora_backward(T* dx, T* dA, T* dB, const T* dy, const T* x, const T* xa, const T* A, const T* B, T scale,
                    int64_t N, int64_t in, int64_t out, int64_t r);
 
+// ---- LoRA dropout (inverted dropout with a counter-based mask) ----------------------------
+// keep(key, row, f) = u(key, row, f) >= p, u a uniform [0,1) double from a 64-bit hash of the three
+// counters; y (N,D) = x * keep(key, row_n, f) / (1 - p) with row_n = rows[n], or n when rows is
+// null. y may alias x. The same (key, row, f) always gives the same mask (no stored state).
+// dropout_key mixes (seed, optimizer step, micro-batch, layer, slot) into one key; the slot names
+// the adapted module (and for expert modules the row is the (token, top-k slot) assignment n*k+j).
+uint64_t dropout_key(uint64_t seed, int64_t step, int64_t micro_batch, int64_t layer, int64_t slot);
+double dropout_uniform(uint64_t key, uint64_t row, uint64_t feature);
+template <typename T>
+void dropout_apply(T* y, const T* x, int64_t N, int64_t D, double p, uint64_t key, const int32_t* rows);
+
 // ---- SwiGLU -----------------------------------------------------------------------------
 // h (n) = silu(g) * u, silu(g) = g / (1 + exp(-g))
 template <typename T>
