@@ -41,7 +41,7 @@ double median_ms(Context& ctx, const std::function<void()>& fn) {
 }
 
 void report(const char* what, double ms, double flops) {
-  std::printf("%-58s %9.3f ms %8.1f TFLOP/s\n", what, ms, flops / (ms * 1e-3) / 1e12);
+  std::printf("%-72s %9.3f ms %8.1f TFLOP/s\n", what, ms, flops / (ms * 1e-3) / 1e12);
 }
 
 }  // namespace
@@ -62,31 +62,41 @@ int main() {
            median_ms(ctx, [&] { gemm(ctx, false, false, M, N, K, 1.0f, A.get(), B.get(), 1.0f, C.get()); }),
            2.0 * M * N * K);
   }
-  for (int64_t S : {2048, 4096, -4096}) {  // -4096: 4096 tokens packed as 8 documents of 512
-    const bool packed = S < 0;
-    S = packed ? -S : S;
-    const int64_t Bt = 1, nh = 32, nkv = 8, hd = 128;
-    const size_t nq = size_t(Bt * S * nh * hd), nk = size_t(Bt * S * nkv * hd);
+  struct AttnCase { int64_t B, S, nh, nkv, hd, doc; const char* model; };  // doc: packed document length (0: one)
+  for (const AttnCase& c : {AttnCase{8, 2048, 14, 2, 64, 0, "Qwen2.5-0.5B"},
+                            AttnCase{1, 2048, 28, 4, 128, 0, "Qwen2.5-7B"}, AttnCase{1, 2048, 32, 8, 128, 0, ""}, AttnCase{1, 4096, 32, 8, 128, 0, ""},
+                            AttnCase{1, 4096, 32, 8, 128, 512, ""}}) {
+    const int64_t B = c.B, S = c.S, nh = c.nh, nkv = c.nkv, hd = c.hd;
+    const size_t nq = size_t(B * S * nh * hd), nk = size_t(B * S * nkv * hd);
     auto q = random_bf16(nq, rng, 1), k = random_bf16(nk, rng, 1), v = random_bf16(nk, rng, 1), dO = random_bf16(nq, rng, 1);
     auto out = random_bf16(nq, rng, 1), dq = random_bf16(nq, rng, 0), dk = random_bf16(nk, rng, 0), dv = random_bf16(nk, rng, 0);
-    Buffer<float> lse(size_t(Bt * nh * S));
-    std::vector<int32_t> seg(static_cast<size_t>(S));
-    for (int64_t i = 0; i < S; ++i) seg[size_t(i)] = int32_t(i / 512);
+    Buffer<float> lse(size_t(B * nh * S));
+    std::vector<int32_t> seg(static_cast<size_t>(B * S));
+    for (int64_t i = 0; i < B * S; ++i) seg[size_t(i)] = c.doc ? int32_t((i % S) / c.doc) : 0;
     auto seg_d = to_device(seg);
-    const int32_t* segp = packed ? seg_d.get() : nullptr;
+    const int32_t* segp = c.doc ? seg_d.get() : nullptr;
     // QK^T and PV over the visible (causal, same-document) half blocks
-    const double span = packed ? 512.0 : double(S);
-    const double fwd_flops = 2.0 * 2.0 * double(S) * span / 2.0 * hd * nh * Bt;
-    char name[128];
-    std::snprintf(name, sizeof name, "attention fwd B1 S%ld nh32 nkv8 hd128 causal%s", long(S), packed ? " docs 512" : "");
-    report(name, median_ms(ctx, [&] {
-             attention_forward(ctx, out.get(), lse.get(), q.get(), k.get(), v.get(), segp, Bt, S, nh, nkv, hd);
-           }), fwd_flops);
-    std::snprintf(name, sizeof name, "attention bwd B1 S%ld nh32 nkv8 hd128 causal%s", long(S), packed ? " docs 512" : "");
-    report(name, median_ms(ctx, [&] {
-             attention_backward(ctx, dq.get(), dk.get(), dv.get(), dO.get(), out.get(), lse.get(), q.get(), k.get(),
-                                v.get(), segp, Bt, S, nh, nkv, hd);
-           }), 2.5 * fwd_flops);
+    const double span = c.doc ? double(c.doc) : double(S);
+    const double fwd_flops = 2.0 * 2.0 * double(S) * span / 2.0 * hd * nh * B;
+    for (const bool simt : {false, true}) {  // the public op (tensor cores for hd 64/128), then the SIMT kernels
+      const auto fwd = simt ? &attention_forward_simt : &attention_forward;
+      const auto bwd = simt ? &attention_backward_simt : &attention_backward;
+      char name[160], docs[32] = "";
+      if (c.doc) std::snprintf(docs, sizeof docs, " docs %ld", long(c.doc));
+      const char* kind = simt ? "simt" : "tc";
+      for (const bool backward : {false, true}) {
+        std::snprintf(name, sizeof name, "attention %s %s B%ld S%ld nh%ld nkv%ld hd%ld causal%s%s%s", kind,
+                      backward ? "bwd" : "fwd", long(B), long(S), long(nh), long(nkv), long(hd),
+                      docs, *c.model ? " " : "", c.model);
+        report(name, median_ms(ctx, [&] {
+                 if (backward)
+                   bwd(ctx, dq.get(), dk.get(), dv.get(), dO.get(), out.get(), lse.get(), q.get(), k.get(), v.get(),
+                       segp, B, S, nh, nkv, hd);
+                 else
+                   fwd(ctx, out.get(), lse.get(), q.get(), k.get(), v.get(), segp, B, S, nh, nkv, hd);
+               }), backward ? 2.5 * fwd_flops : fwd_flops);
+      }
+    }
   }
   {
     const int64_t N = 4096, H = 4096, V = 151936;

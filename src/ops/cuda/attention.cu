@@ -12,11 +12,15 @@
 //   dKV kernel (grid: key tiles of 32 x (b, kv head)): all query rows of the group's heads go by,
 //     4 at a time (one per warp computes p and ds for the 32 keys), then each warp accumulates
 //     dv_j += p_j dO_i and dk_j += scale ds_j q_i for its quarter of the head dims in registers.
-// Correctness first: plain fp32 FMAs (no tensor cores yet). Every key tile up to the diagonal is
+// Plain fp32 FMAs (attention_*_simt: any hd <= 256, the reference); the public op sends head_dim
+// 64 and 128 to the tensor-core kernels of attention_tc.cu. Every key tile up to the diagonal is
 // loaded; a query row whose segment has no key in the tile skips it (packed documents cost about
 // their own causal blocks, not the whole sequence's).
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 
+#include "ops/cuda/attention_tc.h"
 #include "ops/cuda/common.cuh"
 #include "ops/cuda/ops.h"
 
@@ -317,9 +321,18 @@ void with_dpl(int64_t hd, Fn&& fn) {
   else fn(std::integral_constant<int, 8>{});
 }
 
+// Drow (B,nh,S) = dO . O per query row, in the context's scratch.
+const float* row_dot(Context& ctx, const bf16* dout, const bf16* out, const Shape& a) {
+  float* Drow = static_cast<float*>(ctx.scratch(size_t(a.B * a.nh * a.S) * sizeof(float)));
+  const int64_t rows = a.B * a.S * a.nh;
+  attn_rowdot_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream()>>>(Drow, dout, out, a);
+  QT_CUDA_LAUNCH_CHECK();
+  return Drow;
+}
+
 }  // namespace
 
-void attention_forward(Context& ctx, bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+void attention_forward_simt(Context& ctx, bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                        const int32_t* segment, int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
   const Shape a = make_shape(B, S, nh, nkv, hd);
   if (B * S == 0) return;
@@ -333,15 +346,12 @@ void attention_forward(Context& ctx, bf16* out, float* lse, const bf16* q, const
   });
 }
 
-void attention_backward(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+void attention_backward_simt(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
                         const float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* segment,
                         int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
   const Shape a = make_shape(B, S, nh, nkv, hd);
   if (B * S == 0 || (!dq && !dk && !dv)) return;
-  float* Drow = static_cast<float*>(ctx.scratch(size_t(B * nh * S) * sizeof(float)));
-  const int64_t rows = B * S * nh;
-  attn_rowdot_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream()>>>(Drow, dout, out, a);
-  QT_CUDA_LAUNCH_CHECK();
+  const float* Drow = row_dot(ctx, dout, out, a);
   with_dpl(hd, [&](auto dpl) {
     constexpr int DPL = decltype(dpl)::value;
     if (dq) {
@@ -361,6 +371,36 @@ void attention_backward(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* 
       QT_CUDA_LAUNCH_CHECK();
     }
   });
+}
+
+namespace {
+// The tensor-core kernels move rows in 16-byte vectors.
+bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+}  // namespace
+
+// The public op: tensor cores for head_dim 64 and 128 (16-byte aligned tensors), the SIMT kernels
+// above otherwise.
+void attention_forward(Context& ctx, bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                       const int32_t* segment, int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
+  if (!attention_tc_supported(hd) || !aligned16({out, q, k, v}))
+    return attention_forward_simt(ctx, out, lse, q, k, v, segment, B, S, nh, nkv, hd);
+  make_shape(B, S, nh, nkv, hd);  // same checks
+  attention_tc_forward(ctx, out, lse, q, k, v, segment, B, S, nh, nkv, hd);
+}
+
+void attention_backward(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+                        const float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* segment,
+                        int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
+  if (!attention_tc_supported(hd) || !aligned16({dq, dk, dv, dout, q, k, v}))
+    return attention_backward_simt(ctx, dq, dk, dv, dout, out, lse, q, k, v, segment, B, S, nh, nkv, hd);
+  const Shape a = make_shape(B, S, nh, nkv, hd);
+  if (B * S == 0 || (!dq && !dk && !dv)) return;
+  const float* Drow = row_dot(ctx, dout, out, a);
+  attention_tc_backward(ctx, Drow, dq, dk, dv, dout, lse, q, k, v, segment, B, S, nh, nkv, hd);
 }
 
 }  // namespace qt::cuda

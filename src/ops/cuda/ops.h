@@ -123,7 +123,8 @@ void scale_inplace(Context& ctx, float* x, int64_t n, float c);
 // ---- causal GQA attention with packed-document segments -----------------------------------
 // As cpu::attention_forward: q (B,S,nh,hd), k/v (B,S,nkv,hd) bf16 -> out (B,S,nh,hd) bf16,
 // lse (B,nh,S) fp32. Flash-style: key tiles with an online softmax; S x S is never stored.
-// segment (B,S) or nullptr. hd <= 256.
+// segment (B,S) or nullptr. hd <= 256. head_dim 64 and 128 run on tensor cores (attention_tc.cu:
+// P and dS rounded to bf16 before their products), other head dims on the fp32 SIMT kernels.
 void attention_forward(Context& ctx, bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                        const int32_t* segment, int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd);
 // dq (B,S,nh,hd), dk, dv (B,S,nkv,hd) += ... (P recomputed from q, k and lse; deterministic: no
@@ -131,6 +132,12 @@ void attention_forward(Context& ctx, bf16* out, float* lse, const bf16* q, const
 void attention_backward(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
                         const float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* segment,
                         int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd);
+// The fp32 SIMT kernels (any hd <= 256): the reference the tensor-core kernels are tested against.
+void attention_forward_simt(Context& ctx, bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                            const int32_t* segment, int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd);
+void attention_backward_simt(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* out,
+                             const float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* segment,
+                             int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd);
 
 // ---- MoE routing (as cpu::moe_*; E <= 256) -------------------------------------------------
 // logits (N,E) bf16 (the router GEMM's output) -> probs (N,E) fp32 = softmax in fp32; topk_idx

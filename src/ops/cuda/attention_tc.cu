@@ -1,0 +1,479 @@
+// Tensor-core causal GQA attention (head_dim 64 and 128): the contract of attention.cu (same
+// arguments, segments never crossed, lse per query row, dq/dk/dv accumulated), with the matrix
+// products on mma.sync m16n8k16 (bf16 inputs, fp32 accumulation; sm_80 and later).
+//
+// Fragments (PTX ISA, m16n8k16 .bf16): lane = 4g + t. A (16x16, row-major): a0 = (g, 2t..2t+1),
+// a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..). B (16x8): b0 = (k 2t..2t+1, n g), b1 =
+// (k 2t+8.., n g). C (16x8 fp32): c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..). Every operand sits
+// in shared memory with the contracted dimension contiguous (rows padded by 8 bf16: the 8 rows g
+// of a fragment fall in distinct banks); the products that contract over rows use a transposed
+// copy made while loading. C fragments of two neighbouring 8-column tiles are the A fragment of
+// the next product (P or dS rounded to bf16: the one intermediate rounding of this kernel).
+//
+// Forward (grid: 64 query rows x (b, h); 4 warps of 16 rows): per key tile of 64, S = Q K^T,
+// online softmax in base 2 (fp32), O += P V. Backward (P recomputed from q, k and lse; D = dO.O
+// per row from attention.cu; deterministic, no atomics):
+//   dQ kernel, the forward's layout: dP = dO V^T, dS = P (dP - D), dQ += scale dS K;
+//   dKV kernel (grid: 64 keys x (b, kv head); 4 warps of 16 keys): every query tile (QT rows) of
+//   the group's heads at or after the keys: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
+//   dK += scale dS^T Q.
+// A block does not even load a tile in which none of its (query, key) pairs is visible (another
+// packed document; checked on the segment ids), and a warp skips the products of a tile invisible
+// to its 16 rows (causal or other documents), so packed documents cost about their own blocks.
+#include <cmath>
+
+#include "ops/cuda/attention_tc.h"
+#include "ops/cuda/common.cuh"
+
+namespace qt::cuda {
+
+namespace {
+
+constexpr int kTcWarps = 4;
+constexpr int kTile = 64;  // query rows (forward, dQ) or keys (dKV) per block: 16 per warp
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct TcShape {
+  int64_t B, S, nh, nkv;
+  float scale;
+};
+
+// A forward / dQ block: query rows row0.. of head h of batch b (grid: query tiles x (b, h)), its
+// kv head, and the offsets of the head's row 0 in (B,S,nh,HD) and (B,S,nkv,HD) tensors.
+struct RowBlock {
+  int64_t bh, b, h, kvh, row0, q_base, kv_base;
+  __device__ RowBlock(const TcShape& a, int hd)
+      : bh(blockIdx.y), b(bh / a.nh), h(bh % a.nh), kvh(h / (a.nh / a.nkv)), row0(int64_t(blockIdx.x) * kTile),
+        q_base((b * a.S * a.nh + h) * hd), kv_base((b * a.S * a.nkv + kvh) * hd) {}
+};
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// A fragment of rows r0..r0+15, columns k0..k0+15 of X (row stride ld).
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* X, int ld, int r0, int k0, int g, int t) {
+  a[0] = ld32(X + (r0 + g) * ld + k0 + 2 * t);
+  a[1] = ld32(X + (r0 + g + 8) * ld + k0 + 2 * t);
+  a[2] = ld32(X + (r0 + g) * ld + k0 + 8 + 2 * t);
+  a[3] = ld32(X + (r0 + g + 8) * ld + k0 + 8 + 2 * t);
+}
+
+// c (16 x 8*NT) += A (rows r0.., A's row-major tile in As) times Y^T (rows n0.. of Y): both
+// contracted over KD contiguous columns.
+template <int NT, int KD>
+__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const bf16* As, int lda, int r0, const bf16* Y, int ldy,
+                                        int n0, int g, int t) {
+#pragma unroll
+  for (int kc = 0; kc < KD / 16; ++kc) {
+    uint32_t a[4];
+    load_a(a, As, lda, r0, kc * 16, g, t);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const bf16* y = Y + (n0 + nt * 8 + g) * ldy + kc * 16 + 2 * t;
+      mma_bf16(c[nt], a, ld32(y), ld32(y + 8));
+    }
+  }
+}
+
+// c (16 x 8*NT) += W (16 x KW, the fp32 C fragments w, rounded to bf16) times Yt^T, where Yt
+// (8*NT rows, KW contiguous columns) is the transposed right operand.
+template <int NT, int KW>
+__device__ __forceinline__ void mma_frag_bt(float (&c)[NT][4], const float (&w)[KW / 8][4], const bf16* Yt, int ldy,
+                                            int g, int t) {
+#pragma unroll
+  for (int kc = 0; kc < KW / 16; ++kc) {
+    const uint32_t a[4] = {pack_bf16(w[2 * kc][0], w[2 * kc][1]), pack_bf16(w[2 * kc][2], w[2 * kc][3]),
+                           pack_bf16(w[2 * kc + 1][0], w[2 * kc + 1][1]),
+                           pack_bf16(w[2 * kc + 1][2], w[2 * kc + 1][3])};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const bf16* y = Yt + (nt * 8 + g) * ldy + kc * 16 + 2 * t;
+      mma_bf16(c[nt], a, ld32(y), ld32(y + 8));
+    }
+  }
+}
+
+// Calls f(x, hr, r, c) for every element x of the warp's C fragments (16 x 8*NT): r = its row in
+// the block's tile (rows r0..r0+15; hr = 0 for r0 + g, 1 for r0 + g + 8), c its column.
+template <int NT, typename F>
+__device__ __forceinline__ void for_each_elem(float (&x)[NT][4], int r0, int g, int t, F&& f) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f(x[nt][e], e >> 1, r0 + g + 8 * (e >> 1), nt * 8 + 2 * t + (e & 1));
+}
+
+template <int N, int M>
+__device__ __forceinline__ void zero(float (&c)[N][M]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < M; ++j) c[i][j] = 0.0f;
+}
+
+// dst (rows x HD, stride HD+8; when not null) = rows row0.. of src (row stride `stride`, bf16),
+// zero past S; dstT (when not null) its transpose (HD x rows, stride rows+8). Block-cooperative,
+// 16-byte loads.
+template <int HD>
+__device__ void load_tile(bf16* dst, bf16* dstT, int rows, const bf16* src, int64_t stride, int64_t row0, int64_t S) {
+  constexpr int V = HD / 8;
+  for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
+    const int r = idx / V, c = (idx % V) * 8;
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (row0 + r < S) x = *reinterpret_cast<const uint4*>(src + (row0 + r) * stride + c);
+    if (dst) *reinterpret_cast<uint4*>(dst + r * (HD + 8) + c) = x;
+    if (dstT) {
+      const bf16* e = reinterpret_cast<const bf16*>(&x);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) dstT[(c + u) * (rows + 8) + r] = e[u];
+    }
+  }
+}
+
+// segs[r] = segment id of row row0 + r (0 when no segments; -1 past S, never equal to a key's).
+__device__ void load_segs(int* segs, int rows, const int32_t* segment, int64_t b, int64_t S, int64_t row0, int past) {
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    const int64_t i = row0 + r;
+    segs[r] = i >= S ? past : (segment ? segment[b * S + i] : 0);
+  }
+}
+
+// Whether any (query, key) pair of row r of a tile (rows: queries when rows_are_queries, else keys)
+// against half `half` of its n columns is visible (causal, same segment).
+__device__ __forceinline__ bool row_sees_any(const int* rseg, int64_t r_first, const int* cseg, int64_t c_first,
+                                             int n, bool rows_are_queries, int r, int half) {
+  bool any = false;
+  for (int c = half * (n / 2); c < (half + 1) * (n / 2); ++c) {
+    const int64_t i = rows_are_queries ? r_first + r : c_first + c, j = rows_are_queries ? c_first + c : r_first + r;
+    any |= j <= i && rseg[r] == cseg[c];
+  }
+  return any;
+}
+
+// Any visible pair in the warp's 16 x n tile (lane: row lane >> 1, half lane & 1).
+__device__ __forceinline__ bool warp_any_visible(const int* rseg, int64_t r_first, const int* cseg, int64_t c_first,
+                                                 int n, bool rows_are_queries, int lane) {
+  return __any_sync(0xffffffffu, row_sees_any(rseg, r_first, cseg, c_first, n, rows_are_queries, lane >> 1, lane & 1));
+}
+
+// The same for the block's 64 x n tile (thread: row tid >> 1, half tid & 1). Starts with a barrier
+// (the segment ids were just written by other threads) and ends with one.
+static_assert(kTcWarps * 32 == 2 * kTile && kTile == 64, "block_any_visible: two threads per tile row");
+__device__ __forceinline__ bool block_any_visible(const int* rseg, int64_t r_first, const int* cseg, int64_t c_first,
+                                                  int n, bool rows_are_queries) {
+  const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
+  __syncthreads();
+  return __syncthreads_or(row_sees_any(rseg, r_first, cseg, c_first, n, rows_are_queries, r, half)) != 0;
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float* lse, const bf16* q, const bf16* k,
+                                                               const bf16* v, const int32_t* segment, TcShape a) {
+  constexpr int LD = HD + 8, LDT = kTile + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
+  bf16* Ks = Qs + kTile * LD;                     // kTile x LD
+  bf16* Vt = Ks + kTile * LD;                     // HD x LDT
+  int* qseg = reinterpret_cast<int*>(Vt + HD * LDT);
+  int* kseg = qseg + kTile;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const RowBlock blk(a, HD);
+  const int64_t S = a.S, bh = blk.bh, b = blk.b, row0 = blk.row0, qstride = a.nh * HD, kstride = a.nkv * HD;
+  const int r0 = warp * 16;
+  const float sl2 = a.scale * kLog2e;
+
+  load_tile<HD>(Qs, nullptr, kTile, q + blk.q_base, qstride, row0, S);
+  load_segs(qseg, kTile, segment, b, S, row0, -1);
+  float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  zero(o);
+  const int64_t last_row = min(S - 1, row0 + kTile - 1);
+  for (int64_t j0 = 0; j0 <= last_row; j0 += kTile) {
+    __syncthreads();  // previous tile consumed
+    load_segs(kseg, kTile, segment, b, S, j0, -2);
+    if (segment && !block_any_visible(qseg, row0, kseg, j0, kTile, true)) continue;  // other documents: not loaded
+    load_tile<HD>(Ks, nullptr, kTile, k + blk.kv_base, kstride, j0, S);
+    load_tile<HD>(nullptr, Vt, kTile, v + blk.kv_base, kstride, j0, S);
+    __syncthreads();
+    if (segment ? !warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 > row0 + r0 + 15) continue;
+    float s[kTile / 8][4];
+    zero(s);
+    mma_abt<kTile / 8, HD>(s, Qs, LD, r0, Ks, LD, 0, g, t);
+    float mx[2] = {-INFINITY, -INFINITY};
+    for_each_elem(s, r0, g, t, [&](float& x, int hr, int r, int c) {
+      const bool vis = j0 + c <= row0 + r && qseg[r] == kseg[c];
+      x = vis ? x * sl2 : -INFINITY;
+      mx[hr] = fmaxf(mx[hr], x);
+    });
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+      const float m_new = fmaxf(m[hr], mx[hr]);
+      const float base = m_new == -INFINITY ? 0.0f : m_new;  // row sees nothing yet: p = 0 below
+      const float corr = exp2f(m[hr] - base);
+      m[hr] = m_new;
+      mx[hr] = base;
+      l[hr] *= corr;
+#pragma unroll
+      for (int dn = 0; dn < HD / 8; ++dn) {
+        o[dn][2 * hr] *= corr;
+        o[dn][2 * hr + 1] *= corr;
+      }
+    }
+    for_each_elem(s, r0, g, t, [&](float& x, int hr, int, int) {
+      x = exp2f(x - mx[hr]);
+      l[hr] += x;
+    });
+    mma_frag_bt<HD / 8, kTile>(o, s, Vt, LDT, g, t);
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    l[hr] += __shfl_xor_sync(0xffffffffu, l[hr], 1);
+    l[hr] += __shfl_xor_sync(0xffffffffu, l[hr], 2);
+    const int64_t i = row0 + r0 + g + 8 * hr;
+    if (i >= S) continue;
+    const float inv_l = 1.0f / l[hr];
+    bf16* oi = out + blk.q_base + i * qstride;
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn)
+      *reinterpret_cast<__nv_bfloat162*>(oi + dn * 8 + 2 * t) =
+          __floats2bfloat162_rn(o[dn][2 * hr] * inv_l, o[dn][2 * hr + 1] * inv_l);
+    if (t == 0) lse[bh * S + i] = m[hr] * kLn2 + logf(l[hr]);
+  }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kTcWarps * 32)
+    tc_dq_kernel(bf16* dq, const bf16* dout, const float* lse, const float* Drow, const bf16* q, const bf16* k,
+                 const bf16* v, const int32_t* segment, TcShape a) {
+  constexpr int LD = HD + 8, LDT = kTile + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
+  bf16* dOs = Qs + kTile * LD;                    // kTile x LD
+  bf16* Ks = dOs + kTile * LD;                    // kTile x LD
+  bf16* Vs = Ks + kTile * LD;                     // kTile x LD
+  bf16* Kt = Vs + kTile * LD;                     // HD x LDT
+  int* qseg = reinterpret_cast<int*>(Kt + HD * LDT);
+  int* kseg = qseg + kTile;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const RowBlock blk(a, HD);
+  const int64_t S = a.S, bh = blk.bh, b = blk.b, row0 = blk.row0, qstride = a.nh * HD, kstride = a.nkv * HD;
+  const int r0 = warp * 16;
+  const float sl2 = a.scale * kLog2e;
+
+  load_tile<HD>(Qs, nullptr, kTile, q + blk.q_base, qstride, row0, S);
+  load_tile<HD>(dOs, nullptr, kTile, dout + blk.q_base, qstride, row0, S);
+  load_segs(qseg, kTile, segment, b, S, row0, -1);
+  float lse2[2], Dr[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t i = row0 + r0 + g + 8 * hr;
+    lse2[hr] = i < S ? lse[bh * S + i] * kLog2e : 0.0f;
+    Dr[hr] = i < S ? Drow[bh * S + i] : 0.0f;
+  }
+  float acc[HD / 8][4];
+  zero(acc);
+  const int64_t last_row = min(S - 1, row0 + kTile - 1);
+  for (int64_t j0 = 0; j0 <= last_row; j0 += kTile) {
+    __syncthreads();
+    load_segs(kseg, kTile, segment, b, S, j0, -2);
+    if (segment && !block_any_visible(qseg, row0, kseg, j0, kTile, true)) continue;
+    load_tile<HD>(Ks, Kt, kTile, k + blk.kv_base, kstride, j0, S);
+    load_tile<HD>(Vs, nullptr, kTile, v + blk.kv_base, kstride, j0, S);
+    __syncthreads();
+    if (segment ? !warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 > row0 + r0 + 15) continue;
+    float p[kTile / 8][4], dp[kTile / 8][4];
+    zero(p);
+    zero(dp);
+    mma_abt<kTile / 8, HD>(p, Qs, LD, r0, Ks, LD, 0, g, t);
+    mma_abt<kTile / 8, HD>(dp, dOs, LD, r0, Vs, LD, 0, g, t);
+    for_each_elem(p, r0, g, t, [&](float& x, int hr, int r, int c) {
+      const bool vis = j0 + c <= row0 + r && qseg[r] == kseg[c];
+      x = vis ? exp2f(x * sl2 - lse2[hr]) : 0.0f;
+    });
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - Dr[e >> 1];  // dS
+    mma_frag_bt<HD / 8, kTile>(acc, p, Kt, LDT, g, t);
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t i = row0 + r0 + g + 8 * hr;
+    if (i >= S) continue;
+    bf16* di = dq + blk.q_base + i * qstride;
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) {
+      auto* p2 = reinterpret_cast<__nv_bfloat162*>(di + dn * 8 + 2 * t);
+      const float2 old = __bfloat1622float2(*p2);
+      *p2 = __floats2bfloat162_rn(old.x + a.scale * acc[dn][2 * hr], old.y + a.scale * acc[dn][2 * hr + 1]);
+    }
+  }
+}
+
+template <int HD>
+constexpr int dkv_query_tile() {
+  return HD > 64 ? 32 : 64;  // keeps dK, dV (16 x HD each) and the S, dP tiles in registers
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kTcWarps * 32)
+    tc_dkv_kernel(bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* Drow, const bf16* q,
+                  const bf16* k, const bf16* v, const int32_t* segment, TcShape a) {
+  constexpr int QT = dkv_query_tile<HD>(), LD = HD + 8, LDT = QT + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
+  bf16* Vs = Ks + kTile * LD;                     // kTile x LD
+  bf16* Qs = Vs + kTile * LD;                     // QT x LD
+  bf16* dOs = Qs + QT * LD;                       // QT x LD
+  bf16* Qt = dOs + QT * LD;                       // HD x LDT
+  bf16* dOt = Qt + HD * LDT;                      // HD x LDT
+  float* lse2 = reinterpret_cast<float*>(dOt + HD * LDT);  // QT (times log2 e)
+  float* Dq = lse2 + QT;                                   // QT
+  int* qseg = reinterpret_cast<int*>(Dq + QT);             // QT
+  int* kseg = qseg + QT;                                   // kTile
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t S = a.S, bg = blockIdx.y, b = bg / a.nkv, kvh = bg % a.nkv, grp = a.nh / a.nkv;
+  const int64_t j0 = int64_t(blockIdx.x) * kTile, qstride = a.nh * HD, kstride = a.nkv * HD;
+  const int k0 = warp * 16;
+  const float sl2 = a.scale * kLog2e;
+
+  load_tile<HD>(Ks, nullptr, kTile, k + (b * S * a.nkv + kvh) * HD, kstride, j0, S);
+  load_tile<HD>(Vs, nullptr, kTile, v + (b * S * a.nkv + kvh) * HD, kstride, j0, S);
+  load_segs(kseg, kTile, segment, b, S, j0, -2);
+  float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
+  zero(dk_acc);
+  zero(dv_acc);
+  for (int64_t h = kvh * grp; h < (kvh + 1) * grp; ++h) {
+    const int64_t bh = b * a.nh + h;
+    for (int64_t i0 = (j0 / QT) * QT; i0 < S; i0 += QT) {
+      __syncthreads();
+      load_segs(qseg, QT, segment, b, S, i0, -1);
+      if (segment && !block_any_visible(kseg, j0, qseg, i0, QT, false)) continue;
+      load_tile<HD>(Qs, Qt, QT, q + (b * S * a.nh + h) * HD, qstride, i0, S);
+      load_tile<HD>(dOs, dOt, QT, dout + (b * S * a.nh + h) * HD, qstride, i0, S);
+      for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+        lse2[r] = i0 + r < S ? lse[bh * S + i0 + r] * kLog2e : 0.0f;
+        Dq[r] = i0 + r < S ? Drow[bh * S + i0 + r] : 0.0f;
+      }
+      __syncthreads();
+      if (segment ? !warp_any_visible(kseg + k0, j0 + k0, qseg, i0, QT, false, lane) : j0 + k0 > i0 + QT - 1) continue;
+      float p[QT / 8][4], dp[QT / 8][4];
+      zero(p);
+      mma_abt<QT / 8, HD>(p, Ks, LD, k0, Qs, LD, 0, g, t);  // S^T (16 keys x QT queries)
+      for_each_elem(p, k0, g, t, [&](float& x, int, int r, int c) {
+        const bool vis = j0 + r <= i0 + c && i0 + c < S && qseg[c] == kseg[r];
+        x = vis ? exp2f(x * sl2 - lse2[c]) : 0.0f;
+      });
+      mma_frag_bt<HD / 8, QT>(dv_acc, p, dOt, LDT, g, t);
+      zero(dp);
+      mma_abt<QT / 8, HD>(dp, Vs, LD, k0, dOs, LD, 0, g, t);  // dP^T
+#pragma unroll
+      for (int nt = 0; nt < QT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - Dq[nt * 8 + 2 * t + (e & 1)];  // dS^T
+      mma_frag_bt<HD / 8, QT>(dk_acc, p, Qt, LDT, g, t);
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t j = j0 + k0 + g + 8 * hr;
+    if (j >= S) continue;
+    const int64_t off = ((b * S + j) * a.nkv + kvh) * HD;
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) {
+      if (dk) {
+        auto* p2 = reinterpret_cast<__nv_bfloat162*>(dk + off + dn * 8 + 2 * t);
+        const float2 old = __bfloat1622float2(*p2);
+        *p2 = __floats2bfloat162_rn(old.x + a.scale * dk_acc[dn][2 * hr], old.y + a.scale * dk_acc[dn][2 * hr + 1]);
+      }
+      if (dv) {
+        auto* p2 = reinterpret_cast<__nv_bfloat162*>(dv + off + dn * 8 + 2 * t);
+        const float2 old = __bfloat1622float2(*p2);
+        *p2 = __floats2bfloat162_rn(old.x + dv_acc[dn][2 * hr], old.y + dv_acc[dn][2 * hr + 1]);
+      }
+    }
+  }
+}
+
+template <typename Kernel>
+void set_smem(Context& ctx, Kernel kernel, size_t bytes) {
+  QT_CUDA_ASSERT(bytes <= ctx.max_smem_per_block(), "attention (tensor cores): not enough shared memory");
+  if (bytes > 48 * 1024)
+    QT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+template <typename Fn>
+void with_hd(int64_t hd, Fn&& fn) {
+  if (hd == 64) fn(std::integral_constant<int, 64>{});
+  else fn(std::integral_constant<int, 128>{});
+}
+
+TcShape tc_shape(int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
+  QT_CUDA_ASSERT(attention_tc_supported(hd) && nh > 0 && nkv > 0 && nh % nkv == 0,
+                 "attention (tensor cores): bad shape");
+  QT_CUDA_ASSERT(B * nh <= 65535, "attention: B * heads exceeds the grid");
+  return TcShape{B, S, nh, nkv, float(1.0 / std::sqrt(double(hd)))};
+}
+
+}  // namespace
+
+bool attention_tc_supported(int64_t hd) { return hd == 64 || hd == 128; }
+
+void attention_tc_forward(Context& ctx, bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                          const int32_t* segment, int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
+  const TcShape a = tc_shape(B, S, nh, nkv, hd);
+  if (B * S == 0) return;
+  with_hd(hd, [&](auto hdc) {
+    constexpr int HD = decltype(hdc)::value;
+    const size_t smem = size_t(2 * kTile * (HD + 8) + HD * (kTile + 8)) * 2 + 2 * kTile * 4;
+    auto kernel = tc_fwd_kernel<HD>;
+    set_smem(ctx, kernel, smem);
+    const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * nh));
+    kernel<<<grid, kTcWarps * 32, smem, ctx.stream()>>>(out, lse, q, k, v, segment, a);
+    QT_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void attention_tc_backward(Context& ctx, const float* Drow, bf16* dq, bf16* dk, bf16* dv, const bf16* dout,
+                           const float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* segment,
+                           int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
+  const TcShape a = tc_shape(B, S, nh, nkv, hd);
+  if (B * S == 0) return;
+  with_hd(hd, [&](auto hdc) {
+    constexpr int HD = decltype(hdc)::value;
+    if (dq) {
+      const size_t smem = size_t(4 * kTile * (HD + 8) + HD * (kTile + 8)) * 2 + 2 * kTile * 4;
+      auto kernel = tc_dq_kernel<HD>;
+      set_smem(ctx, kernel, smem);
+      const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * nh));
+      kernel<<<grid, kTcWarps * 32, smem, ctx.stream()>>>(dq, dout, lse, Drow, q, k, v, segment, a);
+      QT_CUDA_LAUNCH_CHECK();
+    }
+    if (dk || dv) {
+      constexpr int QT = dkv_query_tile<HD>();
+      const size_t smem =
+          size_t(2 * kTile * (HD + 8) + 2 * QT * (HD + 8) + 2 * HD * (QT + 8)) * 2 + size_t(3 * QT + kTile) * 4;
+      auto kernel = tc_dkv_kernel<HD>;
+      set_smem(ctx, kernel, smem);
+      const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * nkv));
+      kernel<<<grid, kTcWarps * 32, smem, ctx.stream()>>>(dk, dv, dout, lse, Drow, q, k, v, segment, a);
+      QT_CUDA_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace qt::cuda
