@@ -10,6 +10,10 @@
 #include "cli/commands/commands.h"
 #include "core/error.h"
 #include "model/decoder.h"
+#ifdef QT_HAVE_CUDA
+#include "model/cuda_decoder.h"
+#include "ops/cuda/runtime.h"
+#endif
 
 namespace qt::cli {
 
@@ -31,17 +35,88 @@ double peak_rss_gib() {
   return 0;
 }
 
-void run_bench(const BenchArgs& a) {
-  if (a.device != "cpu") fail("bench", "device '{}' is not available in this build; use --device cpu", a.device);
-  if (a.batch <= 0 || a.seq <= 0 || a.steps <= 0) fail("bench", "--batch, --seq and --steps must be positive");
-  ModelConfig cfg = load_hf_config(a.config);
-  ModelWeights w = random_model_weights(cfg, DType::F32, a.seed);
+LoraConfig bench_lora_config(const BenchArgs& a) {
   LoraConfig lc;
   lc.r = a.lora_r;
   lc.alpha = a.lora_alpha;
   lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
   if (a.targets == "all") lc.target_modules.insert(lc.target_modules.end(), {"gate_proj", "up_proj", "down_proj"});
-  LoraAdapter lora = init_lora(cfg, lc, DType::F32, a.seed + 1);
+  lc.validate();
+  return lc;
+}
+
+Batch random_batch(const BenchArgs& a, int64_t vocab, std::mt19937_64& rng) {
+  Batch b;
+  b.B = a.batch;
+  b.S = a.seq;
+  std::uniform_int_distribution<int32_t> tok(0, int32_t(vocab - 1));
+  for (int64_t i = 0; i < a.batch * a.seq; ++i) b.input_ids.push_back(tok(rng));
+  b.labels = b.input_ids;
+  return b;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+#ifdef QT_HAVE_CUDA
+// A step on the GPU: forward + backward (per-layer recompute) + clip + AdamW, timed with events
+// around the step (no host synchronisation inside it; one after it to read the timer).
+void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
+  if (cuda::device_count() == 0) fail("bench", "--device cuda: no CUDA device is visible");
+  size_t free0 = 0, total = 0;
+  QT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+  cuda::Context ctx;
+  CudaDecoder dec(ctx, cfg, bench_lora_config(a), a.seed);
+  std::mt19937_64 rng(a.seed + 2);
+  dec.set_batch(random_batch(a, cfg.vocab_size, rng));
+  cuda::Event t0, t1;
+  std::vector<double> times;
+  size_t min_free = free0;
+  for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
+    t0.record(ctx.stream());
+    dec.forward_backward();
+    dec.optimizer_step(s + 1, 1e-4, 0.0, 1.0);
+    t1.record(ctx.stream());
+    t1.synchronize();
+    size_t f = 0;
+    QT_CUDA_CHECK(cudaMemGetInfo(&f, &total));
+    min_free = std::min(min_free, f);
+    if (s >= a.warmup) times.push_back(t1.elapsed_since(t0) / 1000.0);
+  }
+  const double med = median(times);
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  nlohmann::json out = {{"config", a.config},
+                        {"device", "cuda"},
+                        {"batch", a.batch},
+                        {"seq", a.seq},
+                        {"lora_targets", a.targets},
+                        {"lora_r", a.lora_r},
+                        {"step", "forward+backward(recompute)+clip+adamw"},
+                        {"median_step_s", med},
+                        {"tokens_per_s", double(a.batch * a.seq) / med},
+                        {"peak_gpu_gib", double(free0 - min_free) / gib},
+                        {"decoder_buffers_gib", double(dec.device_bytes()) / gib},
+                        {"loss", dec.loss_sum() / double(dec.count())}};
+  fmt::print("{}\n", out.dump());
+}
+#endif
+
+void run_bench(const BenchArgs& a) {
+  if (a.device != "cpu" && a.device != "cuda") fail("bench", "unknown --device '{}' (cpu or cuda)", a.device);
+  if (a.batch <= 0 || a.seq <= 0 || a.steps <= 0) fail("bench", "--batch, --seq and --steps must be positive");
+  ModelConfig cfg = load_hf_config(a.config);
+  if (a.device == "cuda") {
+#ifdef QT_HAVE_CUDA
+    run_bench_cuda(a, cfg);
+    return;
+#else
+    fail("bench", "--device cuda: this build has no CUDA backend (configure with -DQT_CUDA=ON)");
+#endif
+  }
+  ModelWeights w = random_model_weights(cfg, DType::F32, a.seed);
+  LoraAdapter lora = init_lora(cfg, bench_lora_config(a), DType::F32, a.seed + 1);
   // PEFT starts B at zero; a non-zero B makes the benchmark exercise every LoRA path like mid-training.
   std::mt19937_64 rng(a.seed + 2);
   std::normal_distribution<float> nd(0.f, 0.01f);
@@ -50,12 +125,7 @@ void run_bench(const BenchArgs& a) {
       if (p.present())
         for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<float>()[i] = nd(rng);
 
-  Batch b;
-  b.B = a.batch;
-  b.S = a.seq;
-  std::uniform_int_distribution<int32_t> tok(0, int32_t(cfg.vocab_size - 1));
-  for (int64_t i = 0; i < a.batch * a.seq; ++i) b.input_ids.push_back(tok(rng));
-  b.labels = b.input_ids;
+  Batch b = random_batch(a, cfg.vocab_size, rng);
 
   QwenDecoder<float> dec(w, &lora);
   LoraAdapter grads = lora.zeros_like();
@@ -67,8 +137,7 @@ void run_bench(const BenchArgs& a) {
     double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (s >= a.warmup) times.push_back(dt);
   }
-  std::sort(times.begin(), times.end());
-  double med = times[times.size() / 2];
+  double med = median(times);
   nlohmann::json out = {{"config", a.config},       {"device", a.device},
                         {"batch", a.batch},         {"seq", a.seq},
                         {"lora_targets", a.targets}, {"lora_r", a.lora_r},
@@ -93,7 +162,7 @@ void register_bench_command(CLI::App& app) {
   c->add_option("--lora-alpha", a->lora_alpha, "LoRA alpha")->capture_default_str();
   c->add_option("--steps", a->steps, "Timed steps (median reported)")->capture_default_str();
   c->add_option("--warmup", a->warmup, "Untimed first steps")->capture_default_str();
-  c->add_option("--device", a->device, "cpu (the CUDA backend is not built yet)")->capture_default_str();
+  c->add_option("--device", a->device, "cpu or cuda (cuda: builds with -DQT_CUDA=ON)")->capture_default_str();
   c->add_option("--seed", a->seed, "Seed for weights and tokens")->capture_default_str();
   c->callback([a] { run_bench(*a); });
 }
