@@ -18,10 +18,10 @@ namespace qt::cli {
 namespace {
 
 struct EvalArgs {
-  std::string model, adapter, data, type = "auto", chat_template = "auto";
+  ModelOptions m;
+  std::string data, type = "auto", chat_template = "auto";
   int64_t sequence_len = 2048, batch = 1;
   bool json = false, train_on_inputs = false, lenient = false;
-  uint64_t model_seed = 42;
 };
 
 void run_eval(const EvalArgs& a) {
@@ -29,7 +29,7 @@ void run_eval(const EvalArgs& a) {
   if (a.batch < 1) fail("eval", "--batch {} must be >= 1", a.batch);
   std::error_code ec;
   if (!std::filesystem::is_regular_file(a.data, ec)) fail("eval", "--data {}: no such file", a.data);
-  CliModel m = load_cli_model(a.model, a.adapter, a.model_seed, "eval");
+  CliModel m = load_cli_model(a.m, "eval");
 
   data::DatasetOptions opts;
   opts.path = a.data;
@@ -51,12 +51,12 @@ void run_eval(const EvalArgs& a) {
     const nlohmann::json j = {{"loss", r.ce_loss()},          {"perplexity", r.perplexity()},
                               {"tokens", r.count},            {"sequences", r.sequences},
                               {"truncated", ld.data.stats.truncated},
-                              {"model", a.model},             {"adapter", a.adapter},
+                              {"model", a.m.model},             {"adapter", a.m.adapter},
                               {"data", a.data}};
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("model: %s%s\ndata: %s (%lld sequences, %lld truncated to %lld tokens)\n",
-                m.model.description.c_str(), a.adapter.empty() ? "" : (" + adapter " + a.adapter).c_str(),
+                m.model.description.c_str(), a.m.adapter.empty() ? "" : (" + adapter " + a.m.adapter).c_str(),
                 a.data.c_str(), (long long)r.sequences, (long long)ld.data.stats.truncated, (long long)a.sequence_len);
     std::printf("loss %.6f  perplexity %.4f  over %lld labelled tokens\n", r.ce_loss(), r.perplexity(),
                 (long long)r.count);
@@ -68,9 +68,7 @@ void run_eval(const EvalArgs& a) {
 void register_eval_command(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   auto* c = app.add_subcommand("eval", "Loss and perplexity of a model (+ LoRA adapter) on a dataset");
-  c->add_option("--model", a->model, "Model folder (config.json + safetensors), or a config.json for random weights")
-      ->required();
-  c->add_option("--adapter", a->adapter, "PEFT LoRA adapter folder, applied unmerged");
+  add_model_options(c, a->m);
   c->add_option("--data", a->data, "Dataset file (JSONL or JSON array)")->required();
   c->add_option("--type", a->type, "Record format: auto (default), chat, text, alpaca or sharegpt")
       ->check(CLI::IsMember({"auto", "chat", "messages", "text", "alpaca", "sharegpt"}));
@@ -80,8 +78,6 @@ void register_eval_command(CLI::App& app) {
   c->add_flag("--train-on-inputs", a->train_on_inputs, "Chat data: score every token, not only assistant turns");
   c->add_flag("--lenient", a->lenient, "Skip bad records (counted) instead of failing on the first");
   c->add_flag("--json", a->json, "Print one JSON line: loss, perplexity, tokens, sequences, truncated, model, ...");
-  c->add_option("--model-seed", a->model_seed,
-                "Seed of the random weights when --model is a config.json (default 42, train's default seed)");
   c->callback([a] { run_eval(*a); });
 }
 

@@ -26,13 +26,13 @@ namespace qt::cli {
 namespace {
 
 struct GenerateArgs {
-  std::string model, adapter, prompt, system, chat_template = "auto";
+  ModelOptions m;
+  std::string prompt, system, chat_template = "auto";
   bool chat = false, raw = false, greedy = false, no_thinking = false;
   int64_t max_new_tokens = 256;
   std::optional<double> temperature, top_p;
   std::optional<int64_t> top_k;
   uint64_t seed = 0;
-  uint64_t model_seed = 42;
 };
 
 SamplingOptions resolve_sampling(const GenerateArgs& a, const GenerationDefaults& d) {
@@ -90,7 +90,7 @@ void run_generate(const GenerateArgs& a) {
   if (a.chat == !a.prompt.empty()) fail("generate", "give exactly one of --prompt TEXT and --chat");
   if (a.max_new_tokens < 1) fail("generate", "--max-new-tokens {} must be >= 1", a.max_new_tokens);
   if (a.raw && a.chat) fail("generate", "--raw works with --prompt only (--chat always uses the chat template)");
-  CliModel m = load_cli_model(a.model, a.adapter, a.model_seed, "generate");
+  CliModel m = load_cli_model(a.m, "generate");
   const GenerationDefaults defaults = read_generation_defaults(m.model.config_path);
   const SamplingOptions sampling = resolve_sampling(a, defaults);
   const std::vector<int32_t> stops = stop_token_ids(defaults.eos_ids, m.tok);
@@ -122,7 +122,7 @@ void run_generate(const GenerateArgs& a) {
   }
 
   std::fprintf(stderr, "qwentune chat: %s%s. Type a message and press Enter; /exit or end of input quits.\n",
-               m.model.description.c_str(), a.adapter.empty() ? "" : (" + " + a.adapter).c_str());
+               m.model.description.c_str(), a.m.adapter.empty() ? "" : (" + " + a.m.adapter).c_str());
   std::string line;
   while (true) {
     if (::isatty(fileno(stdin))) std::fputs("> ", stderr);
@@ -142,9 +142,7 @@ void run_generate(const GenerateArgs& a) {
 void register_generate_command(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
   auto* c = app.add_subcommand("generate", "Generate text with a model (+ LoRA adapter), streamed to stdout");
-  c->add_option("--model", a->model, "Model folder (config.json + safetensors), or a config.json for random weights")
-      ->required();
-  c->add_option("--adapter", a->adapter, "PEFT LoRA adapter folder, applied unmerged");
+  add_model_options(c, a->m);
   c->add_option("--prompt", a->prompt, "Prompt: one user turn in the chat template (as is with --raw)");
   c->add_flag("--chat", a->chat, "Interactive chat: user lines from stdin until EOF or /exit, history kept");
   c->add_option("--system", a->system, "System message of the conversation");
@@ -161,8 +159,6 @@ void register_generate_command(CLI::App& app) {
   c->add_option("--top-p", a->top_p, "Nucleus sampling: keep the most likely tokens up to probability p, in (0, 1]; "
                                      "default generation_config.json, else 1");
   c->add_option("--seed", a->seed, "Sampling seed (default 0): the same seed gives the same text");
-  c->add_option("--model-seed", a->model_seed,
-                "Seed of the random weights when --model is a config.json (default 42, train's default seed)");
   c->footer("\nStops at any eos id of config.json / generation_config.json, <|im_end|>, <|endoftext|>, or "
             "--max-new-tokens. Speed goes to stderr.");
   c->callback([a] { run_generate(*a); });

@@ -23,4 +23,12 @@ CliModel load_cli_model(const std::string& model, const std::string& adapter_dir
   return m;
 }
 
+void add_model_options(CLI::App* cmd, ModelOptions& o) {
+  cmd->add_option("--model", o.model, "Model folder (config.json + safetensors), or a config.json for random weights")
+      ->required();
+  cmd->add_option("--adapter", o.adapter, "PEFT LoRA adapter folder, applied unmerged");
+  cmd->add_option("--model-seed", o.model_seed,
+                  "Seed of the random weights when --model is a config.json (default 42, train's default seed)");
+}
+
 }  // namespace qt::cli
