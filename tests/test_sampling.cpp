@@ -1,5 +1,5 @@
 // Token choice and streaming text: HF-ordered temperature / top-k / top-p filters on hand-made
-// distributions, greedy ties, seeded sampling (reproducible, and following the distribution),
+// distributions and against HF transformers' warpers (tests/data/sampling), greedy ties, seeded sampling (reproducible, and following the distribution),
 // generation defaults from config.json + generation_config.json, stop tokens, and the UTF-8-safe
 // streaming decoder on CJK and emoji text split across byte-level tokens.
 #include <gtest/gtest.h>
@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <vector>
 
 #include "data/dataset_reader.h"
@@ -189,4 +190,32 @@ TEST(TokenStreamer, CjkAndEmojiRoundTripTokenByToken) {
   out += st.finish();
   EXPECT_EQ(out, text);
   EXPECT_GT(partial_tokens, 0) << "the text no longer exercises characters split across tokens";
+}
+
+// The warpers against HF transformers 5.17 (tools/make_sampling_golden.py): 156 cases of
+// temperature x top_k x top_p on 64 float32 logits, including rows with many equal values (ties at
+// the top-k threshold); the kept set must be identical and the kept scores equal to float32
+// rounding (HF divides by the temperature in float32, we in double).
+TEST(Sampling, WarpersMatchTransformers) {
+  std::ifstream f(std::string(QT_TEST_DATA) + "/sampling/hf_warpers.json");
+  ASSERT_TRUE(f.good());
+  const nlohmann::json j = nlohmann::json::parse(f);
+  int n = 0;
+  for (const auto& c : j["cases"]) {
+    const double t = c["temperature"].get<double>(), p = c["top_p"].get<double>();
+    const int64_t k = c["top_k"].get<int64_t>();
+    SCOPED_TRACE(::testing::Message() << "case " << n << ": temperature " << t << " top_k " << k << " top_p " << p);
+    std::vector<double> s = c["logits"].get<std::vector<double>>();
+    apply_temperature(s, t);
+    top_k_filter(s, k);
+    top_p_filter(s, p);
+    const std::vector<bool> want = c["kept"].get<std::vector<bool>>();
+    EXPECT_EQ(kept(s), want);
+    for (size_t i = 0; i < s.size(); ++i)
+      if (want[i] && s[i] != -kInf) {
+        EXPECT_NEAR(s[i], c["scores"][i].get<double>(), 1e-6 * std::fabs(s[i]) + 1e-7);
+      }
+    ++n;
+  }
+  EXPECT_EQ(n, 156);
 }
