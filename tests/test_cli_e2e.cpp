@@ -177,7 +177,7 @@ TEST(CliEndToEnd, ErrorsAreOneClearLine) {
   expect_one_line(run(tmp.path, "generate --model " + quoted(tmp.path / "nope") + " --prompt hi"),
                   "[generate] base_model");
   expect_one_line(run(tmp.path, "generate --model " + quoted(kConfig)), "exactly one of --prompt TEXT and --chat");
-  expect_one_line(run(tmp.path, "generate --model " + quoted(kConfig) + " --prompt hi --top-p 2"), "top_p 2");
+  expect_one_line(run(tmp.path, "generate --model " + quoted(kConfig) + " --prompt hi --top-p 2"), "--top-p 2 must be in (0, 1]");
   expect_one_line(run(tmp.path, "generate --model " + quoted(kConfig) + " --adapter " + quoted(tmp.path / "none") +
                                     " --prompt hi"),
                   "--adapter");

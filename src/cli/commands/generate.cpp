@@ -90,6 +90,10 @@ void run_generate(const GenerateArgs& a) {
   if (a.chat == !a.prompt.empty()) fail("generate", "give exactly one of --prompt TEXT and --chat");
   if (a.max_new_tokens < 1) fail("generate", "--max-new-tokens {} must be >= 1", a.max_new_tokens);
   if (a.raw && a.chat) fail("generate", "--raw works with --prompt only (--chat always uses the chat template)");
+  // Flag values first, so that a typo fails before the model loads.
+  if (a.temperature && !(*a.temperature >= 0)) fail("generate", "--temperature {} must be >= 0", *a.temperature);
+  if (a.top_k && *a.top_k < 0) fail("generate", "--top-k {} must be >= 0 (0 turns it off)", *a.top_k);
+  if (a.top_p && !(*a.top_p > 0 && *a.top_p <= 1)) fail("generate", "--top-p {} must be in (0, 1]", *a.top_p);
   CliModel m = load_cli_model(a.m, "generate");
   const GenerationDefaults defaults = read_generation_defaults(m.model.config_path);
   const SamplingOptions sampling = resolve_sampling(a, defaults);

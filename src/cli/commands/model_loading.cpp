@@ -9,11 +9,12 @@ namespace qt::cli {
 
 CliModel load_cli_model(const std::string& model, const std::string& adapter_dir, uint64_t model_seed,
                         const std::string& context) {
+  std::error_code ec;
+  if (!adapter_dir.empty() && !std::filesystem::is_directory(adapter_dir, ec))
+    fail(context, "--adapter {}: no such folder", adapter_dir);
   CliModel m;
   m.model = load_model_source(model, model_seed, context);
   if (!adapter_dir.empty()) {
-    std::error_code ec;
-    if (!std::filesystem::is_directory(adapter_dir, ec)) fail(context, "--adapter {}: no such folder", adapter_dir);
     m.adapter = std::make_unique<LoraAdapter>(load_peft_adapter(adapter_dir, m.model.cfg, DType::F32));
   }
   m.tok = Tokenizer::load(m.model.tokenizer_path);
