@@ -275,3 +275,53 @@ TEST(Attention, TimingS512) {
               1e3 * t.seconds_forward, 1e3 * t.seconds_backward, 1e3 * (t.seconds_forward + t.seconds_backward));
   RecordProperty("attention_fwd_bwd_ms", int(1e3 * (t.seconds_forward + t.seconds_backward)));
 }
+
+// attention_kv_forward (decoding with a cache): queries at positions past..past+n-1 against the keys
+// of positions 0..past+n-1 give the rows past..past+n-1 of the full causal attention over the first
+// past+n tokens, checked against the explicit-matrix reference (and attention_forward) for prefill
+// (past = 0), chunks and single decode steps, in MHA and GQA, float64 and float32.
+TEST(AttentionKv, RowsEqualFullCausalAttention) {
+  for (const Shape& full : {Shape{2, 11, 4, 2, 8}, Shape{1, 9, 3, 3, 5}, Shape{1, 6, 8, 1, 16}}) {
+    const Vec q = random_vec(full.q_size(), 70), k = random_vec(full.kv_size(), 71), v = random_vec(full.kv_size(), 72);
+    for (int64_t past = 0; past < full.S; past += 2)
+      for (int64_t n : {int64_t(1), full.S - past}) {
+        SCOPED_TRACE(::testing::Message() << "S=" << full.S << " nh=" << full.nh << " nkv=" << full.nkv
+                                          << " past=" << past << " n=" << n);
+        const Shape sub{full.B, past + n, full.nh, full.nkv, full.hd};  // the first past+n tokens
+        auto rows = [&](const Vec& x, int64_t heads, int64_t from, int64_t to) {
+          Vec r;
+          for (int64_t b = 0; b < full.B; ++b)
+            r.insert(r.end(), x.begin() + ((b * full.S + from) * heads) * full.hd,
+                     x.begin() + ((b * full.S + to) * heads) * full.hd);
+          return r;
+        };
+        const Vec qs = rows(q, full.nh, 0, past + n), ks = rows(k, full.nkv, 0, past + n),
+                  vs = rows(v, full.nkv, 0, past + n);
+        Vec ref_out, ref_lse, fwd_out, fwd_lse;
+        naive_attention(ref_out, ref_lse, qs, ks, vs, nullptr, sub);
+        forward(fwd_out, fwd_lse, qs, ks, vs, nullptr, sub);
+        // expected: rows past..past+n-1 of each batch row (out (B,n,nh,hd), lse (B,nh,n))
+        Vec want_out, want_lse, fwd_rows;
+        for (int64_t b = 0; b < full.B; ++b) {
+          const size_t rb = size_t((b * sub.S + past) * full.nh * full.hd), re = size_t((b * sub.S + past + n) * full.nh * full.hd);
+          want_out.insert(want_out.end(), ref_out.begin() + rb, ref_out.begin() + re);
+          fwd_rows.insert(fwd_rows.end(), fwd_out.begin() + rb, fwd_out.begin() + re);
+          for (int64_t h = 0; h < full.nh; ++h)
+            for (int64_t i = past; i < past + n; ++i) want_lse.push_back(ref_lse[size_t((b * full.nh + h) * sub.S + i)]);
+        }
+        const Vec qn = rows(q, full.nh, past, past + n);
+        Vec out(want_out.size(), std::nan("")), lse(want_lse.size(), std::nan(""));
+        attention_kv_forward<double>(out.data(), lse.data(), qn.data(), ks.data(), vs.data(), full.B, n, past, full.nh,
+                                     full.nkv, full.hd);
+        EXPECT_LE(rel_error(out, want_out), 1e-13) << "out vs reference";
+        EXPECT_LE(rel_error(lse, want_lse), 1e-13) << "lse vs reference";
+        EXPECT_LE(rel_error(out, fwd_rows), 1e-15) << "out vs attention_forward (same arithmetic)";
+
+        std::vector<float> qf(qn.begin(), qn.end()), kf(ks.begin(), ks.end()), vf(vs.begin(), vs.end());
+        std::vector<float> outf(out.size());
+        attention_kv_forward<float>(outf.data(), nullptr, qf.data(), kf.data(), vf.data(), full.B, n, past, full.nh,
+                                    full.nkv, full.hd);
+        EXPECT_LE(rel_error(Vec(outf.begin(), outf.end()), want_out), 1e-6) << "float32";
+      }
+  }
+}

@@ -18,6 +18,9 @@ int main(int argc, char** argv) {
   qt::cli::register_data_commands(app);
   qt::cli::register_train_command(app);
   qt::cli::register_download_command(app);
+  qt::cli::register_generate_command(app);
+  qt::cli::register_eval_command(app);
+  qt::cli::register_init_random_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,11 +1,13 @@
 // The Qwen decoder's forward and backward on the CPU, composed from the ops of ops/cpu/ops.h.
-// See decoder.h for the math. Every intermediate the backward needs is kept per layer (the CPU
+// See decoder.h for the math; the layer forward is decoder_layer.h's (shared with inference.cpp).
+// Every intermediate the backward needs is kept per layer (the CPU
 // engine favours clarity over memory; the CUDA engine recomputes instead).
 #include "model/decoder.h"
 
 #include <cmath>
 #include <memory>
 
+#include "model/decoder_layer.h"
 #include "model/moe_aux_loss.h"
 #include "model/moe_mlp.h"
 #include "ops/cpu/ops.h"
@@ -27,78 +29,6 @@ void Batch::validate(int64_t vocab_size) const {
     if (!position_ids.empty() && position_ids[i] < 0) fail("batch", "negative position id at {}", i);
   }
 }
-
-namespace {
-
-const Tensor kNoBias;
-
-template <typename T>
-const T* ptr(const Tensor& t) {
-  return t.defined() ? t.data<T>() : nullptr;
-}
-
-// One projection y = x W^T (+ b) (+ LoRA on dropout(x)). xa keeps dropout(x) A^T for the backward;
-// the dropped input itself is recomputed from the mask key when needed.
-template <typename T>
-struct Projection {
-  const Tensor& W;
-  const Tensor& b;
-  const LoraPair* lora;  // null when no adapter on this module
-  T scale;
-  double drop_p;         // LoRA dropout probability (0: none)
-  uint64_t drop_key;     // cpu::dropout_key of this (step, micro-batch, layer, slot)
-  int64_t in() const { return W.dim(1); }
-  int64_t out() const { return W.dim(0); }
-
-  // x itself, or dropout(x) written to buf.
-  const T* lora_input(std::vector<T>& buf, const T* x, int64_t N) const {
-    if (drop_p <= 0) return x;
-    buf.resize(static_cast<size_t>(N * in()));
-    cpu::dropout_apply<T>(buf.data(), x, N, in(), drop_p, drop_key, nullptr);
-    return buf.data();
-  }
-  void forward(T* y, std::vector<T>& xa, const T* x, int64_t N) const {
-    cpu::linear_forward(y, x, W.data<T>(), ptr<T>(b), N, in(), out());
-    if (lora) {
-      int64_t r = lora->A.dim(0);
-      xa.resize(static_cast<size_t>(N * r));
-      std::vector<T> xd;
-      cpu::lora_forward(y, xa.data(), lora_input(xd, x, N), lora->A.data<T>(), lora->B.data<T>(), scale, N, in(),
-                        out(), r);
-    }
-  }
-  // dx += dy W (+ LoRA path, through the dropout mask); dlora gets dA, dB.
-  void backward(T* dx, LoraPair* dlora, const T* dy, const T* x, const std::vector<T>& xa, int64_t N) const {
-    cpu::linear_backward(dx, (T*)nullptr, (T*)nullptr, dy, x, W.data<T>(), N, in(), out());
-    if (!lora) return;
-    const int64_t r = lora->A.dim(0);
-    std::vector<T> xd, dxd(drop_p > 0 ? static_cast<size_t>(N * in()) : 0, T(0));
-    cpu::lora_backward(drop_p > 0 ? dxd.data() : dx, dlora->A.data<T>(), dlora->B.data<T>(), dy,
-                       lora_input(xd, x, N), xa.data(), lora->A.data<T>(), lora->B.data<T>(), scale, N, in(), out(),
-                       r);
-    if (drop_p > 0) {
-      cpu::dropout_apply<T>(dxd.data(), dxd.data(), N, in(), drop_p, drop_key, nullptr);  // d dropout(x) / dx
-      cpu::add_inplace(dx, dxd.data(), N * in());
-    }
-  }
-};
-
-// What the backward of one layer needs.
-template <typename T>
-struct LayerCache {
-  std::vector<T> x;                  // (N,H) layer input
-  std::vector<T> a, rstd1;           // (N,H) normed input, (N)
-  std::vector<T> q_raw, k_raw;       // (N,nh*hd), (N,nkv*hd) projections before the q/k norm
-  std::vector<T> rstd_q, rstd_k;     // (N*nh), (N*nkv)
-  std::vector<T> q, k, v;            // after norm + RoPE (attention inputs)
-  std::vector<T> attn, lse;          // (N,nh*hd), (B,nh,S)
-  std::vector<T> xa[kNumLoraSlots];  // LoRA x A^T per dense module
-  std::vector<T> h;                  // (N,H) residual after attention
-  std::vector<T> m, rstd2;           // (N,H) normed, (N)
-  std::vector<T> g, u, act;          // dense MLP (N,I)
-};
-
-}  // namespace
 
 template <typename T>
 QwenDecoder<T>::QwenDecoder(const ModelWeights& weights, const LoraAdapter* lora) : w_(weights), lora_(lora) {
@@ -126,97 +56,35 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
   cpu::rope_table(cos.data(), sin.data(), pos.data(), N, hd, c.rope_theta);
   const int32_t* seg = batch.segment_ids.empty() ? nullptr : batch.segment_ids.data();
 
-  auto lora_of = [&](int64_t l, LoraSlot s) -> const LoraPair* {
-    if (!lora_) return nullptr;
-    const LoraPair& p = lora_->layers[l].slot[s];
-    return p.present() ? &p : nullptr;
-  };
-  const double drop_p = lora_ && dropout.active() ? dropout.p : 0.0;
-  auto drop_key = [&](int64_t l, LoraSlot s) {
-    return cpu::dropout_key(dropout.seed, dropout.step, dropout.micro_batch, l, s);
-  };
-  auto proj = [&](int64_t l, const Tensor& W, const Tensor& b, LoraSlot s) {
-    return Projection<T>{W, b, lora_of(l, s), scale, drop_p, drop_key(l, s)};
-  };
-  auto expert_dropout = [&](int64_t l) {
-    return ExpertDropout{drop_p, {drop_key(l, kLoraGate), drop_key(l, kLoraUp), drop_key(l, kLoraDown)}};
+  auto params = [&](int64_t l) {
+    return LayerParams<T>{c, w_.layers[size_t(l)], lora_ ? &lora_->layers[size_t(l)] : nullptr, scale, l, dropout};
   };
 
   std::vector<T> x(static_cast<size_t>(N * H));
   cpu::embedding_forward(x.data(), batch.input_ids.data(), w_.embed.data<T>(), N, H);
-  std::vector<LayerCache<T>> caches(grads ? size_t(L) : 0);
-  LayerCache<T> scratch;
+  std::vector<LayerActivations<T>> caches(grads ? size_t(L) : 0);
+  LayerActivations<T> scratch;
   // MoE caches are kept for the backward and for the router aux loss (over all MoE layers).
   const bool want_aux = c.output_router_logits;
   std::vector<std::unique_ptr<MoeMlpCache<T>>> moe(static_cast<size_t>(L));
   MoeMlpCache<T> moe_scratch;
+  const bool keep = grads != nullptr;
 
   for (int64_t l = 0; l < L; ++l) {
-    const LayerWeights& lw = w_.layers[l];
-    LayerCache<T>& cc = grads ? caches[l] : scratch;
-    cc.x = x;
-    // --- attention block
-    cc.a.resize(static_cast<size_t>(N * H));
-    cc.rstd1.resize(static_cast<size_t>(N));
-    cpu::rmsnorm_forward(cc.a.data(), cc.rstd1.data(), x.data(), lw.input_norm.data<T>(), N, H, c.rms_norm_eps);
-    const Projection<T> pq = proj(l, lw.attn.q_w, lw.attn.q_b, kLoraQ);
-    const Projection<T> pk = proj(l, lw.attn.k_w, lw.attn.k_b, kLoraK);
-    const Projection<T> pv = proj(l, lw.attn.v_w, lw.attn.v_b, kLoraV);
-    cc.q.resize(static_cast<size_t>(N * qd));
-    cc.k.resize(static_cast<size_t>(N * kvd));
-    cc.v.resize(static_cast<size_t>(N * kvd));
-    pq.forward(cc.q.data(), cc.xa[kLoraQ], cc.a.data(), N);
-    pk.forward(cc.k.data(), cc.xa[kLoraK], cc.a.data(), N);
-    pv.forward(cc.v.data(), cc.xa[kLoraV], cc.a.data(), N);
-    if (c.qk_norm) {
-      cc.q_raw = cc.q;
-      cc.k_raw = cc.k;
-      cc.rstd_q.resize(static_cast<size_t>(N * nh));
-      cc.rstd_k.resize(static_cast<size_t>(N * nkv));
-      cpu::rmsnorm_forward(cc.q.data(), cc.rstd_q.data(), cc.q_raw.data(), lw.attn.q_norm.data<T>(), N * nh, hd,
-                           c.rms_norm_eps);
-      cpu::rmsnorm_forward(cc.k.data(), cc.rstd_k.data(), cc.k_raw.data(), lw.attn.k_norm.data<T>(), N * nkv, hd,
-                           c.rms_norm_eps);
-    }
-    cpu::rope_forward(cc.q.data(), cos.data(), sin.data(), N, nh, hd);
-    cpu::rope_forward(cc.k.data(), cos.data(), sin.data(), N, nkv, hd);
+    const LayerParams<T> p = params(l);
+    LayerActivations<T>& cc = keep ? caches[l] : scratch;
+    if (keep) cc.x = x;
+    layer_attention_inputs(cc, x.data(), N, p, cos.data(), sin.data(), keep);
     cc.attn.resize(static_cast<size_t>(N * qd));
     cc.lse.resize(static_cast<size_t>(B * nh * S));
     cpu::attention_forward(cc.attn.data(), cc.lse.data(), cc.q.data(), cc.k.data(), cc.v.data(), seg, B, S, nh, nkv,
                            hd);
-    const Projection<T> po = proj(l, lw.attn.o_w, kNoBias, kLoraO);
-    std::vector<T> o(static_cast<size_t>(N * H));
-    po.forward(o.data(), cc.xa[kLoraO], cc.attn.data(), N);
-    cpu::add_inplace(x.data(), o.data(), N * H);
-    cc.h = x;
-    // --- MLP block
-    cc.m.resize(static_cast<size_t>(N * H));
-    cc.rstd2.resize(static_cast<size_t>(N));
-    cpu::rmsnorm_forward(cc.m.data(), cc.rstd2.data(), x.data(), lw.post_norm.data<T>(), N, H, c.rms_norm_eps);
-    std::vector<T> y(static_cast<size_t>(N * H));
-    if (lw.is_moe) {
-      static const LayerLora kNoLora{};
-      MoeMlpCache<T>* mc = &moe_scratch;
-      if (grads || want_aux) {
-        moe[l] = std::make_unique<MoeMlpCache<T>>();
-        mc = moe[l].get();
-      }
-      moe_mlp_forward<T>(y.data(), *mc, cc.m.data(), N, lw.mlp, lora_ ? lora_->layers[l] : kNoLora, scale,
-                         c.num_experts_per_tok, c.norm_topk_prob, expert_dropout(l));
-    } else {
-      const int64_t I = lw.mlp.gate.dim(0);
-      const Projection<T> pg = proj(l, lw.mlp.gate, kNoBias, kLoraGate);
-      const Projection<T> pu = proj(l, lw.mlp.up, kNoBias, kLoraUp);
-      const Projection<T> pd = proj(l, lw.mlp.down, kNoBias, kLoraDown);
-      cc.g.resize(static_cast<size_t>(N * I));
-      cc.u.resize(static_cast<size_t>(N * I));
-      cc.act.resize(static_cast<size_t>(N * I));
-      pg.forward(cc.g.data(), cc.xa[kLoraGate], cc.m.data(), N);
-      pu.forward(cc.u.data(), cc.xa[kLoraUp], cc.m.data(), N);
-      cpu::swiglu_forward(cc.act.data(), cc.g.data(), cc.u.data(), N * I);
-      pd.forward(y.data(), cc.xa[kLoraDown], cc.act.data(), N);
+    MoeMlpCache<T>* mc = &moe_scratch;
+    if (p.w.is_moe && (keep || want_aux)) {
+      moe[l] = std::make_unique<MoeMlpCache<T>>();
+      mc = moe[l].get();
     }
-    cpu::add_inplace(x.data(), y.data(), N * H);
+    layer_output_and_mlp(x.data(), cc, *mc, N, p, keep);
   }
 
   // --- head and loss
@@ -266,7 +134,8 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
 
   for (int64_t l = L - 1; l >= 0; --l) {
     const LayerWeights& lw = w_.layers[l];
-    LayerCache<T>& cc = caches[l];
+    const LayerParams<T> p = params(l);
+    LayerActivations<T>& cc = caches[l];
     // dx holds d(layer output). Residual: d(h) = dx + MLP path.
     std::vector<T> dm(static_cast<size_t>(N * H), T(0));
     if (lw.is_moe) {
@@ -275,9 +144,7 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
       moe[l].reset();
     } else {
       const int64_t I = lw.mlp.gate.dim(0);
-      const Projection<T> pg = proj(l, lw.mlp.gate, kNoBias, kLoraGate);
-      const Projection<T> pu = proj(l, lw.mlp.up, kNoBias, kLoraUp);
-      const Projection<T> pd = proj(l, lw.mlp.down, kNoBias, kLoraDown);
+      const Projection<T> pg = p.proj(kLoraGate), pu = p.proj(kLoraUp), pd = p.proj(kLoraDown);
       std::vector<T> dact(static_cast<size_t>(N * I), T(0)), dg(static_cast<size_t>(N * I), T(0)), du(static_cast<size_t>(N * I), T(0));
       pd.backward(dact.data(), dlora_of(l, kLoraDown), dx.data(), cc.act.data(), cc.xa[kLoraDown], N);
       cpu::swiglu_backward(dg.data(), du.data(), dact.data(), cc.g.data(), cc.u.data(), N * I);
@@ -287,7 +154,7 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
     // dx accumulates the norm's gradient: dh = dx + RMSNorm^T(dm)
     cpu::rmsnorm_backward(dx.data(), (T*)nullptr, dm.data(), cc.h.data(), lw.post_norm.data<T>(), cc.rstd2.data(), N, H);
     // Attention block: dx is now d(h) = d(layer input) through the residual + attention path.
-    const Projection<T> po = proj(l, lw.attn.o_w, kNoBias, kLoraO);
+    const Projection<T> po = p.proj(kLoraO);
     std::vector<T> dattn(static_cast<size_t>(N * qd), T(0));
     po.backward(dattn.data(), dlora_of(l, kLoraO), dx.data(), cc.attn.data(), cc.xa[kLoraO], N);
     std::vector<T> dq(static_cast<size_t>(N * qd), T(0)), dk(static_cast<size_t>(N * kvd), T(0)), dv(static_cast<size_t>(N * kvd), T(0));
@@ -304,15 +171,13 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
       dq.swap(dq_raw);
       dk.swap(dk_raw);
     }
-    const Projection<T> pq = proj(l, lw.attn.q_w, lw.attn.q_b, kLoraQ);
-    const Projection<T> pk = proj(l, lw.attn.k_w, lw.attn.k_b, kLoraK);
-    const Projection<T> pv = proj(l, lw.attn.v_w, lw.attn.v_b, kLoraV);
+    const Projection<T> pq = p.proj(kLoraQ), pk = p.proj(kLoraK), pv = p.proj(kLoraV);
     std::vector<T> da(static_cast<size_t>(N * H), T(0));
     pq.backward(da.data(), dlora_of(l, kLoraQ), dq.data(), cc.a.data(), cc.xa[kLoraQ], N);
     pk.backward(da.data(), dlora_of(l, kLoraK), dk.data(), cc.a.data(), cc.xa[kLoraK], N);
     pv.backward(da.data(), dlora_of(l, kLoraV), dv.data(), cc.a.data(), cc.xa[kLoraV], N);
     cpu::rmsnorm_backward(dx.data(), (T*)nullptr, da.data(), cc.x.data(), lw.input_norm.data<T>(), cc.rstd1.data(), N, H);
-    cc = LayerCache<T>();  // free this layer's activations
+    cc = LayerActivations<T>();  // free this layer's activations
   }
   return res;
 }

@@ -11,6 +11,7 @@
 // mlp.{gate,up,down}_proj.weight (E,out,in); any float dtype on disk.
 #pragma once
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -58,5 +59,9 @@ ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, 
 // for a seed (independent of the thread count and the C++ library): normal(0, std) for matrices
 // (router and embeddings included), ones for norms, zeros for biases; lm_head = embed when tied.
 ModelWeights random_model_weights(const ModelConfig& cfg, DType dtype, uint64_t seed, double std = 0.02);
+
+// The weights under the Hub's tensor names (model.embed_tokens.weight, ..., per-expert
+// mlp.experts.E.{gate,up,down}_proj.weight; no lm_head.weight when tied), sharing storage.
+std::vector<std::pair<std::string, Tensor>> hub_named_tensors(const ModelWeights& w);
 
 }  // namespace qt

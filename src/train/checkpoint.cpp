@@ -229,13 +229,11 @@ std::string tokenized_dataset_sha256(const data::TokenizedDataset& ds) {
   return h.hex_digest();
 }
 
-json training_fingerprint(const TrainConfig& tc, int64_t total_steps, const std::string& train_data_sha256) {
+json training_fingerprint(const TrainConfig& tc, const std::string& model_config_path, int64_t total_steps,
+                          const std::string& train_data_sha256) {
   json f;
   f["base_model"] = canonical_text(tc.base_model);
-  std::error_code ec;
-  const fs::path model_config = fs::is_directory(tc.base_model, ec) ? fs::path(tc.base_model) / "config.json"
-                                                                    : fs::path(tc.base_model);
-  f["model_config_sha256"] = sha256_file_hex(model_config.string());
+  f["model_config_sha256"] = sha256_file_hex(model_config_path);
   json ds = json::array();
   for (const DatasetSpec& d : tc.datasets) ds.push_back({{"path", canonical_text(d.path)}, {"type", d.type}});
   f["datasets"] = ds;

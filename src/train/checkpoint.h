@@ -68,7 +68,9 @@ struct TrainerState {
 // of its config.json), datasets, the data settings, seed, batch sizes, sequence_len, the LoRA
 // settings, the total number of steps, and `train_data_sha256` (tokenized_dataset_sha256 of the
 // training split, which catches an edited data file).
-nlohmann::json training_fingerprint(const TrainConfig& tc, int64_t total_steps, const std::string& train_data_sha256);
+// model_config_path: the config.json actually read (a folder's, a bare file, or a Hub snapshot's).
+nlohmann::json training_fingerprint(const TrainConfig& tc, const std::string& model_config_path, int64_t total_steps,
+                                    const std::string& train_data_sha256);
 // SHA-256 over the token ids, labels and sequence/document boundaries.
 std::string tokenized_dataset_sha256(const data::TokenizedDataset& ds);
 // Throws "[checkpoint] DIR: the run's settings differ from the checkpoint's: key (checkpoint X, now

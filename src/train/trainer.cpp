@@ -15,7 +15,9 @@
 #include "data/dataset.h"
 #include "model/decoder.h"
 #include "model/lora.h"
+#include "model/model_source.h"
 #include "model/weights.h"
+#include "train/evaluate.h"
 #include "tokenizer/tokenizer.h"
 #include "train/checkpoint.h"
 #include "train/interrupt.h"
@@ -31,45 +33,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-struct ResolvedModel {
-  ModelConfig cfg;
-  ModelWeights weights;
-  std::string tokenizer_path;
-  std::string description;
-};
-
-std::string bundled_tokenizer() { return (fs::path(QT_SOURCE_DIR) / "data" / "qwen3-tokenizer").string(); }
-
-bool has_safetensors(const fs::path& dir) {
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec))
-    if (e.path().extension() == ".safetensors") return true;
-  return false;
-}
-
-ResolvedModel resolve_model(const TrainConfig& tc) {
-  const fs::path p(tc.base_model);
-  std::error_code ec;
-  ResolvedModel m;
-  if (fs::is_directory(p, ec)) {
-    if (!fs::exists(p / "config.json")) fail("train", "base_model {}: the folder has no config.json", tc.base_model);
-    if (!has_safetensors(p)) fail("train", "base_model {}: the folder has no .safetensors weights", tc.base_model);
-    m.cfg = load_hf_config(p.string());
-    m.weights = load_model_weights(p.string(), m.cfg, DType::F32);
-    m.tokenizer_path = fs::exists(p / "tokenizer.json") ? p.string() : bundled_tokenizer();
-    m.description = fmt::format("{} (weights from the folder)", tc.base_model);
-  } else if (fs::is_regular_file(p, ec)) {
-    m.cfg = load_hf_config(p.string());
-    m.weights = random_model_weights(m.cfg, DType::F32, uint64_t(tc.seed), m.cfg.initializer_range);
-    const fs::path sibling = p.parent_path() / "tokenizer.json";
-    m.tokenizer_path = fs::exists(sibling) ? p.parent_path().string() : bundled_tokenizer();
-    m.description = fmt::format("{} (random weights, seed {}, std {})", tc.base_model, tc.seed, m.cfg.initializer_range);
-  } else {
-    fail("train", "base_model {}: no such folder or config file", tc.base_model);
-  }
-  return m;
-}
 
 data::DatasetFormat format_of(const std::string& type) {
   return data::parse_dataset_format(type == "chat" ? "messages" : type);
@@ -112,25 +75,6 @@ void zero_grads(LoraAdapter& g) {
       }
 }
 
-// Token-mean loss over the whole validation set (no gradients).
-double evaluate(QwenDecoder<float>& dec, const data::TokenizedDataset& val, const TrainConfig& tc, int32_t pad_id) {
-  data::BatchOptions bo;
-  bo.micro_batch_size = tc.micro_batch_size;
-  bo.shuffle = false;
-  bo.pad_id = pad_id;
-  data::BatchIterator it(val, bo);
-  double sum = 0;
-  int64_t count = 0;
-  Batch b;
-  for (int64_t i = 0; i < it.batches_per_epoch(); ++i) {
-    it.next(b);
-    const StepResult r = dec.forward_backward(b, nullptr, false);
-    sum += r.loss_sum + double(r.count) * r.aux_coef * r.aux_loss;
-    count += r.count;
-  }
-  return count ? sum / double(count) : 0.0;
-}
-
 }  // namespace
 
 int64_t steps_per_epoch(int64_t batches_per_epoch, int64_t grad_accum) {
@@ -169,7 +113,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   if (!run.resume) write_resolved_config();  // on resume: once the settings are known to match
 
   // Model and tokenizer.
-  ResolvedModel model = resolve_model(tc);
+  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train");
   const Tokenizer tok = Tokenizer::load(model.tokenizer_path);
   if (tok.vocab_size() > model.cfg.vocab_size)
     fail("train", "the tokenizer {} has {} tokens but the model's vocab_size is {}", model.tokenizer_path,
@@ -226,7 +170,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   const int64_t per_epoch = steps_per_epoch(batches_per_epoch, ga);
   const int64_t log_every = tc.logging_steps_for(total);
   const LrSchedule schedule(tc.scheduler_kind(), tc.learning_rate, tc.warmup_steps_for(total), total);
-  const nlohmann::json fingerprint = training_fingerprint(tc, total, tokenized_dataset_sha256(train_ds));
+  const nlohmann::json fingerprint = training_fingerprint(tc, model.config_path, total, tokenized_dataset_sha256(train_ds));
   if (run.resume) {
     check_fingerprint(resume.state.fingerprint, fingerprint, resume.dir);
     write_resolved_config();
@@ -378,7 +322,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     }
     const bool eval_now = val_ds.size() > 0 && ((tc.eval_steps > 0 && done % tc.eval_steps == 0) || done == total);
     if (eval_now) {
-      const double vl = evaluate(dec, val_ds, tc, pad_id);
+      const double vl = evaluate_dataset(dec, val_ds, tc.micro_batch_size, pad_id).loss();
       progress.print_line(fmt::format("eval  step {}/{}  eval_loss {:.4f}", done, total, vl));
       write_metrics({{"type", "eval"}, {"step", done}, {"eval_loss", vl}});
       ckpt.eval_loss.push_back({done, vl});

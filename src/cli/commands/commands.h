@@ -12,5 +12,8 @@ void register_convert_lora_command(CLI::App& app);  // convert-lora
 void register_data_commands(CLI::App& app);       // data preview
 void register_train_command(CLI::App& app);       // train
 void register_download_command(CLI::App& app);    // download
+void register_generate_command(CLI::App& app);    // generate
+void register_eval_command(CLI::App& app);        // eval
+void register_init_random_command(CLI::App& app); // init-random
 
 }  // namespace qt::cli

@@ -13,6 +13,8 @@
 // transposed per head into hd x S scratch) so the compiler vectorises them without reassociation.
 // dk/dv of query heads sharing a kv head are accumulated in per-head scratch and summed afterwards
 // in head order, so results are deterministic.
+// attention_kv_forward (decoding with a KV cache) runs the same per-row code (attend_row) for
+// queries at positions past..past+n-1 against all past+n cached keys.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -79,6 +81,33 @@ inline bool visible(const int32_t* seg_b, int64_t i, int64_t j) {
   return seg_b == nullptr || seg_b[j] == seg_b[i];
 }
 
+// One query row: o (hd) = softmax(scores over keys [j0, i] of kv head g in row b) V, returning the
+// log-sum-exp; keys with another segment than i are masked. s (S) and acc (hd) are scratch.
+template <typename T>
+T attend_row(T* o, const T* qi, const T* kt, const T* v, const AttnShape& a, int64_t b, int64_t g, int64_t j0,
+             int64_t i, const int32_t* seg_b, T* s, T* acc) {
+  const T scale = T(1.0 / std::sqrt(double(a.hd)));
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  scores_row(s, qi, kt, a.S, a.hd, j0, i, scale);
+  T m = neg_inf;
+  for (int64_t j = j0; j <= i; ++j) {
+    if (!visible(seg_b, i, j)) s[j] = neg_inf;
+    m = std::max(m, s[j]);
+  }
+  double l = 0;
+  std::fill(acc, acc + a.hd, T(0));
+  for (int64_t j = j0; j <= i; ++j) {
+    if (s[j] == neg_inf) continue;
+    const T p = std::exp(s[j] - m);
+    l += double(p);
+    const T* vj = v + a.kv_off(b, j, g);
+    for (int64_t d = 0; d < a.hd; ++d) acc[d] += p * vj[d];
+  }
+  const T inv_l = T(1.0 / l);
+  for (int64_t d = 0; d < a.hd; ++d) o[d] = acc[d] * inv_l;
+  return T(double(m) + std::log(l));
+}
+
 }  // namespace
 
 template <typename T>
@@ -87,8 +116,6 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const
   const AttnShape a{B, S, nh, nkv, hd};
   check_shape(a);
   const std::vector<int64_t> first = first_visible_keys(segment, B, S);
-  const T scale = T(1.0 / std::sqrt(double(hd)));
-  const T neg_inf = -std::numeric_limits<T>::infinity();
 
 #pragma omp parallel
   {
@@ -98,27 +125,32 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const
       const int64_t b = bh / nh, h = bh % nh, g = h / a.group();
       const int32_t* seg_b = segment ? segment + b * S : nullptr;
       transpose_head(kt.data(), k, a, b, g);
-      for (int64_t i = 0; i < S; ++i) {
-        const int64_t j0 = first[size_t(b * S + i)];
-        scores_row(s.data(), q + a.q_off(b, i, h), kt.data(), S, hd, j0, i, scale);
-        T m = neg_inf;
-        for (int64_t j = j0; j <= i; ++j) {
-          if (!visible(seg_b, i, j)) s[size_t(j)] = neg_inf;
-          m = std::max(m, s[size_t(j)]);
-        }
-        double l = 0;
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t j = j0; j <= i; ++j) {
-          if (s[size_t(j)] == neg_inf) continue;
-          const T p = std::exp(s[size_t(j)] - m);
-          l += double(p);
-          const T* vj = v + a.kv_off(b, j, g);
-          for (int64_t d = 0; d < hd; ++d) acc[size_t(d)] += p * vj[d];
-        }
-        const T inv_l = T(1.0 / l);
-        T* oi = out + a.q_off(b, i, h);
-        for (int64_t d = 0; d < hd; ++d) oi[d] = acc[size_t(d)] * inv_l;
-        lse[bh * S + i] = T(double(m) + std::log(l));
+      for (int64_t i = 0; i < S; ++i)
+        lse[bh * S + i] = attend_row(out + a.q_off(b, i, h), q + a.q_off(b, i, h), kt.data(), v, a, b, g,
+                                     first[size_t(b * S + i)], i, seg_b, s.data(), acc.data());
+    }
+  }
+}
+
+template <typename T>
+void attention_kv_forward(T* out, T* lse, const T* q, const T* k, const T* v, int64_t B, int64_t n, int64_t past,
+                          int64_t nh, int64_t nkv, int64_t hd) {
+  QT_ASSERT(n >= 0 && past >= 0, "attention_kv: n={} past={}", n, past);
+  const AttnShape a{B, past + n, nh, nkv, hd};  // the key/value rows
+  check_shape(a);
+  const int64_t S = a.S;
+
+#pragma omp parallel
+  {
+    std::vector<T> kt(size_t(hd * S)), s(static_cast<size_t>(S)), acc(static_cast<size_t>(hd));
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * nh; ++bh) {
+      const int64_t b = bh / nh, h = bh % nh, g = h / a.group();
+      transpose_head(kt.data(), k, a, b, g);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t qo = ((b * n + i) * nh + h) * hd;
+        const T l = attend_row(out + qo, q + qo, kt.data(), v, a, b, g, 0, past + i, nullptr, s.data(), acc.data());
+        if (lse) lse[bh * n + i] = l;
       }
     }
   }
@@ -207,6 +239,8 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out, const 
 }
 
 #define QT_INSTANTIATE(T)                                                                                         \
+  template void attention_kv_forward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t, int64_t,       \
+                                        int64_t, int64_t, int64_t);                                             \
   template void attention_forward<T>(T*, T*, const T*, const T*, const T*, const int32_t*, int64_t, int64_t,      \
                                      int64_t, int64_t, int64_t);                                                \
   template void attention_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, const T*, const T*,    \

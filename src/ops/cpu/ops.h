@@ -62,6 +62,14 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out, const 
                         const T* v, const int32_t* segment, int64_t B, int64_t S, int64_t nh, int64_t nkv,
                         int64_t hd);
 
+// Attention of new queries against a KV cache (decoding): q (B,n,nh,hd) are the tokens at positions
+// past..past+n-1 of each row; k/v (B,past+n,nkv,hd) hold keys/values of positions 0..past+n-1 (the
+// new tokens' included). Query i sees keys j <= past + i; no segments. out (B,n,nh,hd); lse (B,nh,n)
+// or nullptr. Same arithmetic as attention_forward, so rows equal its rows past..past+n-1.
+template <typename T>
+void attention_kv_forward(T* out, T* lse, const T* q, const T* k, const T* v, int64_t B, int64_t n, int64_t past,
+                          int64_t nh, int64_t nkv, int64_t hd);
+
 // ---- linear and LoRA --------------------------------------------------------------------
 // y (N,out) = x (N,in) W^T + b; W (out,in), b (out) or nullptr.
 template <typename T>

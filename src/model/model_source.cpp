@@ -1,0 +1,54 @@
+// Model string -> LoadedModel (see model_source.h).
+#include "model/model_source.h"
+
+#include <filesystem>
+
+#include "core/error.h"
+#include "io/hub.h"
+
+namespace qt {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool has_safetensors(const fs::path& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.path().extension() == ".safetensors") return true;
+  return false;
+}
+
+}  // namespace
+
+std::string bundled_tokenizer_dir() { return (fs::path(QT_SOURCE_DIR) / "data" / "qwen3-tokenizer").string(); }
+
+LoadedModel load_model_source(const std::string& base_model, uint64_t seed, const std::string& context) {
+  // A Hub id (ORG/NAME[@REV]) becomes its snapshot folder in the HF cache (downloaded when files are
+  // missing); an existing path comes back unchanged.
+  const fs::path p(hub::resolve_model_dir(base_model, hub::HubOptions{}));
+  std::error_code ec;
+  LoadedModel m;
+  if (fs::is_directory(p, ec)) {
+    if (!fs::exists(p / "config.json")) fail(context, "base_model {}: the folder has no config.json", base_model);
+    if (!has_safetensors(p)) fail(context, "base_model {}: the folder has no .safetensors weights", base_model);
+    m.config_path = (p / "config.json").string();
+    m.cfg = load_hf_config(p.string());
+    m.weights = load_model_weights(p.string(), m.cfg, DType::F32);
+    m.tokenizer_path = fs::exists(p / "tokenizer.json") ? p.string() : bundled_tokenizer_dir();
+    m.description = fmt::format("{} (weights from the folder)", base_model);
+  } else if (fs::is_regular_file(p, ec)) {
+    m.config_path = p.string();
+    m.cfg = load_hf_config(p.string());
+    m.weights = random_model_weights(m.cfg, DType::F32, seed, m.cfg.initializer_range);
+    m.random_weights = true;
+    const fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
+    m.tokenizer_path = fs::exists(dir / "tokenizer.json") ? dir.string() : bundled_tokenizer_dir();
+    m.description = fmt::format("{} (random weights, seed {})", base_model, seed);
+  } else {
+    fail(context, "base_model {}: no such folder or config file", base_model);
+  }
+  return m;
+}
+
+}  // namespace qt

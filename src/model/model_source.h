@@ -1,0 +1,34 @@
+// The one place that turns a user's model string into weights + config + tokenizer, used by train,
+// generate and eval:
+//   a folder with config.json and .safetensors weights -> the folder's weights (f32);
+//   a bare config.json file                            -> random weights of its shape (random_model_weights
+//                                                         with `seed` and the config's initializer_range,
+//                                                         as the embedded default);
+//   a Hub id ORG/NAME[@REV]                            -> its snapshot folder in the Hugging Face cache
+//                                                         (hub::resolve_model_dir; missing files downloaded).
+// The tokenizer is the folder's (or the config file's folder's) when it holds tokenizer.json, else the
+// bundled data/qwen3-tokenizer. Errors: "[<context>] base_model <s>: ..." (one line).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "io/hf_config.h"
+#include "model/weights.h"
+
+namespace qt {
+
+struct LoadedModel {
+  ModelConfig cfg;
+  ModelWeights weights;         // f32
+  std::string config_path;      // the config.json read
+  std::string tokenizer_path;   // folder holding tokenizer.json
+  std::string description;      // for progress lines, e.g. "DIR (weights from the folder)"
+  bool random_weights = false;  // true for a bare config.json
+};
+
+LoadedModel load_model_source(const std::string& base_model, uint64_t seed, const std::string& context = "model");
+
+// The bundled tokenizer folder (data/qwen3-tokenizer of the source tree).
+std::string bundled_tokenizer_dir();
+
+}  // namespace qt
