@@ -25,7 +25,7 @@ CliModel load_cli_model(const std::string& model, const std::string& adapter_dir
 }
 
 void add_model_options(CLI::App* cmd, ModelOptions& o) {
-  cmd->add_option("--model", o.model, "Model folder (config.json + safetensors), or a config.json for random weights")
+  cmd->add_option("--model", o.model, "Model folder (config.json + safetensors), a Hugging Face Hub id ORG/NAME[@REV] (resolved in the HF cache, downloaded when missing), or a config.json for random weights")
       ->required();
   cmd->add_option("--adapter", o.adapter, "PEFT LoRA adapter folder, applied unmerged");
   cmd->add_option("--model-seed", o.model_seed,
