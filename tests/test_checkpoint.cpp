@@ -22,12 +22,15 @@
 #include "train/checkpoint.h"
 #include "train/interrupt.h"
 #include "train/optimizer.h"
+#include "test_files.h"
 
 using namespace qt;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
+
+using qt::test::TempDir;
 
 // Layer 0 MoE (E=3, I=5), layer 1 dense (I=10); H=8.
 ModelConfig small_moe() {
@@ -45,17 +48,6 @@ LoraConfig lora_cfg() {
   c.target_modules = {"q_proj", "v_proj", "up_proj"};
   return c;
 }
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("qt_test_ckpt_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string str() const { return path.string(); }
-};
 
 // An adapter with B moved off zero and an AdamW with non-zero moments: `steps` updates with
 // deterministic pseudo-random gradients.

@@ -15,31 +15,18 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include "test_files.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
+using qt::test::TempDir;
+using qt::test::read_file;
+
 std::string quoted(const std::string& s) { return "'" + s + "'"; }
 std::string quoted(const char* s) { return quoted(std::string(s)); }
 std::string quoted(const fs::path& p) { return quoted(p.string()); }
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("qt_test_cli_e2e_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
-
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 struct RunResult {
   int status = -1;

@@ -24,11 +24,14 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "test_files.h"
 
 using namespace qt;
 namespace fs = std::filesystem;
 
 namespace {
+
+using qt::test::TempDir;
 
 constexpr double kLogitsTol = 1e-5;  // loss and logits
 constexpr double kGradTol = 1e-4;    // every LoRA gradient
@@ -74,16 +77,6 @@ std::string read_text(const fs::path& p) {
   ss << f.rdbuf();
   return ss.str();
 }
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("qt_test_golden_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
 
 struct Comparison {
   double rel = 0;       // ||x - ref|| / ||ref|| (0 / 0 = 0; x / 0 = inf)

@@ -19,12 +19,16 @@
 #include "core/sha256.h"
 #include "fake_hub_server.h"
 #include "io/hub.h"
+#include "test_files.h"
 
 namespace fs = std::filesystem;
 using namespace qt::hub;
 using qt::test::FakeHub;
 
 namespace {
+
+using qt::test::TempDir;
+using qt::test::read_file;
 
 // Sets (or unsets, with nullopt) environment variables for one scope.
 class ScopedEnv {
@@ -58,25 +62,6 @@ struct CleanHubEnv : ScopedEnv {
       set(v, std::nullopt);
   }
 };
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "qt_hub_XXXXXX").string();
-    path = ::mkdtemp(t.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 void write_file(const fs::path& p, const std::string& s) {
   fs::create_directories(p.parent_path());

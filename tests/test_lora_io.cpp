@@ -15,12 +15,15 @@
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "model/lora.h"
+#include "test_files.h"
 
 using namespace qt;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
+
+using qt::test::TempDir;
 
 // Layers 0 and 2 MoE (E=3, I=5), layer 1 dense (I=10); H=8, q_dim 12, kv_dim 6.
 ModelConfig moe_model() {
@@ -45,17 +48,6 @@ LoraConfig all_targets(int64_t r = 4) {
   c.base_model_name_or_path = "Qwen/Test";
   return c;
 }
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("qt_test_lora_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string str() const { return path.string(); }
-};
 
 // Fills every A and B with distinct non-trivial values (B is zero after init).
 void fill_values(LoraAdapter& a, uint64_t seed) {

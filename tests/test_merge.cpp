@@ -35,6 +35,7 @@
 #include "model/decoder.h"
 #include "model/lora.h"
 #include "model/weights.h"
+#include "test_files.h"
 
 using namespace qt;
 namespace fs = std::filesystem;
@@ -42,20 +43,12 @@ using json = nlohmann::json;
 
 namespace {
 
+using qt::test::TempDir;
+
 constexpr double kLogitsTol = 1e-5;
 constexpr double kMinAdapterEffect = 1e-3;
 
 const fs::path kGolden = fs::path(QT_SOURCE_DIR) / "tests" / "golden";
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("qt_test_merge_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
 
 std::string read_text(const fs::path& p) {
   std::ifstream f(p, std::ios::binary);

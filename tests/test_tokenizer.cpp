@@ -26,6 +26,7 @@
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/unicode.h"
 #include "tokenizer_round_trip.h"
+#include "test_files.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -33,6 +34,8 @@ using qt::Tokenizer;
 using qt::testing::expected_round_trip;
 
 namespace {
+
+using qt::test::TempDir;
 
 const std::string kQwenDir = std::string(QT_SOURCE_DIR) + "/data/qwen3-tokenizer";
 
@@ -86,23 +89,6 @@ size_t check_fixture(const std::string& path) {
 }
 
 // A temporary directory removed at the end of a test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("qt_tok_test_" + std::to_string(::getpid()) + "_" +
-                                        std::to_string(std::random_device{}()));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string write(const std::string& name, const std::string& text) const {
-    std::ofstream(path / name, std::ios::binary) << text;
-    return (path / name).string();
-  }
-};
-
 // Byte-level symbol string of raw bytes (test-side helper built from the published mapping).
 std::string sym(std::string_view raw) {
   std::string out;

@@ -15,10 +15,13 @@
 
 #include "io/hf_config.h"
 #include "model/lora.h"
+#include "test_files.h"
 
 namespace fs = std::filesystem;
 
 namespace {
+
+using qt::test::TempDir;
 
 std::string quoted(const std::string& s) { return "'" + s + "'"; }
 
@@ -39,16 +42,6 @@ RunResult run(const std::string& args) {
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return r;
 }
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("qt_test_train_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
 
 std::string model_config() { return std::string(QT_SOURCE_DIR) + "/configs/tiny-qwen3-moe.json"; }
 

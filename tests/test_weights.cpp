@@ -16,12 +16,15 @@
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
+#include "test_files.h"
 
 using namespace qt;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
+
+using qt::test::TempDir;
 
 // Tiny Qwen3-MoE: layers 0 and 2 MoE, layer 1 dense (mlp_only_layers); head_dim 6 != 8/2.
 json moe_config_json(bool tie = false) {
@@ -128,17 +131,6 @@ std::map<std::string, Tensor> to_layout(const ModelConfig& c, std::map<std::stri
   }
   return m;
 }
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() / ("qt_test_weights_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string str() const { return path.string(); }
-};
 
 void write_checkpoint(const TempDir& d, const json& cfg, const std::map<std::string, Tensor>& m, DType disk,
                       int shards = 1) {
