@@ -10,7 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <regex>
+#include <cctype>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -152,6 +153,38 @@ TEST(ProgressReporter, PlainPrintsOnlyLines) {
 
 // ---- loss plot -------------------------------------------------------------------------------
 
+// An opening or empty-element tag's inside: NAME (SPACE ATTR="VALUE")* SPACE? /?, VALUE without
+// '"' or '<'. Scanned by hand: std::regex recurses per character and overflows the stack on the
+// long `points` attributes (seen under ASan). Sets *name and *empty; false when malformed.
+bool parse_open_tag(const std::string& t, std::string* name, bool* empty) {
+  auto is_name = [](char c, bool first) {
+    return std::isalpha(static_cast<unsigned char>(c)) ||
+           (!first && (std::isdigit(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == ':'));
+  };
+  size_t i = 0;
+  while (i < t.size() && is_name(t[i], i == 0)) ++i;
+  if (i == 0) return false;
+  *name = t.substr(0, i);
+  *empty = false;
+  while (i < t.size()) {
+    const size_t ws = i;
+    while (i < t.size() && std::isspace(static_cast<unsigned char>(t[i]))) ++i;
+    if (i == t.size()) return true;
+    if (t[i] == '/') {
+      *empty = true;
+      return i + 1 == t.size();
+    }
+    if (i == ws) return false;  // attributes are separated by white space
+    const size_t a = i;
+    while (i < t.size() && is_name(t[i], i == a)) ++i;
+    if (i == a || i + 1 >= t.size() || t[i] != '=' || t[i + 1] != '"') return false;
+    const size_t end = t.find('"', i + 2);
+    if (end == std::string::npos || t.find('<', i + 2) < end) return false;
+    i = end + 1;
+  }
+  return true;
+}
+
 // Well-formedness of the subset of XML the plot uses: an XML declaration, then elements with
 // quoted attributes, properly nested; text without '<' or bare '&'. Returns "" or the problem.
 std::string xml_problem(const std::string& s) {
@@ -163,8 +196,11 @@ std::string xml_problem(const std::string& s) {
     if (s[i] != '<') {
       const size_t next = s.find('<', i);
       const std::string text = s.substr(i, next == std::string::npos ? std::string::npos : next - i);
-      for (size_t a = text.find('&'); a != std::string::npos; a = text.find('&', a + 1))
-        if (!std::regex_search(text.substr(a), std::regex("^&(amp|lt|gt|quot|apos);"))) return "bare & in text";
+      for (size_t a = text.find('&'); a != std::string::npos; a = text.find('&', a + 1)) {
+        bool entity = false;
+        for (const char* e : {"&amp;", "&lt;", "&gt;", "&quot;", "&apos;"}) entity = entity || text.compare(a, std::strlen(e), e) == 0;
+        if (!entity) return "bare & in text";
+      }
       if (stack.empty() && text.find_first_not_of(" \n\t") != std::string::npos) return "text outside the root";
       if (next == std::string::npos) break;
       i = next;
@@ -174,15 +210,15 @@ std::string xml_problem(const std::string& s) {
     if (close == std::string::npos) return "unterminated tag";
     const std::string tag = s.substr(i + 1, close - i - 1);
     i = close + 1;
-    static const std::regex open_re(R"(^([A-Za-z][\w-]*)(\s+[\w:-]+="[^"<]*")*\s*(/?)$)");
-    std::smatch m;
+    std::string name;
+    bool empty = false;
     if (tag.size() && tag[0] == '/') {
       if (stack.empty() || stack.back() != tag.substr(1)) return "mismatched </" + tag.substr(1) + ">";
       stack.pop_back();
       if (stack.empty()) root_done = true;
-    } else if (std::regex_match(tag, m, open_re)) {
+    } else if (parse_open_tag(tag, &name, &empty)) {
       if (root_done) return "second root element";
-      if (m[3].str().empty()) stack.push_back(m[1].str());
+      if (!empty) stack.push_back(name);
       else if (stack.empty()) root_done = true;
     } else {
       return "malformed tag <" + tag + ">";
@@ -250,6 +286,16 @@ TEST(LossPlot, TrainSmoothedAndEvalCurves) {
   EXPECT_NE(svg.find("train loss (EMA 0.50)"), std::string::npos) << "39 points: weight 1 - 20/39 -> 0.5";
   EXPECT_EQ(qt::loss_plot::smoothing_weight(80), 0.75);
   EXPECT_EQ(qt::loss_plot::smoothing_weight(100000), 0.9);
+}
+
+TEST(LossPlot, XmlCheckerRejectsMalformedDocuments) {
+  EXPECT_EQ(xml_problem("<svg a=\"1\"><g/></svg>"), "");
+  EXPECT_NE(xml_problem("<svg><g></svg>"), "");
+  EXPECT_NE(xml_problem("<svg a=\"1\"b=\"2\"/>"), "");
+  EXPECT_NE(xml_problem("<svg a=1/>"), "");
+  EXPECT_NE(xml_problem("<svg>a & b</svg>"), "");
+  EXPECT_NE(xml_problem("<svg/><svg/>"), "");
+  EXPECT_NE(xml_problem("<svg>"), "");
 }
 
 TEST(LossPlot, DegenerateInputsStayWellFormed) {
