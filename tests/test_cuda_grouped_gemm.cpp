@@ -165,8 +165,11 @@ const Case kCases[] = {
     {450, 6, 128, 96, Routing::OneExpert},  {200, 5, 96, 40, Routing::Tail},
     {50, 3, 16, 16, Routing::NoRows},       {2000, 128, 64, 128, Routing::Random},
     {1500, 128, 160, 64, Routing::Empties}, {101, 3, 12, 20, Routing::Random},  // SIMT fallback
-    {700, 2, 264, 1032, Routing::Random},
+    {700, 2, 264, 1032, Routing::Random},   {1000, 3, 200, 136, Routing::Empties},
+    {1200, 2, 72, 264, Routing::OneExpert}, {999, 2, 128, 128, Routing::Tail},
 };
+// (The tile configuration depends on the shape: rows per expert >= 192 take 128-row tiles, fewer
+// take 64-row tiles, N <= 64 (NT) or K <= 64 (NN) thin tiles; the cases cover each.)
 
 TEST(CudaGroupedGemm, NtMatchesCpu) {
   QT_SKIP_WITHOUT_GPU();

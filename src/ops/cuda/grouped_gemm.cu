@@ -25,9 +25,12 @@
 // splits write fp32 partials (context scratch) and a second kernel adds scale * (sum over s in
 // order) into Out: deterministic, no atomics.
 //
-// Tile configurations: Big 128x128x32, 8 warps (warp tile 64x32), 4 stages (80 KiB shared; 2 blocks
-// per SM on sm_80/sm_90, 1 on sm_89); ThinN 128x32x32, 4 warps, for Nc <= 64 (LoRA x A^T at r <= 64,
-// dy B, dB = dy^T xa); ThinM 32x128x32 for the K-grouped product with M <= 32 (dA = t^T x).
+// Tile configurations (4 warps each, 4 stages): Big 128x128x32 with 64x64 warp tiles (80 KiB
+// shared, 2 blocks per SM on sm_80/sm_90a, 1 on sm_89; a 64x64 warp tile needs 1.5x fewer ldmatrix
+// bytes per mma than 64x32, which matters on Hopper where mma.sync is bound by shared-memory
+// bandwidth); Short 64x128 (32x64 warp tiles) when the experts average < 192 rows (128-row tiles
+// would be a third padding or more); ThinN 128x32 for Nc <= 64 (LoRA x A^T at r <= 64, dy B,
+// dB = dy^T xa); ThinM 32x128 for the K-grouped product with M <= 32 (dA = t^T x).
 // Small K (xa B^T, K = r) runs on Big with one (zero-padded) k tile: those products are bound by
 // the bf16 write of Y. Shapes the tensor-core path does not take (K or N not multiples of 8, M
 // too for TN, pointers not 16-byte aligned; e.g. r = 4) go to the SIMT kernels.
@@ -62,7 +65,8 @@ struct Cfg {
   static constexpr int MI = WTM / 16, NI = WTN / 8;              // m16 and n8 fragments per warp
   static_assert(WTM % 16 == 0 && WTN % 16 == 0 && BK % 16 == 0, "fragment tiling");
 };
-using Big = Cfg<128, 128, 32, 2, 4, 4, 2>;
+using Big = Cfg<128, 128, 32, 2, 2, 4, 2>;   // warp tile 64x64
+using Short = Cfg<64, 128, 32, 2, 2, 4, 3>;  // warp tile 32x64: experts of few rows (less padding)
 using ThinN = Cfg<128, 32, 32, 4, 1, 4, 4>;
 using ThinM = Cfg<32, 128, 32, 1, 4, 4, 4>;
 
@@ -425,6 +429,9 @@ GroupedArgs rows_args(const bf16* A, const bf16* W, bf16* C, const int64_t* offs
   return a;
 }
 
+// Fewer than 192 rows per expert on average: 128-row tiles would be a third padding or more.
+bool short_experts(int64_t T, int64_t E) { return T < 192 * E; }
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
@@ -465,6 +472,7 @@ void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const 
   // C (rows, N) = X (rows, K) W_e^T: W_e (N, K) read with k contiguous
   const GroupedArgs a = rows_args(X, W, Y, offsets, E, N, K, K, K, alpha, accumulate);
   if (N <= 64) launch_rows_grouped<ThinN, Mode::NT>(ctx, a, T);
+  else if (short_experts(T, E)) launch_rows_grouped<Short, Mode::NT>(ctx, a, T);
   else launch_rows_grouped<Big, Mode::NT>(ctx, a, T);
 }
 
@@ -476,6 +484,7 @@ void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, cons
   // C (rows, K) = dY (rows, N) W_e: contracted over N, W_e (N, K) read k-major (row stride K)
   const GroupedArgs a = rows_args(dY, W, dX, offsets, E, K, N, N, K, alpha, accumulate);
   if (K <= 64) launch_rows_grouped<ThinN, Mode::NN>(ctx, a, T);
+  else if (short_experts(T, E)) launch_rows_grouped<Short, Mode::NN>(ctx, a, T);
   else launch_rows_grouped<Big, Mode::NN>(ctx, a, T);
 }
 
