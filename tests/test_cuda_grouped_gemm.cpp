@@ -109,7 +109,8 @@ void check_rows(cuda::Context& ctx, bool nn, int64_t T, int64_t E, int64_t N, in
   auto off_d = cuda::to_device(off);
   const std::string shape = std::string(nn ? "nn" : "nt") + " [T" + std::to_string(T) + " E" + std::to_string(E) +
                             " N" + std::to_string(N) + " K" + std::to_string(K) + " " + routing_name(routing) + "]";
-  const bool tc = cuda::grouped_gemm_tc_ok(N, K, A_d.get(), W_d.get(), A_d.get());
+  const bool tc = cuda::grouped_gemm_tc_ok(nn ? cuda::GroupedOp::NN : cuda::GroupedOp::NT, N, K, A_d.get(),
+                                           W_d.get(), A_d.get());
   for (const bool accumulate : {false, true}) {
     const float alpha = accumulate ? 0.5f : 1.0f;
     const auto ref = ref_rows(out0, A, W, off, T, out_w, in_w, alpha, accumulate, nn);
@@ -165,6 +166,7 @@ const Case kCases[] = {
     {450, 6, 128, 96, Routing::OneExpert},  {200, 5, 96, 40, Routing::Tail},
     {50, 3, 16, 16, Routing::NoRows},       {2000, 128, 64, 128, Routing::Random},
     {1500, 128, 160, 64, Routing::Empties}, {101, 3, 12, 20, Routing::Random},  // SIMT fallback
+    {301, 5, 12, 16, Routing::Random},  // NT on tensor cores with N % 8 != 0; NN and TN fall back
     {700, 2, 264, 1032, Routing::Random},   {1000, 3, 200, 136, Routing::Empties},
     {1200, 2, 72, 264, Routing::OneExpert}, {999, 2, 128, 128, Routing::Tail},
 };

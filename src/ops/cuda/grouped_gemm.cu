@@ -32,8 +32,9 @@
 // would be a third padding or more); ThinN 128x32 for Nc <= 64 (LoRA x A^T at r <= 64, dy B,
 // dB = dy^T xa); ThinM 32x128 for the K-grouped product with M <= 32 (dA = t^T x).
 // Small K (xa B^T, K = r) runs on Big with one (zero-padded) k tile: those products are bound by
-// the bf16 write of Y. Shapes the tensor-core path does not take (K or N not multiples of 8, M
-// too for TN, pointers not 16-byte aligned; e.g. r = 4) go to the SIMT kernels.
+// the bf16 write of Y. Shapes the tensor-core path does not take (grouped_gemm_tc_ok: a dimension
+// read in 16-byte chunks not a multiple of 8, pointers not 16-byte aligned; at r = 4 every LoRA
+// product except x A_e^T) go to the SIMT kernels.
 //
 // cuBLAS: cublasGemmGroupedBatchedEx takes every group's m, n, k from HOST arrays, so it would
 // need the offsets on the host (a sync per MoE layer): not used. The CUDA 13.0 cuBLASLt headers
@@ -436,8 +437,10 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 }  // namespace
 
-bool grouped_gemm_tc_ok(int64_t N, int64_t K, const void* a, const void* b, const void* c) {
-  return N % 8 == 0 && K % 8 == 0 && aligned16(a) && aligned16(b) && aligned16(c);
+bool grouped_gemm_tc_ok(GroupedOp op, int64_t N, int64_t K, const void* a, const void* b, const void* c) {
+  // NT reads X and W_e along K only (16-byte chunks) and stores Y in bf16 pairs.
+  const bool dims = op == GroupedOp::NT ? K % 8 == 0 && N % 2 == 0 : N % 8 == 0 && K % 8 == 0;
+  return dims && aligned16(a) && aligned16(b) && aligned16(c);
 }
 
 void grouped_gemm_nt_simt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
@@ -467,7 +470,7 @@ void grouped_gemm_tn_kgrouped_simt(Context& ctx, float* Out, const bf16* X, cons
 void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
                      int64_t E, int64_t N, int64_t K, float alpha, bool accumulate) {
   if (T <= 0 || E <= 0 || N <= 0) return;
-  if (!grouped_gemm_tc_ok(N, K, Y, X, W))
+  if (!grouped_gemm_tc_ok(GroupedOp::NT, N, K, Y, X, W))
     return grouped_gemm_nt_simt(ctx, Y, X, W, offsets, T, E, N, K, alpha, accumulate);
   // C (rows, N) = X (rows, K) W_e^T: W_e (N, K) read with k contiguous
   const GroupedArgs a = rows_args(X, W, Y, offsets, E, N, K, K, K, alpha, accumulate);
@@ -479,7 +482,7 @@ void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const 
 void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
                      int64_t E, int64_t N, int64_t K, float alpha, bool accumulate) {
   if (T <= 0 || E <= 0 || K <= 0) return;
-  if (!grouped_gemm_tc_ok(N, K, dX, dY, W))
+  if (!grouped_gemm_tc_ok(GroupedOp::NN, N, K, dX, dY, W))
     return grouped_gemm_nn_simt(ctx, dX, dY, W, offsets, T, E, N, K, alpha, accumulate);
   // C (rows, K) = dY (rows, N) W_e: contracted over N, W_e (N, K) read k-major (row stride K)
   const GroupedArgs a = rows_args(dY, W, dX, offsets, E, K, N, N, K, alpha, accumulate);
@@ -491,7 +494,7 @@ void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, cons
 void grouped_gemm_tn_kgrouped(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
                               int64_t T, int64_t E, int64_t M, int64_t N, float scale) {
   if (T <= 0 || E <= 0 || M <= 0 || N <= 0) return;
-  if (M % 8 != 0 || !grouped_gemm_tc_ok(N, 8, Out, X, dY))
+  if (!grouped_gemm_tc_ok(GroupedOp::TN, M, N, Out, X, dY))
     return grouped_gemm_tn_kgrouped_simt(ctx, Out, X, dY, offsets, T, E, M, N, scale);
   GroupedArgs a{};
   a.A = X;

@@ -18,8 +18,8 @@
 // narrow tiles automatically.
 //
 // Paths: tensor cores (mma.sync m16n8k16 bf16, ldmatrix, cp.async multi-stage pipeline; sm_80, sm_89,
-// sm_90a) when K % 8 == 0, N % 8 == 0 (and M % 8 == 0 for the K-grouped product) and every pointer
-// is 16-byte aligned; otherwise the SIMT kernels (the *_simt functions, fp32 accumulation, one
+// sm_90a) when the dimensions read in 16-byte chunks are multiples of 8 (grouped_gemm_tc_ok) and
+// every pointer is 16-byte aligned; otherwise the SIMT kernels (the *_simt functions, fp32 accumulation, one
 // thread per output element), which the tests also use as a second opinion.
 #pragma once
 #include <cstdint>
@@ -43,7 +43,10 @@ void grouped_gemm_nn_simt(Context& ctx, bf16* dX, const bf16* dY, const bf16* W,
 void grouped_gemm_tn_kgrouped_simt(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
                                    int64_t T, int64_t E, int64_t M, int64_t N, float scale);
 
-// Whether the tensor-core path takes these shapes and pointers (tests and the bench report it).
-bool grouped_gemm_tc_ok(int64_t N, int64_t K, const void* a, const void* b, const void* c);
+// Whether the tensor-core path takes a product (tests report it): NT needs K % 8 == 0 and N even
+// (so x A_e^T runs on tensor cores at r = 4 too), NN needs N % 8 == 0 and K % 8 == 0, TN (dims M, N)
+// M % 8 == 0 and N % 8 == 0; the three pointers 16-byte aligned.
+enum class GroupedOp { NT, NN, TN };
+bool grouped_gemm_tc_ok(GroupedOp op, int64_t N, int64_t K, const void* a, const void* b, const void* c);
 
 }  // namespace qt::cuda
