@@ -4,12 +4,15 @@
 // used (empty experts), one expert taking every row, rows past offsets[E] (must stay untouched),
 // no rows at all; E = 1 and 128; T = 1, odd T, T not a multiple of any tile; K = N = 8; shapes the
 // tensor cores do not take (N = 12, K = 20, r = 4: the SIMT fallback); the LoRA products at r = 4,
-// 16, 64; a K-grouped product split over rows (E = 1), run twice for bitwise determinism.
+// 16, 64; a K-grouped product split over rows (E = 1), run twice for bitwise determinism; every
+// tile configuration of the row-grouped products (forced with QT_GROUPED_GEMM_TILE).
 // Tolerances (cuda_parity.h): bf16 outputs are rounded once, so |got - ref| <= 2^-8 |ref| +
 // 2e-4 max|ref| (half a bf16 ulp plus fp32 summation-order differences); fp32 Out: rtol 0, atol
 // 2e-4 max|ref|. A block that forgets a tile leaves the random initial output: far out of bounds.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 
@@ -193,6 +196,24 @@ TEST(CudaGroupedGemm, KGroupedMatchesCpu) {
   std::mt19937_64 rng(73);
   for (const Case& c : kCases) check_kgrouped(ctx, c.T, c.E, c.K, c.N, c.routing, rng);
   check_kgrouped(ctx, 3000, 1, 136, 72, Routing::Random, rng);  // few tiles: split over rows
+}
+
+// Every tile configuration of the row-grouped products, forced through QT_GROUPED_GEMM_TILE (the
+// automatic choice only takes Wide when told to).
+TEST(CudaGroupedGemm, EveryRowTileMatchesCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(75);
+  for (const char* tile : {"big", "short", "wide"}) {
+    std::printf("[tile] %s\n", tile);
+    ASSERT_EQ(setenv("QT_GROUPED_GEMM_TILE", tile, 1), 0);
+    for (const bool nn : {false, true}) {
+      check_rows(ctx, nn, 517, 4, 264, 200, Routing::Random, rng);
+      check_rows(ctx, nn, 1200, 3, 520, 96, Routing::Empties, rng);
+      check_rows(ctx, nn, 300, 2, 136, 72, Routing::OneExpert, rng);
+    }
+    unsetenv("QT_GROUPED_GEMM_TILE");
+  }
 }
 
 // The LoRA products of one expert-parallel adapter (x (T,H), A (E,r,H), B (E,O,r)) at r = 4, 16, 64:

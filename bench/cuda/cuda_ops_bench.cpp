@@ -8,9 +8,13 @@
 //        unless given): one JSON line per case with the median ms, TFLOP/s (2 rows N K, the dense-
 //        equivalent count of /work/shared/bench/gemm_limits.py) and GB/s (bytes each operand
 //        moves once). Routing as gemm_limits.py: top-8 of normal(0, 1) logits per token (seeded);
-//        "skewed" adds a normal(0, 1) bias per expert (a few experts take 2-4x the average).
+//        "skewed" adds a normal(0, 0.3) bias per expert (busiest expert ~3.5x the average, the least
+//        busy ~0.1x; max_rows is printed). gate_up, down and their dx run once per row tile
+//        (QT_GROUPED_GEMM_TILE auto/big/short/wide); dense_equiv_* is one cuBLASLt GEMM of the same
+//        size (the ceiling).
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -78,7 +82,7 @@ int grouped_bench(const std::vector<int64_t>& Ts) {
   std::mt19937_64 rng(7);
   const int64_t E = 128, H = 2048, I = 768, topk = 8, r = 16;
   for (const int64_t T : Ts) {
-    for (const double bias_sd : {0.0, 1.0}) {
+    for (const double bias_sd : {0.0, 0.3}) {
       const auto off = route_offsets(T, E, topk, bias_sd, rng);
       const int64_t rows = T * topk;
       int64_t max_rows = 0;
@@ -123,15 +127,29 @@ int grouped_bench(const std::vector<int64_t>& Ts) {
            [&] { grouped_gemm_tn_kgrouped(ctx, dA.get(), xa.get(), x.get(), off_d.get(), rows, E, r, H, 2.0f); }},
           {"lora_dB_r16", fl(2 * I, r), b2 * (rows * 2 * I + rows * r) + 8.0 * E * 2 * I * r,
            [&] { grouped_gemm_tn_kgrouped(ctx, dB.get(), gu.get(), xa.get(), off_d.get(), rows, E, 2 * I, r, 2.0f); }},
+          // the ceiling: one dense cuBLASLt GEMM of the same rows x N x K (expert 0's weights for all rows)
+          {"dense_equiv_gate_up", fl(2 * I, H), b2 * (rows * H + 2 * I * H + rows * 2 * I),
+           [&] { gemm(ctx, false, true, rows, 2 * I, H, 1.0f, x.get(), Wgu.get(), 0.0f, gu.get()); }},
+          {"dense_equiv_down", fl(H, I), b2 * (rows * I + H * I + rows * H),
+           [&] { gemm(ctx, false, true, rows, H, I, 1.0f, h.get(), Wd.get(), 0.0f, y.get()); }},
       };
       for (const Op& op : ops) {
-        if (bias_sd > 0 && std::strcmp(op.name, "gate_up") != 0 && std::strcmp(op.name, "down") != 0) continue;
-        const double ms = median_ms(ctx, op.fn);
-        std::printf("{\"op\":\"%s\",\"T\":%ld,\"rows\":%ld,\"E\":%ld,\"routing\":\"%s\",\"max_rows\":%ld,"
-                    "\"ms\":%.4f,\"tflops\":%.1f,\"gbps\":%.0f}\n",
-                    op.name, long(T), long(rows), long(E), routing, long(max_rows), ms, op.flops / (ms * 1e-3) / 1e12,
-                    op.bytes / (ms * 1e-3) / 1e9);
-        std::fflush(stdout);
+        const bool base = std::strcmp(op.name, "gate_up") == 0 || std::strcmp(op.name, "down") == 0 ||
+                          std::strncmp(op.name, "dx_", 3) == 0;
+        if (bias_sd > 0 && !base) continue;
+        // The base products once per row tile (QT_GROUPED_GEMM_TILE; "auto" = the library's choice).
+        for (const char* tile : {"auto", "big", "short", "wide"}) {
+          if (!base && std::strcmp(tile, "auto") != 0) break;
+          if (std::strcmp(tile, "auto") == 0) unsetenv("QT_GROUPED_GEMM_TILE");
+          else setenv("QT_GROUPED_GEMM_TILE", tile, 1);
+          const double ms = median_ms(ctx, op.fn);
+          std::printf("{\"op\":\"%s\",\"tile\":\"%s\",\"T\":%ld,\"rows\":%ld,\"E\":%ld,\"routing\":\"%s\","
+                      "\"max_rows\":%ld,\"ms\":%.4f,\"tflops\":%.1f,\"gbps\":%.0f}\n",
+                      op.name, tile, long(T), long(rows), long(E), routing, long(max_rows), ms,
+                      op.flops / (ms * 1e-3) / 1e12, op.bytes / (ms * 1e-3) / 1e9);
+          std::fflush(stdout);
+        }
+        unsetenv("QT_GROUPED_GEMM_TILE");
       }
     }
   }

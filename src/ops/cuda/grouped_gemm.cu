@@ -30,7 +30,9 @@
 // bytes per mma than 64x32, which matters on Hopper where mma.sync is bound by shared-memory
 // bandwidth); Short 64x128 (32x64 warp tiles) when the experts average < 192 rows (128-row tiles
 // would be a third padding or more); ThinN 128x32 for Nc <= 64 (LoRA x A^T at r <= 64, dy B,
-// dB = dy^T xa); ThinM 32x128 for the K-grouped product with M <= 32 (dA = t^T x).
+// dB = dy^T xa); ThinM 32x128 for the K-grouped product with M <= 32 (dA = t^T x). Wide 128x256
+// (8 warps of 64x64, 3 stages, 90 KiB, 1 block per SM) only when QT_GROUPED_GEMM_TILE=wide: kept to
+// be measured against Big on the H100 (which one wins there is not known yet).
 // Small K (xa B^T, K = r) runs on Big with one (zero-padded) k tile: those products are bound by
 // the bf16 write of Y. Shapes the tensor-core path does not take (grouped_gemm_tc_ok: a dimension
 // read in 16-byte chunks not a multiple of 8, pointers not 16-byte aligned; at r = 4 every LoRA
@@ -47,6 +49,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "ops/cuda/common.cuh"
 #include "ops/cuda/mma.cuh"
@@ -68,6 +72,7 @@ struct Cfg {
 };
 using Big = Cfg<128, 128, 32, 2, 2, 4, 2>;   // warp tile 64x64
 using Short = Cfg<64, 128, 32, 2, 2, 4, 3>;  // warp tile 32x64: experts of few rows (less padding)
+using Wide = Cfg<128, 256, 32, 2, 4, 3, 1>;  // warp tile 64x64, 8 warps, 3 stages (90 KiB)
 using ThinN = Cfg<128, 32, 32, 4, 1, 4, 4>;
 using ThinM = Cfg<32, 128, 32, 1, 4, 4, 4>;
 
@@ -146,17 +151,30 @@ __device__ __forceinline__ void load_b_frag(uint32_t (&b)[4], const bf16* sB, in
 }
 
 // Warp 0 finds the expert and its row tile for row-tile index mt (prefix sums of ceil(rows_e/BM));
-// *e = -1 when mt is past the last tile. Every thread returns the same values.
+// *e = -1 when mt is past the last tile. Every thread returns the same values. The row counts of
+// the first 256 experts are loaded at once (one L2 round trip), then scanned 32 at a time.
 template <int BM>
 __device__ __forceinline__ void find_row_tile(const int64_t* offsets, int64_t E, int64_t mt, int64_t& e_out,
                                               int64_t& tile_out) {
+  constexpr int kChunks = 8;  // experts 0..255 preloaded; more are loaded chunk by chunk
   __shared__ int64_t s_e, s_tile;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
+    int64_t pre[kChunks];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const int64_t e = c * 32 + lane;
+      pre[c] = e < E ? offsets[e + 1] - offsets[e] : 0;
+    }
     int64_t before = 0, found = -1, tile = 0;
-    for (int64_t base = 0; base < E; base += 32) {
+    for (int64_t base = 0, c = 0; base < E; base += 32, ++c) {
       const int64_t e = base + lane;
-      const int64_t tiles = e < E ? (offsets[e + 1] - offsets[e] + BM - 1) / BM : 0;
+      int64_t rows = 0;
+#pragma unroll
+      for (int q = 0; q < kChunks; ++q)
+        if (q == c) rows = pre[q];  // a register pick (no local-memory array)
+      if (c >= kChunks) rows = e < E ? offsets[e + 1] - offsets[e] : 0;
+      const int64_t tiles = (rows + BM - 1) / BM;
       int64_t inc = tiles;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -430,8 +448,29 @@ GroupedArgs rows_args(const bf16* A, const bf16* W, bf16* C, const int64_t* offs
   return a;
 }
 
-// Fewer than 192 rows per expert on average: 128-row tiles would be a third padding or more.
-bool short_experts(int64_t T, int64_t E) { return T < 192 * E; }
+// The tile of the row-grouped products with Nc > 64: QT_GROUPED_GEMM_TILE = big | short | wide
+// forces one (to measure them against each other: cuda_ops_bench grouped); otherwise Short when
+// the experts average fewer than 192 rows (128-row tiles would be a third padding or more), else Big.
+enum class RowTile { Big, Short, Wide };
+RowTile pick_row_tile(int64_t T, int64_t E) {
+  if (const char* v = std::getenv("QT_GROUPED_GEMM_TILE")) {
+    if (std::strcmp(v, "big") == 0) return RowTile::Big;
+    if (std::strcmp(v, "short") == 0) return RowTile::Short;
+    if (std::strcmp(v, "wide") == 0) return RowTile::Wide;
+  }
+  return T < 192 * E ? RowTile::Short : RowTile::Big;
+}
+
+template <Mode MODE>
+void launch_rows_by_tile(Context& ctx, const GroupedArgs& a, int64_t T, int64_t E) {
+  if (a.Nc <= 64) return launch_rows_grouped<ThinN, MODE>(ctx, a, T);
+  switch (pick_row_tile(T, E)) {
+    case RowTile::Short: return launch_rows_grouped<Short, MODE>(ctx, a, T);
+    case RowTile::Wide: return launch_rows_grouped<Wide, MODE>(ctx, a, T);
+    case RowTile::Big: break;
+  }
+  launch_rows_grouped<Big, MODE>(ctx, a, T);
+}
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
@@ -474,9 +513,7 @@ void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const 
     return grouped_gemm_nt_simt(ctx, Y, X, W, offsets, T, E, N, K, alpha, accumulate);
   // C (rows, N) = X (rows, K) W_e^T: W_e (N, K) read with k contiguous
   const GroupedArgs a = rows_args(X, W, Y, offsets, E, N, K, K, K, alpha, accumulate);
-  if (N <= 64) launch_rows_grouped<ThinN, Mode::NT>(ctx, a, T);
-  else if (short_experts(T, E)) launch_rows_grouped<Short, Mode::NT>(ctx, a, T);
-  else launch_rows_grouped<Big, Mode::NT>(ctx, a, T);
+  launch_rows_by_tile<Mode::NT>(ctx, a, T, E);
 }
 
 void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
@@ -486,9 +523,7 @@ void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, cons
     return grouped_gemm_nn_simt(ctx, dX, dY, W, offsets, T, E, N, K, alpha, accumulate);
   // C (rows, K) = dY (rows, N) W_e: contracted over N, W_e (N, K) read k-major (row stride K)
   const GroupedArgs a = rows_args(dY, W, dX, offsets, E, K, N, N, K, alpha, accumulate);
-  if (K <= 64) launch_rows_grouped<ThinN, Mode::NN>(ctx, a, T);
-  else if (short_experts(T, E)) launch_rows_grouped<Short, Mode::NN>(ctx, a, T);
-  else launch_rows_grouped<Big, Mode::NN>(ctx, a, T);
+  launch_rows_by_tile<Mode::NN>(ctx, a, T, E);
 }
 
 void grouped_gemm_tn_kgrouped(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
