@@ -277,11 +277,11 @@ TEST(CudaDecoder, NonFiniteStepChangesNothing) {
   for_each_pair(v, v2, same_bits);
 }
 
-TEST(CudaDecoder, RefusesMoe) {
+TEST(CudaDecoder, RefusesRouterAuxLoss) {
   QT_SKIP_WITHOUT_GPU();
   const char* moe = R"({"model_type":"qwen3_moe","vocab_size":64,"hidden_size":32,"intermediate_size":64,
     "moe_intermediate_size":16,"num_experts":4,"num_experts_per_tok":2,"num_hidden_layers":1,
-    "num_attention_heads":2,"num_key_value_heads":1,"head_dim":16})";
+    "num_attention_heads":2,"num_key_value_heads":1,"head_dim":16,"output_router_logits":true})";
   const ModelConfig cfg = parse_hf_config_json(moe, "tiny-moe");
   LoraConfig lc;
   lc.target_modules = {"q_proj"};

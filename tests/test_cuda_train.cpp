@@ -35,7 +35,7 @@ using RunResult = qt::test::CommandResult;
 
 RunResult run(const std::string& args) { return qt::test::run_command(quoted(QT_BINARY) + " " + args + " 2>&1"); }
 
-std::string write_config(const fs::path& dir) {
+std::string write_config(const fs::path& dir, const std::string& model = "tiny-qwen3.json") {
   std::ofstream d(dir / "data.jsonl");
   const char* rows[] = {
       R"({"messages": [{"role": "user", "content": "Say the colour of the sky."}, {"role": "assistant", "content": "The sky is blue."}]})",
@@ -45,7 +45,7 @@ std::string write_config(const fs::path& dir) {
     for (const char* r : rows) d << r << "\n";
   const fs::path cfg = dir / "train.yaml";
   std::ofstream f(cfg);
-  f << "base_model: " << QT_SOURCE_DIR << "/configs/tiny-qwen3.json\n"
+  f << "base_model: " << QT_SOURCE_DIR << "/configs/" << model << "\n"
     << "datasets:\n  - path: " << (dir / "data.jsonl").string() << "\n    type: chat\n"
     << "chat_template: chatml\nsequence_len: 64\nmicro_batch_size: 2\ngradient_accumulation_steps: 2\n"
     << "max_steps: 6\nlearning_rate: 5.0e-3\nlr_scheduler: constant\nlora_dropout: 0.1\nval_set_size: 2\n"
@@ -69,25 +69,41 @@ std::vector<double> losses(const fs::path& metrics, const char* type, const char
 #define SKIP_WITHOUT_GPU() \
   if (qt::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
 
+// Trains the same config on both engines; returns the GPU run's folder (checks the losses).
+fs::path train_both(const TempDir& tmp, const std::string& model) {
+  const std::string cfg = write_config(tmp.path, model);
+  const fs::path cpu = tmp.path / "cpu", gpu = tmp.path / "gpu";
+  const RunResult rc = run("train " + quoted(cfg) + " --device cpu --output_dir " + quoted(cpu.string()));
+  EXPECT_EQ(rc.status, 0) << rc.output;
+  const RunResult rg = run("train " + quoted(cfg) + " --device cuda --output_dir " + quoted(gpu.string()));
+  EXPECT_EQ(rg.status, 0) << rg.output;
+  if (rc.status || rg.status) return gpu;
+  EXPECT_NE(rg.output.find("device: cuda"), std::string::npos) << rg.output;
+  const auto lc = losses(cpu / "metrics.jsonl", "train", "loss"), lg = losses(gpu / "metrics.jsonl", "train", "loss");
+  EXPECT_EQ(lc.size(), 6u);
+  EXPECT_EQ(lg.size(), 6u);
+  if (lc.size() != 6 || lg.size() != 6) return gpu;
+  // A MoE model's trajectories may part after step 1: a token whose k-th and (k+1)-th router
+  // logits are closer than bf16 resolution can pick another expert on the GPU (HF in bf16 does the
+  // same), and Adam's normalised steps turn the changed gradients of rarely used experts into
+  // visible updates. Step 1 (identical weights) is always compared; later steps only for dense models.
+  const bool moe = model.find("moe") != std::string::npos;
+  for (size_t i = 0; i < lc.size(); ++i) {
+    std::printf("[cuda-train] %s step %zu loss cpu %.6f gpu %.6f rel %.2e\n", model.c_str(), i + 1, lc[i], lg[i],
+                std::fabs(lg[i] - lc[i]) / lc[i]);
+    if (i == 0 || !moe) {
+      EXPECT_LE(std::fabs(lg[i] - lc[i]), 2e-2 * lc[i]) << "step " << i + 1;
+    }
+  }
+  EXPECT_LT(lg.back(), lg.front() - 0.5) << "the CUDA run did not learn";
+  return gpu;
+}
+
 TEST(CudaTrain, FollowsTheCpuEngine) {
   SKIP_WITHOUT_GPU();
   TempDir tmp("cuda_train");
-  const std::string cfg = write_config(tmp.path);
-  const fs::path cpu = tmp.path / "cpu", gpu = tmp.path / "gpu";
-  const RunResult rc = run("train " + quoted(cfg) + " --device cpu --output_dir " + quoted(cpu.string()));
-  ASSERT_EQ(rc.status, 0) << rc.output;
-  const RunResult rg = run("train " + quoted(cfg) + " --device cuda --output_dir " + quoted(gpu.string()));
-  ASSERT_EQ(rg.status, 0) << rg.output;
-  EXPECT_NE(rg.output.find("device: cuda"), std::string::npos) << rg.output;
-  const auto lc = losses(cpu / "metrics.jsonl", "train", "loss"), lg = losses(gpu / "metrics.jsonl", "train", "loss");
-  ASSERT_EQ(lc.size(), 6u);
-  ASSERT_EQ(lg.size(), 6u);
-  for (size_t i = 0; i < lc.size(); ++i) {
-    std::printf("[cuda-train] step %zu loss cpu %.6f gpu %.6f rel %.2e\n", i + 1, lc[i], lg[i],
-                std::fabs(lg[i] - lc[i]) / lc[i]);
-    EXPECT_LE(std::fabs(lg[i] - lc[i]), 2e-2 * lc[i]) << "step " << i + 1;
-  }
-  EXPECT_LT(lg.back(), lg.front() - 0.5) << "the CUDA run did not learn";
+  const fs::path gpu = train_both(tmp, "tiny-qwen3.json"), cpu = tmp.path / "cpu";
+  if (HasFailure()) return;
   const auto ec = losses(cpu / "metrics.jsonl", "eval", "eval_loss"), eg = losses(gpu / "metrics.jsonl", "eval", "eval_loss");
   ASSERT_EQ(ec.size(), 1u);
   ASSERT_EQ(eg.size(), 1u);
@@ -105,6 +121,13 @@ TEST(CudaTrain, FollowsTheCpuEngine) {
   const double e_cpu = eval_loss("cpu"), e_gpu = eval_loss("cuda");
   std::printf("[cuda-train] eval loss cpu %.6f gpu %.6f\n", e_cpu, e_gpu);
   EXPECT_LE(std::fabs(e_gpu - e_cpu), 1e-2 * e_cpu);
+}
+
+// The tiny Qwen3-MoE (8 experts, top-2, LoRA on every expert): the grouped-GEMM MoE path in training.
+TEST(CudaTrain, MoeFollowsTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  TempDir tmp("cuda_train_moe");
+  train_both(tmp, "tiny-qwen3-moe.json");
 }
 
 TEST(CudaTrain, ResumeIsExact) {

@@ -14,6 +14,7 @@
 #include <fmt/core.h>
 
 #include "core/error.h"
+#include "model/cuda_moe.h"
 #include "ops/cpu/ops.h"
 #include "ops/cuda/init_clip.h"
 #include "ops/cuda/ops.h"
@@ -26,14 +27,17 @@ using cuda::Buffer;
 namespace {
 
 struct DeviceLayer {
+  bool moe = false;
   Buffer<bf16> input_norm, post_norm, q_norm, k_norm, q_b, k_b, v_b;
-  Buffer<bf16> w[kNumLoraSlots];  // q k v o gate up down, (out,in)
+  Buffer<bf16> w[kNumLoraSlots];  // q k v o gate up down, (out,in); a MoE layer's experts are in `experts`
+  CudaMoeWeights experts;
 };
 
 // One LoRA slot: offsets of A (r,in) and B (out,r) in the flat fp32 buffers.
 struct SlotRef {
   bool present = false;
-  int64_t in = 0, out = 0, a_off = 0, b_off = 0;
+  int64_t E = 0, in = 0, out = 0, a_off = 0, b_off = 0;  // E > 0: fused experts A (E,r,in), B (E,out,r)
+  int64_t copies() const { return E > 0 ? E : 1; }
 };
 
 // Optional per-phase timing (QT_CUDA_PROFILE=1): synchronises at each mark (distorts the total,
@@ -84,6 +88,8 @@ struct CudaDecoder::Impl {
   cuda::PinnedBuffer<int32_t> staging;  // ids, labels, pos, seg of the batch being uploaded
   cuda::Event staged;                   // recorded after the copies out of `staging`
   LoraDropout drop;                     // of the current forward_backward (none for forward())
+  bool any_moe = false;
+  CudaMoeWork moe_work;                 // shared by the MoE layers (one runs at a time)
   Buffer<bf16> xd, dxd;                 // (cap, max_in) dropout(x) and its gradient, with dropout only
   Buffer<float> cos, sin;
   // activations: saved layer inputs (L+1, N, H) and one layer's work buffers
@@ -95,9 +101,14 @@ struct CudaDecoder::Impl {
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
   Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc) : ctx(c), cfg(mc), lcfg(lc) {
-    for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
-      if (cfg.is_moe_layer(i)) fail("cuda", "layer {} is a MoE layer: the CUDA decoder runs dense Qwen2/Qwen3 only", i);
-    L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size, I = cfg.intermediate_size;
+    L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size;
+    bool any_dense = false;
+    for (int64_t i = 0; i < L; ++i) any_moe = any_moe || cfg.is_moe_layer(i), any_dense = any_dense || !cfg.is_moe_layer(i);
+    I = any_dense ? cfg.intermediate_size : 0;  // the dense MLP's work buffers only when a layer needs them
+    if (any_moe && cfg.output_router_logits)
+      fail("cuda", "output_router_logits (the router aux loss) is not supported by the CUDA engine yet; set it to false "
+                   "or use --device cpu");
+    if (any_moe && cfg.num_experts > 256) fail("cuda", "num_experts {} > 256 is not supported by the CUDA router", cfg.num_experts);
     nh = cfg.num_attention_heads, nkv = cfg.num_key_value_heads, hd = cfg.head_dim;
     qd = cfg.q_dim(), kvd = cfg.kv_dim(), r = lc.r;
     scale = float(lc.scale());
@@ -115,16 +126,23 @@ struct CudaDecoder::Impl {
       if (cfg.qk_norm) d.q_norm = Buffer<bf16>(size_t(hd)), d.k_norm = Buffer<bf16>(size_t(hd));
       if (cfg.attention_bias)
         d.q_b = Buffer<bf16>(size_t(qd)), d.k_b = Buffer<bf16>(size_t(kvd)), d.v_b = Buffer<bf16>(size_t(kvd));
+      d.moe = cfg.is_moe_layer(l);
+      if (d.moe) {
+        const int64_t E = cfg.num_experts, Im = cfg.moe_intermediate_size;
+        d.experts.router = Buffer<bf16>(size_t(E * H));
+        d.experts.gate = Buffer<bf16>(size_t(E * Im * H)), d.experts.up = Buffer<bf16>(size_t(E * Im * H));
+        d.experts.down = Buffer<bf16>(size_t(E * H * Im));
+      }
       for (int s = 0; s < kNumLoraSlots; ++s) {
         LoraSlotShape sh = lora_slot_shape(cfg, l, LoraSlot(s));
-        d.w[s] = Buffer<bf16>(size_t(sh.in * sh.out));
         SlotRef& ref = slots[l][s];
-        ref.in = sh.in, ref.out = sh.out;
+        ref.E = sh.experts, ref.in = sh.in, ref.out = sh.out;
+        if (sh.experts == 0) d.w[s] = Buffer<bf16>(size_t(sh.in * sh.out));
         if (!lc.targets(LoraSlot(s))) continue;
         ref.present = true;
-        ref.a_off = n_lora, n_lora += r * sh.in;
-        ref.b_off = n_lora, n_lora += sh.out * r;
-        max_in = std::max(max_in, sh.in);
+        ref.a_off = n_lora, n_lora += ref.copies() * r * sh.in;
+        ref.b_off = n_lora, n_lora += ref.copies() * sh.out * r;
+        if (sh.experts == 0) max_in = std::max(max_in, sh.in);
       }
     }
     lora = Buffer<float>(size_t(n_lora)), grad = Buffer<float>(size_t(n_lora));
@@ -147,7 +165,10 @@ struct CudaDecoder::Impl {
       f(d.post_norm.get(), H, 'n');
       if (cfg.qk_norm) f(d.q_norm.get(), hd, 'n'), f(d.k_norm.get(), hd, 'n');
       if (cfg.attention_bias) f(d.q_b.get(), qd, 'b'), f(d.k_b.get(), kvd, 'b'), f(d.v_b.get(), kvd, 'b');
-      for (auto& w : d.w) f(w.get(), int64_t(w.size()), 'w');
+      for (auto& w : d.w)
+        if (w.size()) f(w.get(), int64_t(w.size()), 'w');
+      for (auto* w : {&d.experts.router, &d.experts.gate, &d.experts.up, &d.experts.down})
+        if (w->size()) f(w->get(), int64_t(w->size()), 'w');
     }
   }
 
@@ -173,6 +194,27 @@ struct CudaDecoder::Impl {
     ids = Buffer<int32_t>(size_t(N)), labels = Buffer<int32_t>(size_t(N)), pos = Buffer<int32_t>(size_t(N));
     seg = Buffer<int32_t>(size_t(N));
     staging = cuda::PinnedBuffer<int32_t>(size_t(4 * N));
+    if (any_moe)
+      moe_work.alloc(N, H, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, r);
+  }
+  // The expert LoRA of MoE layer l in the flat buffers, and the layer's dims and dropout.
+  CudaMoeLora moe_lora(int64_t l) const {
+    CudaMoeLora m;
+    m.r = r, m.scale = scale;
+    for (int i = 0; i < 3; ++i) {
+      const SlotRef& sr = slots[l][kLoraGate + i];
+      if (!sr.present) continue;
+      m.A[size_t(i)] = lora.get() + sr.a_off, m.B[size_t(i)] = lora.get() + sr.b_off;
+      m.dA[size_t(i)] = grad.get() + sr.a_off, m.dB[size_t(i)] = grad.get() + sr.b_off;
+    }
+    return m;
+  }
+  CudaMoeDims moe_dims() const {
+    return {N, H, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob};
+  }
+  CudaMoeDropout moe_dropout(int64_t l) const {
+    if (!drop.active()) return {};
+    return {drop.p, {drop_key(l, kLoraGate), drop_key(l, kLoraUp), drop_key(l, kLoraDown)}};
   }
   void ensure_dropout_buffers() {
     if (xd.size()) return;
@@ -234,6 +276,12 @@ struct CudaDecoder::Impl {
     prof.mark(ctx, fwd_phase("fwd.attention", "recompute.attention"));
     proj_fwd(l, kLoraO, o.get(), attn.get(), nullptr);
     cuda::add_rmsnorm_forward(ctx, h.get(), m.get(), rstd2.get(), x_in, o.get(), d.post_norm.get(), N, H, eps);
+    if (d.moe) {  // x_out = h + moe(m)
+      QT_CUDA_CHECK(cudaMemcpyAsync(x_out, h.get(), size_t(N * H) * sizeof(bf16), cudaMemcpyDeviceToDevice, ctx.stream()));
+      cuda_moe_forward(ctx, d.experts, moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), x_out);
+      prof.mark(ctx, fwd_phase("fwd.o+moe", "recompute.o+moe"));
+      return;
+    }
     proj_fwd(l, kLoraGate, g.get(), m.get(), nullptr);
     proj_fwd(l, kLoraUp, u.get(), m.get(), nullptr);
     cuda::swiglu_forward(ctx, act.get(), g.get(), u.get(), N * I);
@@ -245,11 +293,16 @@ struct CudaDecoder::Impl {
   // dx holds d(x_out) on entry and d(x_in) on exit; the work buffers hold layer l's recompute.
   void layer_backward(int64_t l, const bf16* x_in) {
     const DeviceLayer& d = layers[l];
-    zero(dact), zero(dg), zero(du), zero(dm);
-    proj_bwd(l, kLoraDown, dact.get(), dx.get(), act.get());
-    cuda::swiglu_backward(ctx, dg.get(), du.get(), dact.get(), g.get(), u.get(), N * I);
-    proj_bwd(l, kLoraGate, dm.get(), dg.get(), m.get());
-    proj_bwd(l, kLoraUp, dm.get(), du.get(), m.get());
+    zero(dm);
+    if (d.moe) {
+      cuda_moe_backward(ctx, d.experts, moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), dx.get(), dm.get());
+    } else {
+      zero(dact), zero(dg), zero(du);
+      proj_bwd(l, kLoraDown, dact.get(), dx.get(), act.get());
+      cuda::swiglu_backward(ctx, dg.get(), du.get(), dact.get(), g.get(), u.get(), N * I);
+      proj_bwd(l, kLoraGate, dm.get(), dg.get(), m.get());
+      proj_bwd(l, kLoraUp, dm.get(), du.get(), m.get());
+    }
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dm.get(), h.get(), d.post_norm.get(), rstd2.get(), N, H);
     zero(dattn);
     proj_bwd(l, kLoraO, dattn.get(), dx.get(), attn.get());
@@ -315,9 +368,9 @@ struct CudaDecoder::Impl {
     out.layers.resize(size_t(L));
     for (int64_t l = 0; l < L; ++l)
       for (int s = 0; s < kNumLoraSlots; ++s)
-        if (slots[l][s].present) {
-          out.layers[l].slot[s].A = Tensor::empty({r, slots[l][s].in}, DType::F32);
-          out.layers[l].slot[s].B = Tensor::empty({slots[l][s].out, r}, DType::F32);
+        if (const SlotRef& sr = slots[l][s]; sr.present) {
+          out.layers[l].slot[s].A = sr.E ? Tensor::empty({sr.E, r, sr.in}, DType::F32) : Tensor::empty({r, sr.in}, DType::F32);
+          out.layers[l].slot[s].B = sr.E ? Tensor::empty({sr.E, sr.out, r}, DType::F32) : Tensor::empty({sr.out, r}, DType::F32);
         }
     for_each_slot(out, [&](const SlotRef& sr, Tensor& A, Tensor& Bm) {
       std::copy_n(host.data() + sr.a_off, A.numel(), A.data<float>());
@@ -329,7 +382,8 @@ struct CudaDecoder::Impl {
     std::vector<float> host(static_cast<size_t>(n_lora));
     for_each_slot(src, [&](const SlotRef& sr, const Tensor& A, const Tensor& Bm) {
       const Tensor a32 = A.to(DType::F32), b32 = Bm.to(DType::F32);
-      QT_ASSERT(a32.numel() == r * sr.in && b32.numel() == sr.out * r, "adapter tensor shapes differ from the config");
+      QT_ASSERT(a32.numel() == sr.copies() * r * sr.in && b32.numel() == sr.copies() * sr.out * r,
+                "adapter tensor shapes differ from the config");
       std::copy_n(a32.data<float>(), a32.numel(), host.data() + sr.a_off);
       std::copy_n(b32.data<float>(), b32.numel(), host.data() + sr.b_off);
     });
@@ -366,7 +420,14 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
           upload_as_bf16(ctx, d.v_b.get(), lw.attn.v_b);
     wt[kLoraQ] = &lw.attn.q_w, wt[kLoraK] = &lw.attn.k_w, wt[kLoraV] = &lw.attn.v_w, wt[kLoraO] = &lw.attn.o_w;
     wt[kLoraGate] = &lw.mlp.gate, wt[kLoraUp] = &lw.mlp.up, wt[kLoraDown] = &lw.mlp.down;
-    for (int s = 0; s < kNumLoraSlots; ++s) upload_as_bf16(ctx, d.w[s].get(), *wt[s]);
+    for (int s = 0; s < kNumLoraSlots; ++s)
+      if (d.w[s].size()) upload_as_bf16(ctx, d.w[s].get(), *wt[s]);
+    if (d.moe) {
+      upload_as_bf16(ctx, d.experts.router.get(), lw.mlp.router);
+      upload_as_bf16(ctx, d.experts.gate.get(), lw.mlp.gate);
+      upload_as_bf16(ctx, d.experts.up.get(), lw.mlp.up);
+      upload_as_bf16(ctx, d.experts.down.get(), lw.mlp.down);
+    }
   }
   p.upload(p.lora, lora);
 }
@@ -383,9 +444,9 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraC
     for (int s = 0; s < kNumLoraSlots; ++s) {
       const SlotRef& sr = p.slots[l][s];
       if (!sr.present) continue;
-      cuda::fill_normal(ctx, p.lora.get() + sr.a_off, p.r * sr.in, 0.f, float(1.0 / std::sqrt(double(sr.in))),
-                        seed * 1000003ull + ++k);
-      cuda::fill_normal(ctx, p.lora.get() + sr.b_off, sr.out * p.r, 0.f, 0.01f, seed * 1000003ull + ++k);
+      cuda::fill_normal(ctx, p.lora.get() + sr.a_off, sr.copies() * p.r * sr.in, 0.f,
+                        float(1.0 / std::sqrt(double(sr.in))), seed * 1000003ull + ++k);
+      cuda::fill_normal(ctx, p.lora.get() + sr.b_off, sr.copies() * sr.out * p.r, 0.f, 0.01f, seed * 1000003ull + ++k);
     }
   ctx.synchronize();
 }
@@ -498,11 +559,13 @@ size_t CudaDecoder::device_bytes() const {
     n += d.input_norm.bytes() + d.post_norm.bytes() + d.q_norm.bytes() + d.k_norm.bytes() + d.q_b.bytes() +
          d.k_b.bytes() + d.v_b.bytes();
     for (auto& w : d.w) n += w.bytes();
+    n += d.experts.router.bytes() + d.experts.gate.bytes() + d.experts.up.bytes() + d.experts.down.bytes();
   }
   for (const auto* b : {&p.xd, &p.dxd, &p.saved, &p.a, &p.q_raw, &p.k_raw, &p.q, &p.k, &p.v, &p.attn, &p.o, &p.h, &p.m, &p.g, &p.u,
                         &p.act, &p.xa, &p.xf, &p.dx, &p.dm, &p.da, &p.dattn, &p.dq, &p.dk, &p.dv, &p.dq_raw, &p.dk_raw,
                         &p.dact, &p.dg, &p.du, &p.dxf})
     n += b->bytes();
+  n += p.moe_work.bytes();
   for (const auto* b : {&p.rstd1, &p.rstd_q, &p.rstd_k, &p.lse, &p.rstd2, &p.rstdf, &p.cos, &p.sin}) n += b->bytes();
   return n;
 }

@@ -1,4 +1,4 @@
-// The dense Qwen2 / Qwen3 decoder on CUDA (built only with QT_CUDA): the math of model/decoder.h
+// The Qwen2 / Qwen3 / Qwen3-MoE decoder on CUDA (built only with QT_CUDA): the math of model/decoder.h
 // with the ops of ops/cuda/ops.h, LoRA training only (base weights frozen, bf16 on the device).
 //
 // Memory: bf16 base weights; fp32 LoRA masters, their gradients and AdamW moments in four flat
@@ -10,7 +10,8 @@
 // A training step (zero_grads, set_batch + forward_backward per micro-batch, optimizer_step)
 // enqueues everything on the context's stream and returns without synchronising; the loss, the
 // gradient norm and the skip decision stay on the device until read_step_stats().
-// MoE layers are refused ("[cuda] ...").
+// Qwen3-MoE layers run model/cuda_moe.h (grouped expert GEMMs, device-side routing); the router aux
+// loss (output_router_logits) is refused ("[cuda] ...").
 #pragma once
 #ifdef QT_HAVE_CUDA
 #include <cstdint>

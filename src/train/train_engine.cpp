@@ -72,14 +72,16 @@ std::string resolve_device(const std::string& device, const ModelConfig& cfg, co
   if (device == "cpu") return device;
 #ifdef QT_HAVE_CUDA
   const bool gpu = cuda::device_count() > 0;
-  const bool moe = has_moe_layers(cfg);
+  const bool aux = has_moe_layers(cfg) && cfg.output_router_logits;
   if (device == "cuda") {
     if (!gpu) fail(context, "device cuda: no CUDA device is visible (use --device cpu)");
-    if (moe) fail(context, "device cuda: the CUDA engine does not run Qwen3-MoE layers yet (use --device cpu)");
+    if (aux)
+      fail(context, "device cuda: the router aux loss (output_router_logits) is not on the CUDA engine yet (set it "
+                    "to false or use --device cpu)");
     return device;
   }
-  if (gpu && !moe) return "cuda";
-  if (why) *why = gpu ? "the CUDA engine does not run MoE layers yet" : "no CUDA device is visible";
+  if (gpu && !aux) return "cuda";
+  if (why) *why = gpu ? "the router aux loss (output_router_logits) runs on the CPU engine only" : "no CUDA device is visible";
   return "cpu";
 #else
   (void)cfg;

@@ -45,8 +45,9 @@ class TrainEngine {
   virtual void load_from_host(const LoraAdapter& lora, const AdamW& opt) = 0;
 };
 
-// "auto" -> "cuda" when this build has the CUDA backend, a GPU is visible and the model is dense
-// (the CUDA decoder does not run MoE layers yet), else "cpu"; "cpu" and "cuda" are returned as they
+// "auto" -> "cuda" when this build has the CUDA backend, a GPU is visible and the model does not
+// ask for the MoE router aux loss (output_router_logits: CPU only so far), else "cpu"; "cpu" and
+// "cuda" are returned as they
 // are after checking that they can run ("[context] ..." errors otherwise). `why` gets a note when
 // auto picked the CPU although the build has CUDA.
 std::string resolve_device(const std::string& device, const ModelConfig& cfg, const std::string& context,

@@ -112,10 +112,12 @@ __device__ __forceinline__ bool dropout_keep(uint64_t key, uint64_t row, uint64_
 
 // add = false: y = mask(x) * keep_scale; add = true: y += mask(x) * keep_scale (dropout's backward).
 template <bool kAdd>
-__global__ void dropout_kernel(bf16* y, const bf16* x, int64_t N, int64_t D, double p, float keep_scale, uint64_t key) {
+__global__ void dropout_kernel(bf16* y, const bf16* x, int64_t N, int64_t D, double p, float keep_scale, uint64_t key,
+                               const int32_t* rows) {
   QT_GRID_STRIDE(i, N * D) {
     const int64_t n = i / D, f = i - n * D;
-    const float v = dropout_keep(key, uint64_t(n), uint64_t(f), p) ? to_f(x[i]) * keep_scale : 0.f;
+    const uint64_t row = rows ? uint64_t(rows[n]) : uint64_t(n);
+    const float v = dropout_keep(key, row, uint64_t(f), p) ? to_f(x[i]) * keep_scale : 0.f;
     y[i] = kAdd ? to_bf(to_f(y[i]) + v) : to_bf(v);
   }
 }
@@ -192,15 +194,17 @@ void step_guard(Context& ctx, int* skip, const double* a, const double* b) {
   QT_CUDA_LAUNCH_CHECK();
 }
 
-void dropout_forward(Context& ctx, bf16* y, const bf16* x, int64_t N, int64_t D, double p, uint64_t key) {
+void dropout_forward(Context& ctx, bf16* y, const bf16* x, int64_t N, int64_t D, double p, uint64_t key,
+                     const int32_t* rows) {
   if (N * D <= 0) return;
-  dropout_kernel<false><<<grid_for(N * D), kThreads, 0, ctx.stream()>>>(y, x, N, D, p, float(1.0 / (1.0 - p)), key);
+  dropout_kernel<false><<<grid_for(N * D), kThreads, 0, ctx.stream()>>>(y, x, N, D, p, float(1.0 / (1.0 - p)), key, rows);
   QT_CUDA_LAUNCH_CHECK();
 }
 
-void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t D, double p, uint64_t key) {
+void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t D, double p, uint64_t key,
+                      const int32_t* rows) {
   if (N * D <= 0) return;
-  dropout_kernel<true><<<grid_for(N * D), kThreads, 0, ctx.stream()>>>(dx, dy, N, D, p, float(1.0 / (1.0 - p)), key);
+  dropout_kernel<true><<<grid_for(N * D), kThreads, 0, ctx.stream()>>>(dx, dy, N, D, p, float(1.0 / (1.0 - p)), key, rows);
   QT_CUDA_LAUNCH_CHECK();
 }
 

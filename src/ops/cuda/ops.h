@@ -105,11 +105,14 @@ void fused_linear_cross_entropy(Context& ctx, double* loss_sum, int64_t* count, 
                                 const bf16* W, const int32_t* labels, float scale, int64_t B, int64_t S, int64_t H,
                                 int64_t V, int64_t chunk_rows = 0);
 
-// ---- LoRA dropout (cpu::dropout_apply's counter-hash mask, bit for bit; rows are 0..N-1) ------
-// y (N,D) = keep(n, f) ? x * float(1/(1-p)) : 0, keep = cpu::dropout_uniform(key, n, f) >= p.
-void dropout_forward(Context& ctx, bf16* y, const bf16* x, int64_t N, int64_t D, double p, uint64_t key);
-// dx (N,D) += keep(n, f) ? dy * float(1/(1-p)) : 0 (the same mask: dropout's backward).
-void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t D, double p, uint64_t key);
+// ---- LoRA dropout (cpu::dropout_apply's counter-hash mask, bit for bit) ---------------------
+// y (N,D) = keep(row_n, f) ? x * float(1/(1-p)) : 0, keep = cpu::dropout_uniform(key, row_n, f) >= p,
+// row_n = rows ? rows[n] : n (experts: rows = the assignment ids perm, as the CPU's moe_mlp).
+void dropout_forward(Context& ctx, bf16* y, const bf16* x, int64_t N, int64_t D, double p, uint64_t key,
+                     const int32_t* rows = nullptr);
+// dx (N,D) += keep(row_n, f) ? dy * float(1/(1-p)) : 0 (the same mask: dropout's backward).
+void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t D, double p, uint64_t key,
+                      const int32_t* rows = nullptr);
 
 // ---- optimizer ---------------------------------------------------------------------------
 // One fused AdamW update of n fp32 parameters, arithmetic in fp64 and rounded exactly as

@@ -1,0 +1,163 @@
+// The MoE block on CUDA (see cuda_moe.h for the math). Every product is one grouped GEMM over all
+// experts with the device-side offsets of moe_sort; the LoRA products run on bf16 copies of the
+// fp32 masters (as ops/cuda lora_forward does for dense layers), refreshed at each call.
+#ifdef QT_HAVE_CUDA
+#include "model/cuda_moe.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "ops/cuda/grouped_gemm.h"
+#include "ops/cuda/ops.h"
+
+namespace qt {
+
+using cuda::bf16;
+using cuda::Buffer;
+
+namespace {
+
+template <typename T>
+void zero_async(cuda::Context& ctx, Buffer<T>& b, int64_t n) {
+  QT_CUDA_CHECK(cudaMemsetAsync(b.get(), 0, size_t(n) * sizeof(T), ctx.stream()));
+}
+
+// Projection i (0 gate, 1 up, 2 down): (in, out) widths and the base weight.
+struct ProjShape {
+  int64_t in, out;
+  const bf16* W;
+};
+ProjShape proj_shape(const CudaMoeWeights& w, const CudaMoeDims& d, int i) {
+  if (i == 2) return {d.I, d.H, w.down.get()};
+  return {d.H, d.I, i == 0 ? w.gate.get() : w.up.get()};
+}
+
+// bf16 copies of the masters A (E,r,in) and B (E,out,r) of projection i into the work buffers.
+void lora_bf16(cuda::Context& ctx, const CudaMoeLora& lora, const CudaMoeDims& d, int i, int64_t in, int64_t out,
+               bf16* a16, bf16* b16) {
+  cuda::f32_to_bf16(ctx, a16, lora.A[size_t(i)], d.E * lora.r * in);
+  cuda::f32_to_bf16(ctx, b16, lora.B[size_t(i)], d.E * out * lora.r);
+}
+
+struct Ctx {
+  cuda::Context& ctx;
+  const CudaMoeWeights& w;
+  const CudaMoeLora& lora;
+  const CudaMoeDims& d;
+  const CudaMoeDropout& drop;
+  CudaMoeWork& work;
+
+  int64_t T() const { return d.T(); }
+  // The LoRA input of projection i: x, or dropout(x) (rows = assignment ids) in work.xd.
+  const bf16* lora_input(int i, const bf16* x, int64_t in) {
+    if (drop.p <= 0) return x;
+    if (work.xd.size() < size_t(T() * std::max(d.H, d.I))) {
+      work.xd = Buffer<bf16>(size_t(T() * std::max(d.H, d.I)));
+      work.dxd = Buffer<bf16>(size_t(T() * std::max(d.H, d.I)));
+    }
+    cuda::dropout_forward(ctx, work.xd.get(), x, T(), in, drop.p, drop.key[size_t(i)], work.perm.get());
+    return work.xd.get();
+  }
+  // y (T,out) = x W_e^T (+ scale xa B_e^T, xa = drop(x) A_e^T saved)
+  void proj_forward(int i, bf16* y, const bf16* x) {
+    const ProjShape p = proj_shape(w, d, i);
+    const int64_t* off = work.offsets.get();
+    cuda::grouped_gemm_nt(ctx, y, x, p.W, off, T(), d.E, p.out, p.in, 1.f, false);
+    if (!lora.present(i)) return;
+    lora_bf16(ctx, lora, d, i, p.in, p.out, work.a16.get(), work.b16.get());
+    bf16* xa = work.xa[size_t(i)].get();
+    cuda::grouped_gemm_nt(ctx, xa, lora_input(i, x, p.in), work.a16.get(), off, T(), d.E, lora.r, p.in, 1.f, false);
+    cuda::grouped_gemm_nt(ctx, y, xa, work.b16.get(), off, T(), d.E, p.out, lora.r, lora.scale, true);
+  }
+  // dx (T,in) (+)= dy W_e (+ the LoRA path through the dropout mask); dA_e, dB_e accumulate.
+  void proj_backward(int i, bf16* dx, const bf16* dy, const bf16* x, bool accumulate) {
+    const ProjShape p = proj_shape(w, d, i);
+    const int64_t* off = work.offsets.get();
+    cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate);
+    if (!lora.present(i)) return;
+    const int64_t r = lora.r;
+    lora_bf16(ctx, lora, d, i, p.in, p.out, work.a16.get(), work.b16.get());
+    const bf16* xl = lora_input(i, x, p.in);
+    bf16* t = work.t.get();
+    cuda::grouped_gemm_nn(ctx, t, dy, work.b16.get(), off, T(), d.E, p.out, r, 1.f, false);  // t = dy B_e
+    if (drop.p > 0) {
+      cuda::grouped_gemm_nn(ctx, work.dxd.get(), t, work.a16.get(), off, T(), d.E, r, p.in, lora.scale, false);
+      cuda::dropout_backward(ctx, dx, work.dxd.get(), T(), p.in, drop.p, drop.key[size_t(i)], work.perm.get());
+    } else {
+      cuda::grouped_gemm_nn(ctx, dx, t, work.a16.get(), off, T(), d.E, r, p.in, lora.scale, true);
+    }
+    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dA[size_t(i)], t, xl, off, T(), d.E, r, p.in, lora.scale);
+    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dB[size_t(i)], dy, work.xa[size_t(i)].get(), off, T(), d.E, p.out, r,
+                                   lora.scale);
+  }
+};
+
+}  // namespace
+
+void CudaMoeWork::alloc(int64_t cap, int64_t H, int64_t I, int64_t E, int64_t k, int64_t r) {
+  const size_t T = size_t(cap * k);
+  logits = Buffer<bf16>(size_t(cap * E)), dlogits = Buffer<bf16>(size_t(cap * E));
+  probs = Buffer<float>(size_t(cap * E));
+  topk_w = Buffer<float>(T), dtopk_w = Buffer<float>(T);
+  topk_idx = Buffer<int32_t>(T), perm = Buffer<int32_t>(T);
+  offsets = Buffer<int64_t>(size_t(E + 1));
+  xs = Buffer<bf16>(T * size_t(H)), ys = Buffer<bf16>(T * size_t(H));
+  dys = Buffer<bf16>(T * size_t(H)), dxs = Buffer<bf16>(T * size_t(H));
+  g = Buffer<bf16>(T * size_t(I)), u = Buffer<bf16>(T * size_t(I)), h = Buffer<bf16>(T * size_t(I));
+  dh = Buffer<bf16>(T * size_t(I)), dg = Buffer<bf16>(T * size_t(I)), du = Buffer<bf16>(T * size_t(I));
+  for (auto& b : xa) b = Buffer<bf16>(T * size_t(r));
+  t = Buffer<bf16>(T * size_t(r));
+  a16 = Buffer<bf16>(size_t(E * r * std::max(H, I)));
+  b16 = Buffer<bf16>(size_t(E * r * std::max(H, I)));
+  xd = Buffer<bf16>(), dxd = Buffer<bf16>();  // allocated on the first use of dropout
+}
+
+size_t CudaMoeWork::bytes() const {
+  size_t n = probs.bytes() + topk_w.bytes() + dtopk_w.bytes() + topk_idx.bytes() + perm.bytes() + offsets.bytes();
+  for (const auto* b : {&logits, &dlogits, &xs, &ys, &dys, &dxs, &g, &u, &h, &dh, &dg, &du, &t, &a16, &b16, &xd, &dxd})
+    n += b->bytes();
+  for (const auto& b : xa) n += b.bytes();
+  return n;
+}
+
+void cuda_moe_forward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoeLora& lora, const CudaMoeDims& d,
+                      const CudaMoeDropout& drop, CudaMoeWork& work, const bf16* m, bf16* out) {
+  QT_ASSERT(work.xs.size() >= size_t(d.T() * d.H), "MoE work buffers hold fewer than {} rows", d.T());
+  Ctx c{ctx, w, lora, d, drop, work};
+  const int64_t N = d.N, T = d.T();
+  cuda::linear_forward(ctx, work.logits.get(), m, w.router.get(), nullptr, N, d.H, d.E);
+  cuda::moe_router_forward(ctx, work.topk_idx.get(), work.topk_w.get(), work.probs.get(), work.logits.get(), N, d.E,
+                           d.k, d.norm_topk_prob);
+  cuda::moe_sort(ctx, work.perm.get(), work.offsets.get(), work.topk_idx.get(), N, d.k, d.E);
+  cuda::moe_gather(ctx, work.xs.get(), m, work.perm.get(), T, d.k, d.H);
+  c.proj_forward(0, work.g.get(), work.xs.get());
+  c.proj_forward(1, work.u.get(), work.xs.get());
+  cuda::swiglu_forward(ctx, work.h.get(), work.g.get(), work.u.get(), T * d.I);
+  c.proj_forward(2, work.ys.get(), work.h.get());
+  cuda::moe_combine(ctx, out, work.ys.get(), work.topk_w.get(), work.perm.get(), T, d.k, d.H);
+}
+
+void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoeLora& lora, const CudaMoeDims& d,
+                       const CudaMoeDropout& drop, CudaMoeWork& work, const bf16* m, const bf16* dout, bf16* dm) {
+  Ctx c{ctx, w, lora, d, drop, work};
+  const int64_t N = d.N, T = d.T();
+  zero_async(ctx, work.dys, T * d.H);
+  zero_async(ctx, work.dtopk_w, T);
+  cuda::moe_combine_backward(ctx, work.dys.get(), work.dtopk_w.get(), dout, work.ys.get(), work.topk_w.get(),
+                             work.perm.get(), T, d.k, d.H);
+  c.proj_backward(2, work.dh.get(), work.dys.get(), work.h.get(), false);
+  zero_async(ctx, work.dg, T * d.I);
+  zero_async(ctx, work.du, T * d.I);
+  cuda::swiglu_backward(ctx, work.dg.get(), work.du.get(), work.dh.get(), work.g.get(), work.u.get(), T * d.I);
+  c.proj_backward(0, work.dxs.get(), work.dg.get(), work.xs.get(), false);
+  c.proj_backward(1, work.dxs.get(), work.du.get(), work.xs.get(), true);
+  cuda::moe_gather_backward(ctx, dm, work.dxs.get(), work.perm.get(), T, d.k, d.H);
+  // Through the routing weights: top-k / renorm / softmax -> logits -> m W_r^T.
+  zero_async(ctx, work.dlogits, N * d.E);
+  cuda::moe_router_backward(ctx, work.dlogits.get(), work.dtopk_w.get(), work.probs.get(), work.topk_idx.get(), N, d.E,
+                            d.k, d.norm_topk_prob);
+  cuda::linear_backward(ctx, dm, work.dlogits.get(), w.router.get(), N, d.H, d.E);
+}
+
+}  // namespace qt
+#endif
