@@ -32,6 +32,8 @@ void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const 
                      int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
 void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
                      int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+// When E x tiles would leave the GPU half idle the rows are split and the fp32 partials live in
+// ctx.scratch() (growing it synchronises once: run a warm-up step before capturing a graph).
 void grouped_gemm_tn_kgrouped(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
                               int64_t T, int64_t E, int64_t M, int64_t N, float scale);
 
