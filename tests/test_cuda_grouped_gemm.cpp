@@ -2,7 +2,7 @@
 // on the tensor-core path and the SIMT kernels, and the two against each other: Y (+)= X W_e^T,
 // dX (+)= dY W_e, Out_e += scale X_e^T dY_e. Routings: uniform random, only every third expert
 // used (empty experts), one expert taking every row, rows past offsets[E] (must stay untouched),
-// no rows at all; E = 1 and 128; T = 1, odd T, T not a multiple of any tile; K = N = 8; shapes the
+// no rows at all; E = 1, 128 and > 256; T = 1, odd T, T not a multiple of any tile; K = N = 8; shapes the
 // tensor cores do not take (N = 12, K = 20, r = 4: the SIMT fallback); the LoRA products at r = 4,
 // 16, 64; a K-grouped product split over rows (E = 1), run twice for bitwise determinism; every
 // tile configuration of the row-grouped products (forced with QT_GROUPED_GEMM_TILE).
@@ -187,6 +187,7 @@ const Case kCases[] = {
     {301, 5, 12, 16, Routing::Random},  // NT on tensor cores with N % 8 != 0; NN and TN fall back
     {700, 2, 264, 1032, Routing::Random},   {1000, 3, 200, 136, Routing::Empties},
     {1200, 2, 72, 264, Routing::OneExpert}, {999, 2, 128, 128, Routing::Tail},
+    {900, 300, 24, 16, Routing::Empties},   {3000, 290, 136, 40, Routing::Random},  // E > 256 (tile search)
 };
 // (The tile configuration depends on the shape: rows per expert >= 192 take 128-row tiles, fewer
 // take 64-row tiles, N <= 64 (NT) or K <= 64 (NN) thin tiles; the cases cover each.)
