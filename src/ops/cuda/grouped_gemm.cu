@@ -352,6 +352,7 @@ void launch_mma(Context& ctx, const GroupedArgs& a, dim3 grid) {
   constexpr size_t smem = size_t(C::STAGES) *
                           (tile_elems<MODE == Mode::TN, C::BM, C::BK>() + tile_elems<MODE != Mode::NT, C::BN, C::BK>()) *
                           sizeof(bf16);
+  QT_CUDA_ASSERT(smem <= ctx.max_smem_per_block(), "grouped GEMM tile does not fit in shared memory");
   // The opt-in above 48 KiB, once per device and kernel (a host call, not a stream operation: the
   // first call, e.g. a warm-up step, makes it before any graph capture).
   static std::atomic<uint64_t> configured{0};
@@ -363,7 +364,6 @@ void launch_mma(Context& ctx, const GroupedArgs& a, dim3 grid) {
                                        int(smem)));
     configured.fetch_or(bit);
   }
-  QT_CUDA_ASSERT(smem <= ctx.max_smem_per_block(), "grouped GEMM tile does not fit in shared memory");
   grouped_mma_kernel<C, MODE><<<grid, C::THREADS, smem, ctx.stream()>>>(a);
   QT_CUDA_LAUNCH_CHECK();
 }
