@@ -2,7 +2,7 @@
 // on the tensor-core path and the SIMT kernels, and the two against each other: Y (+)= X W_e^T,
 // dX (+)= dY W_e, Out_e += scale X_e^T dY_e. Routings: uniform random, only every third expert
 // used (empty experts), one expert taking every row, rows past offsets[E] (must stay untouched),
-// no rows at all; E = 1 and 128; T = 1, odd T, T not a multiple of any tile; K = N = 8; shapes the
+// no rows at all; E = 1, 128 and > 256; T = 1, odd T, T not a multiple of any tile; K = N = 8; shapes the
 // tensor cores do not take (N = 12, K = 20, r = 4: the SIMT fallback); the LoRA products at r = 4,
 // 16, 64; a K-grouped product split over rows (E = 1), run twice for bitwise determinism; every
 // tile configuration of the row-grouped products (forced with QT_GROUPED_GEMM_TILE).
@@ -56,20 +56,28 @@ int64_t expert_of(const std::vector<int64_t>& off, int64_t row) {
   return -1;
 }
 
-// out (T, Nc) = alpha sum_k A (row, k) B_e (k, n) (+ out0 when accumulate); B_e element (k, n) at
-// W[e][n][k] (nt) or W[e][k][n] (nn). Rows of no expert keep out0.
+// sum_k A (row, k) B_e (k, n), k < Kc, in double; B_e element (k, n) at W[e][n][k] (nt) or W[e][k][n] (nn).
+double dot_row(const std::vector<float>& A, const std::vector<float>& W, int64_t e, int64_t r, int64_t n, int64_t Nc,
+               int64_t Kc, bool b_kmajor) {
+  const float* We = W.data() + e * Nc * Kc;
+  double s = 0;
+  for (int64_t k = 0; k < Kc; ++k) s += double(A[size_t(r * Kc + k)]) * double(b_kmajor ? We[k * Nc + n] : We[n * Kc + k]);
+  return s;
+}
+
+// out (T, Nc) = alpha (A B_e + A2 B2_e) (+ out0 when accumulate), the second product over Kc2 (0:
+// none). Rows of no expert keep out0.
 std::vector<float> ref_rows(const std::vector<float>& out0, const std::vector<float>& A, const std::vector<float>& W,
-                            const std::vector<int64_t>& off, int64_t T, int64_t Nc, int64_t Kc, float alpha,
-                            bool accumulate, bool b_kmajor) {
+                            const std::vector<float>& A2, const std::vector<float>& W2, const std::vector<int64_t>& off,
+                            int64_t T, int64_t Nc, int64_t Kc, int64_t Kc2, float alpha, bool accumulate,
+                            bool b_kmajor) {
   std::vector<float> out = out0;
   for (int64_t r = 0; r < T; ++r) {
     const int64_t e = expert_of(off, r);
     if (e < 0) continue;
-    const float* We = W.data() + e * Nc * Kc;
     for (int64_t n = 0; n < Nc; ++n) {
-      double s = 0;
-      for (int64_t k = 0; k < Kc; ++k)
-        s += double(A[size_t(r * Kc + k)]) * double(b_kmajor ? We[k * Nc + n] : We[n * Kc + k]);
+      double s = dot_row(A, W, e, r, n, Nc, Kc, b_kmajor);
+      if (Kc2 > 0) s += dot_row(A2, W2, e, r, n, Nc, Kc2, b_kmajor);
       s *= alpha;
       if (accumulate) s += out0[size_t(r * Nc + n)];
       out[size_t(r * Nc + n)] = float(s);
@@ -96,38 +104,45 @@ std::vector<float> ref_kgrouped(const std::vector<float>& out0, const std::vecto
 }
 
 using RowsFn = void (*)(cuda::Context&, bf16*, const bf16*, const bf16*, const int64_t*, int64_t, int64_t, int64_t,
-                        int64_t, float, bool);
+                        int64_t, float, bool, const cuda::SecondProduct&);
 using KgFn = void (*)(cuda::Context&, float*, const bf16*, const bf16*, const int64_t*, int64_t, int64_t, int64_t,
                       int64_t, float);
 
 // Checks Y (T, N) (+)= X W_e^T (nn = false) or dX (T, K) (+)= dY W_e (nn = true), W (E, N, K), on
-// both paths, overwriting and accumulating.
+// both paths, overwriting and accumulating; with inner > 0 plus the second product (NT: X2 (T,
+// inner) W2_e^T, W2 (E, N, inner); NN: dY2 (T, inner) W2_e, W2 (E, inner, K)). A second product
+// the tensor cores do not take (inner % 8 != 0) is added in a second pass: the output is rounded
+// twice, so those cases use the bf16-intermediate tolerance (cuda_parity.h).
 void check_rows(cuda::Context& ctx, bool nn, int64_t T, int64_t E, int64_t N, int64_t K, Routing routing,
-                std::mt19937_64& rng) {
+                std::mt19937_64& rng, int64_t inner = 0) {
   const auto off = make_offsets(T, E, routing, rng);
   const int64_t in_w = nn ? N : K, out_w = nn ? K : N;
   const auto A = randn_bf16(size_t(T * in_w), rng), W = randn_bf16(size_t(E * N * K), rng, 0.1f),
              out0 = randn_bf16(size_t(T * out_w), rng);
-  auto A_d = dev_bf16(A), W_d = dev_bf16(W);
+  const auto A2 = randn_bf16(size_t(T * inner), rng), W2 = randn_bf16(size_t(E * out_w * inner), rng, 0.1f);
+  auto A_d = dev_bf16(A), W_d = dev_bf16(W), A2_d = dev_bf16(A2), W2_d = dev_bf16(W2);
   auto off_d = cuda::to_device(off);
+  const cuda::SecondProduct second{A2_d.get(), W2_d.get(), inner};
   const std::string shape = std::string(nn ? "nn" : "nt") + " [T" + std::to_string(T) + " E" + std::to_string(E) +
-                            " N" + std::to_string(N) + " K" + std::to_string(K) + " " + routing_name(routing) + "]";
+                            " N" + std::to_string(N) + " K" + std::to_string(K) +
+                            (inner ? " +" + std::to_string(inner) : std::string()) + " " + routing_name(routing) + "]";
+  const double atol = inner % 8 != 0 ? kAtolBf16Intermediate : kAtolReduction;
   const bool tc = cuda::grouped_gemm_tc_ok(nn ? cuda::GroupedOp::NN : cuda::GroupedOp::NT, N, K, A_d.get(),
                                            W_d.get(), A_d.get());
   for (const bool accumulate : {false, true}) {
     const float alpha = accumulate ? 0.5f : 1.0f;
-    const auto ref = ref_rows(out0, A, W, off, T, out_w, in_w, alpha, accumulate, nn);
+    const auto ref = ref_rows(out0, A, W, A2, W2, off, T, out_w, in_w, inner, alpha, accumulate, nn);
     std::vector<float> got[2];
     for (const bool simt : {false, true}) {
       const RowsFn fn = nn ? (simt ? &cuda::grouped_gemm_nn_simt : &cuda::grouped_gemm_nn)
                            : (simt ? &cuda::grouped_gemm_nt_simt : &cuda::grouped_gemm_nt);
       auto out_d = dev_bf16(out0);
-      fn(ctx, out_d.get(), A_d.get(), W_d.get(), off_d.get(), T, E, N, K, alpha, accumulate);
+      fn(ctx, out_d.get(), A_d.get(), W_d.get(), off_d.get(), T, E, N, K, alpha, accumulate, second);
       got[simt] = host_f32(out_d);
       const std::string what = shape + (accumulate ? " acc" : "") + (simt ? " simt" : tc ? " tc" : " fallback");
-      expect_close(what, got[simt], ref, kBf16Rtol, kAtolReduction);
+      expect_close(what, got[simt], ref, kBf16Rtol, simt ? kAtolReduction : atol);
     }
-    expect_close(shape + (accumulate ? " acc" : "") + " tc vs simt", got[0], got[1], kBf16Rtol, kAtolReduction);
+    expect_close(shape + (accumulate ? " acc" : "") + " tc vs simt", got[0], got[1], kBf16Rtol, atol);
   }
 }
 
@@ -172,6 +187,7 @@ const Case kCases[] = {
     {301, 5, 12, 16, Routing::Random},  // NT on tensor cores with N % 8 != 0; NN and TN fall back
     {700, 2, 264, 1032, Routing::Random},   {1000, 3, 200, 136, Routing::Empties},
     {1200, 2, 72, 264, Routing::OneExpert}, {999, 2, 128, 128, Routing::Tail},
+    {900, 300, 24, 16, Routing::Empties},   {3000, 290, 136, 40, Routing::Random},  // E > 256 (tile search)
 };
 // (The tile configuration depends on the shape: rows per expert >= 192 take 128-row tiles, fewer
 // take 64-row tiles, N <= 64 (NT) or K <= 64 (NN) thin tiles; the cases cover each.)
@@ -217,7 +233,8 @@ TEST(CudaGroupedGemm, EveryRowTileMatchesCpu) {
 }
 
 // The LoRA products of one expert-parallel adapter (x (T,H), A (E,r,H), B (E,O,r)) at r = 4, 16, 64:
-// xa = x A_e^T, y += xa B_e^T, t = dy B_e, dx += t A_e, dA_e = t^T x, dB_e = dy^T xa.
+// xa = x A_e^T, y += xa B_e^T, t = dy B_e, dx += t A_e, dA_e = t^T x, dB_e = dy^T xa, and the base
+// products with the LoRA term fused (SecondProduct).
 TEST(CudaGroupedGemm, LoraShapesMatchCpu) {
   QT_SKIP_WITHOUT_GPU();
   cuda::Context ctx;
@@ -230,6 +247,8 @@ TEST(CudaGroupedGemm, LoraShapesMatchCpu) {
     check_rows(ctx, true, T, E, r, H, Routing::OneExpert, rng); // dx += t A
     check_kgrouped(ctx, T, E, r, H, Routing::Random, rng);      // dA = t^T x
     check_kgrouped(ctx, T, E, O, r, Routing::Empties, rng);     // dB = dy^T xa
+    check_rows(ctx, false, T, E, O, H, Routing::Random, rng, r);  // y = x W^T + xa B^T, fused
+    check_rows(ctx, true, T, E, O, H, Routing::Tail, rng, r);     // dx = dy W + t A, fused
   }
 }
 

@@ -70,18 +70,25 @@ def b_addrs(kmajor, BN, BK, nn, kk):
     if not kmajor: return [(nn + (l & 7) + (l >> 4) * 8) * (BK + 8) + kk + ((l >> 3) & 1) * 8 for l in range(32)]
     return [(kk + (l & 7) + ((l >> 3) & 1) * 8) * (BN + 8) + nn + (l >> 4) * 8 for l in range(32)]
 
-def block(cfg, mode, a, e, m0, n0, kbeg, kend, opA, opB, out, part_idx=None):
+def block(cfg, mode, a, e, m0, n0, kbeg, kend, opA, opB, out, part_idx=None, second=None):
     BM, BN, BK, WM, WN = cfg
     AK, BKM = mode == 'TN', mode != 'NT'
     WTM, WTN = BM // WM, BN // WN
     MI, NI = WTM // 16, WTN // 8
     acc = {(w, i, j): [[0.0]*8 for _ in range(16)] for w in range(WM*WN) for i in range(MI) for j in range(NI)}
-    kt_n = (kend - kbeg + BK - 1) // BK
+    kt1 = (kend - kbeg + BK - 1) // BK
+    kend2 = second[2] if second else 0
+    kt_n = kt1 + (kend2 + BK - 1) // BK
     for kt in range(kt_n):
-        k0 = kbeg + kt * BK
         sA = [NAN]*(BK*(BM+8) if AK else BM*(BK+8)); sB = [NAN]*(BK*(BN+8) if BKM else BN*(BK+8))
-        load_tile(sA, AK, BM, BK, *opA, k0, kend)
-        load_tile(sB, BKM, BN, BK, *opB, k0, kend)
+        if kt < kt1:
+            k0 = kbeg + kt * BK
+            load_tile(sA, AK, BM, BK, *opA, k0, kend)
+            load_tile(sB, BKM, BN, BK, *opB, k0, kend)
+        else:
+            k0 = (kt - kt1) * BK
+            load_tile(sA, AK, BM, BK, *second[0], k0, kend2)
+            load_tile(sB, BKM, BN, BK, *second[1], k0, kend2)
         for w in range(WM * WN):
             wm, wn = (w // WN) * WTM, (w % WN) * WTN
             for kk in range(0, BK, 16):
@@ -125,7 +132,7 @@ def find_row_tile(off, E, mt, BM):
         before += inc[31]
     return -1, 0
 
-def rows_grouped(cfg, mode, X, W, off, T, E, N, K, alpha, accf, Y):
+def rows_grouped(cfg, mode, X, W, off, T, E, N, K, alpha, accf, Y, X2=None, W2=None, inner=0):
     BM, BN = cfg[0], cfg[1]
     Nc, Kc = (N, K) if mode == 'NT' else (K, N)
     lda, ldb = (K, K) if mode == 'NT' else (N, K)
@@ -139,7 +146,10 @@ def rows_grouped(cfg, mode, X, W, off, T, E, N, K, alpha, accf, Y):
         if e < 0: continue
         seen += 1
         m0 = off[e] + tile*BM
-        block(cfg, mode, a, e, m0, n0, 0, Kc, (X, 0, lda, m0, off[e+1]), (W, e*N*K, ldb, n0, Nc), Y)
+        second = None
+        if inner:  # as rows_product: lda2 = inner, ldb2 = inner (NT) or K (NN), expert stride Nc * inner
+            second = ((X2, 0, inner, m0, off[e+1]), (W2, e*Nc*inner, inner if mode == 'NT' else K, n0, Nc), inner)
+        block(cfg, mode, a, e, m0, n0, 0, Kc, (X, 0, lda, m0, off[e+1]), (W, e*N*K, ldb, n0, Nc), Y, second=second)
     return seen
 
 def kgrouped(cfg, X, dY, off, T, E, M, N, scale, Out, splits):
@@ -175,24 +185,29 @@ def offsets(T, E, kind):
 
 def randn(n): return [random.gauss(0, 1) for _ in range(n)]
 
-def check(cfg, mode, T, E, N, K, kind):
+def check(cfg, mode, T, E, N, K, kind, inner=0):
     off = offsets(T, E, kind)
     W = randn(E*N*K)
     inw, outw = (K, N) if mode == 'NT' else (N, K)
     X = randn(T*inw); Y0 = randn(T*outw)
+    X2 = randn(T*inner); W2 = randn(E*outw*inner)
     for accf in (False, True):
-        Y = list(Y0); rows_grouped(cfg, mode, X, W, off, T, E, N, K, 0.5, accf, Y)
+        Y = list(Y0); rows_grouped(cfg, mode, X, W, off, T, E, N, K, 0.5, accf, Y, X2, W2, inner)
         err = 0.0
         for r in range(T):
             e = next((e for e in range(E) if off[e] <= r < off[e+1]), -1)
             for c in range(outw):
                 if e < 0: ref = Y0[r*outw+c]
                 else:
-                    if mode == 'NT': s = sum(X[r*K+k]*W[e*N*K+c*K+k] for k in range(K))
-                    else: s = sum(X[r*N+n]*W[e*N*K+n*K+c] for n in range(N))
+                    if mode == 'NT':
+                        s = sum(X[r*K+k]*W[e*N*K+c*K+k] for k in range(K))
+                        s += sum(X2[r*inner+k]*W2[(e*N+c)*inner+k] for k in range(inner))
+                    else:
+                        s = sum(X[r*N+n]*W[e*N*K+n*K+c] for n in range(N))
+                        s += sum(X2[r*inner+n]*W2[(e*inner+n)*K+c] for n in range(inner))
                     ref = 0.5*s + (Y0[r*outw+c] if accf else 0)
                 err = max(err, abs(Y[r*outw+c]-ref))
-        print(mode, cfg, T, E, N, K, kind, accf, 'err', err, flush=True); assert err < 1e-9
+        print(mode, cfg, T, E, N, K, kind, 'inner', inner, accf, 'err', err, flush=True); assert err < 1e-9
 
 def check_tn(cfg, T, E, M, N, kind, splits):
     off = offsets(T, E, kind)
@@ -221,4 +236,7 @@ check(Short, 'NT', 90, 3, 70, 24, 'one')
 Wide = (128, 256, 32, 2, 4)
 check(Wide, 'NT', 150, 2, 264, 40, 'tail')
 check(Wide, 'NN', 140, 2, 40, 264, 'empties')
+check(Short, 'NT', 90, 3, 136, 40, 'empties', inner=16)
+check(Big, 'NN', 140, 2, 48, 136, 'random', inner=24)
+check(ThinN, 'NN', 60, 3, 40, 16, 'one', inner=16)
 print('ALL OK')

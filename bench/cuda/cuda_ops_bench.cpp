@@ -127,6 +127,17 @@ int grouped_bench(const std::vector<int64_t>& Ts) {
            [&] { grouped_gemm_tn_kgrouped(ctx, dA.get(), xa.get(), x.get(), off_d.get(), rows, E, r, H, 2.0f); }},
           {"lora_dB_r16", fl(2 * I, r), b2 * (rows * 2 * I + rows * r) + 8.0 * E * 2 * I * r,
            [&] { grouped_gemm_tn_kgrouped(ctx, dB.get(), gu.get(), xa.get(), off_d.get(), rows, E, 2 * I, r, 2.0f); }},
+          // the base products with the LoRA term fused (one pass over the output instead of two)
+          {"gate_up+lora_r16", fl(2 * I, H + r), b2 * (rows * (H + r) + E * 2 * I * (H + r) + rows * 2 * I),
+           [&] {
+             grouped_gemm_nt(ctx, gu.get(), x.get(), Wgu.get(), off_d.get(), rows, E, 2 * I, H, 1.0f, false,
+                             SecondProduct{xa.get(), B.get(), r});
+           }},
+          {"dx_gate_up+lora_r16", fl(H, 2 * I + r), b2 * (rows * (2 * I + r) + E * (2 * I + r) * H + 2 * rows * H),
+           [&] {
+             grouped_gemm_nn(ctx, x.get(), gu.get(), Wgu.get(), off_d.get(), rows, E, 2 * I, H, 1.0f, true,
+                             SecondProduct{xa.get(), A.get(), r});
+           }},
           // the ceiling: one dense cuBLASLt GEMM of the same rows x N x K (expert 0's weights for all rows)
           {"dense_equiv_gate_up", fl(2 * I, H), b2 * (rows * H + 2 * I * H + rows * 2 * I),
            [&] { gemm(ctx, false, true, rows, 2 * I, H, 1.0f, x.get(), Wgu.get(), 0.0f, gu.get()); }},

@@ -6,6 +6,8 @@
 //                       (Kc = N rows, Nc = K contiguous): "k-major"
 //   TN  Out_e = X_e^T dY_e: Kc = the expert's rows, A = X (rows = k, m contiguous), B = dY (rows = k,
 //                       n contiguous): both k-major
+// NT and NN may add a second product into the same accumulators (SecondProduct, the LoRA term):
+// its k tiles follow the first's through the same pipeline, so the output is written once.
 //
 // Block tile BM x BN x BK, WARPS_M x WARPS_N warps each owning (BM/WARPS_M) x (BN/WARPS_N) of C in
 // m16n8k16 fragments (bf16 in, fp32 accumulate). Tiles stream global -> shared with 16-byte
@@ -90,6 +92,11 @@ struct GroupedArgs {
   const int64_t* offsets;
   int64_t E, Mc, Nc, Kc;  // NT/NN: Nc, Kc (rows grouped); TN: Mc = M, Nc = N (rows = k, grouped)
   int64_t lda, ldb, b_expert_stride;
+  // NT/NN: a second product over the same output, its k range appended after the first
+  // (C = alpha (A B_e + A2 B2_e)); Kc2 = 0 when absent.
+  const bf16* A2;
+  const bf16* B2;
+  int64_t Kc2, lda2, ldb2, b2_expert_stride;
   int64_t m_tiles, n_tiles;
   float alpha;
   int accumulate, splits;
@@ -210,8 +217,8 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_mma_kernel(
   bf16* sA = reinterpret_cast<bf16*>(smem_raw);  // STAGES x A_ELEMS
   bf16* sB = sA + STAGES * A_ELEMS;              // STAGES x B_ELEMS
 
-  int64_t e, m0, n0, kbeg, kend;
-  Operand opA, opB;
+  int64_t e, m0, n0, kbeg, kend, kend2 = 0;
+  Operand opA, opB, opA2{}, opB2{};
   if constexpr (MODE != Mode::TN) {
     const int64_t mt = int64_t(blockIdx.x) / a.n_tiles;
     n0 = (int64_t(blockIdx.x) % a.n_tiles) * BN;
@@ -223,6 +230,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_mma_kernel(
     kend = a.Kc;
     opA = {a.A, a.lda, m0, a.offsets[e + 1]};
     opB = {a.B + e * a.b_expert_stride, a.ldb, n0, a.Nc};
+    if (a.Kc2 > 0) {
+      kend2 = a.Kc2;
+      opA2 = {a.A2, a.lda2, m0, a.offsets[e + 1]};
+      opB2 = {a.B2 + e * a.b2_expert_stride, a.ldb2, n0, a.Nc};
+    }
   } else {
     int64_t id = blockIdx.x;
     n0 = (id % a.n_tiles) * BN;
@@ -248,12 +260,20 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_mma_kernel(
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
-  const int k_tiles = int((kend - kbeg + BK - 1) / BK);
+  // k tiles of the first product, then of the second (if any), through one pipeline
+  const int k_tiles1 = int((kend - kbeg + BK - 1) / BK);
+  const int k_tiles = k_tiles1 + int((kend2 + BK - 1) / BK);
   auto load_stage = [&](int kt) {
     const int s = kt % STAGES;
-    const int64_t k0 = kbeg + int64_t(kt) * BK;
-    load_tile<A_KMAJOR, BM, BK, C::THREADS>(sA + s * A_ELEMS, opA, k0, kend);
-    load_tile<B_KMAJOR, BN, BK, C::THREADS>(sB + s * B_ELEMS, opB, k0, kend);
+    if (kt < k_tiles1) {
+      const int64_t k0 = kbeg + int64_t(kt) * BK;
+      load_tile<A_KMAJOR, BM, BK, C::THREADS>(sA + s * A_ELEMS, opA, k0, kend);
+      load_tile<B_KMAJOR, BN, BK, C::THREADS>(sB + s * B_ELEMS, opB, k0, kend);
+    } else {
+      const int64_t k0 = int64_t(kt - k_tiles1) * BK;
+      load_tile<A_KMAJOR, BM, BK, C::THREADS>(sA + s * A_ELEMS, opA2, k0, kend2);
+      load_tile<B_KMAJOR, BN, BK, C::THREADS>(sB + s * B_ELEMS, opB2, k0, kend2);
+    }
   };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -332,6 +352,7 @@ void launch_mma(Context& ctx, const GroupedArgs& a, dim3 grid) {
   constexpr size_t smem = size_t(C::STAGES) *
                           (tile_elems<MODE == Mode::TN, C::BM, C::BK>() + tile_elems<MODE != Mode::NT, C::BN, C::BK>()) *
                           sizeof(bf16);
+  QT_CUDA_ASSERT(smem <= ctx.max_smem_per_block(), "grouped GEMM tile does not fit in shared memory");
   // The opt-in above 48 KiB, once per device and kernel (a host call, not a stream operation: the
   // first call, e.g. a warm-up step, makes it before any graph capture).
   static std::atomic<uint64_t> configured{0};
@@ -343,7 +364,6 @@ void launch_mma(Context& ctx, const GroupedArgs& a, dim3 grid) {
                                        int(smem)));
     configured.fetch_or(bit);
   }
-  QT_CUDA_ASSERT(smem <= ctx.max_smem_per_block(), "grouped GEMM tile does not fit in shared memory");
   grouped_mma_kernel<C, MODE><<<grid, C::THREADS, smem, ctx.stream()>>>(a);
   QT_CUDA_LAUNCH_CHECK();
 }
@@ -398,18 +418,26 @@ __device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t
   return lo - 1;
 }
 
-// Y (T,N) (+)= alpha X W_e^T (b_kmajor = false) or dX (T,N=K) (+)= alpha dY W_e (b_kmajor = true):
-// out (row, n) = sum_k A (row, k) B_e (k, n), A (T, Kc), B_e element (k, n) at W_e[n*Kc + k] or
-// W_e[k*Nc + n]. One thread per output element, fp32 accumulation.
-__global__ void simt_rows_kernel(bf16* out, const bf16* A, const bf16* W, const int64_t* offsets, int64_t T,
-                                 int64_t E, int64_t Nc, int64_t Kc, float alpha, bool accumulate, bool b_kmajor) {
+// sum_k A (row, k) B_e (k, n) over k < Kc, A (T, Kc), B_e element (k, n) at W_e[n*Kc + k] or, when
+// b_kmajor, W_e[k*Nc + n] (W_e = W + e Nc Kc); fp32 accumulation into s.
+__device__ __forceinline__ float simt_dot(float s, const bf16* A, const bf16* W, int64_t e, int64_t row, int64_t n,
+                                          int64_t Nc, int64_t Kc, bool b_kmajor) {
+  const bf16* We = W + e * Nc * Kc;
+  for (int64_t k = 0; k < Kc; ++k) s += to_f(A[row * Kc + k]) * to_f(b_kmajor ? We[k * Nc + n] : We[n * Kc + k]);
+  return s;
+}
+
+// Y (T,N) (+)= alpha (X W_e^T + X2 W2_e^T) (b_kmajor = false) or dX (T,N=K) (+)= alpha (dY W_e +
+// dY2 W2_e) (b_kmajor = true), the second product when Kc2 > 0. One thread per output element.
+__global__ void simt_rows_kernel(bf16* out, const bf16* A, const bf16* W, const bf16* A2, const bf16* W2,
+                                 const int64_t* offsets, int64_t T, int64_t E, int64_t Nc, int64_t Kc, int64_t Kc2,
+                                 float alpha, bool accumulate, bool b_kmajor) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < T * Nc; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / Nc, n = i % Nc;
     const int64_t e = expert_of_row(offsets, E, row);
     if (e < 0) continue;
-    const bf16* We = W + e * Nc * Kc;
-    float s = 0.0f;
-    for (int64_t k = 0; k < Kc; ++k) s += to_f(A[row * Kc + k]) * to_f(b_kmajor ? We[k * Nc + n] : We[n * Kc + k]);
+    float s = simt_dot(0.0f, A, W, e, row, n, Nc, Kc, b_kmajor);
+    if (Kc2 > 0) s = simt_dot(s, A2, W2, e, row, n, Nc, Kc2, b_kmajor);
     s *= alpha;
     if (accumulate) s += to_f(out[i]);
     out[i] = to_bf(s);
@@ -483,19 +511,19 @@ bool grouped_gemm_tc_ok(GroupedOp op, int64_t N, int64_t K, const void* a, const
 }
 
 void grouped_gemm_nt_simt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
-                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate) {
+                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second) {
   if (T <= 0 || E <= 0 || N <= 0) return;
-  simt_rows_kernel<<<grid_for(T * N), kThreads, 0, ctx.stream()>>>(Y, X, W, offsets, T, E, N, K, alpha, accumulate,
-                                                                    false);
+  simt_rows_kernel<<<grid_for(T * N), kThreads, 0, ctx.stream()>>>(Y, X, W, second.a, second.w, offsets, T, E, N, K,
+                                                                    second.inner, alpha, accumulate, false);
   QT_CUDA_LAUNCH_CHECK();
 }
 
 void grouped_gemm_nn_simt(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
-                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate) {
+                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second) {
   if (T <= 0 || E <= 0 || K <= 0) return;
-  // out (T, K) = dY (T, N) W_e (N, K): the row kernel with Nc = K, Kc = N, W_e element (k=n, K index) k-major
-  simt_rows_kernel<<<grid_for(T * K), kThreads, 0, ctx.stream()>>>(dX, dY, W, offsets, T, E, K, N, alpha, accumulate,
-                                                                    true);
+  // out (T, K) = dY (T, N) W_e (N, K): the row kernel with Nc = K, Kc = N, W_e read k-major
+  simt_rows_kernel<<<grid_for(T * K), kThreads, 0, ctx.stream()>>>(dX, dY, W, second.a, second.w, offsets, T, E, K, N,
+                                                                    second.inner, alpha, accumulate, true);
   QT_CUDA_LAUNCH_CHECK();
 }
 
@@ -506,24 +534,49 @@ void grouped_gemm_tn_kgrouped_simt(Context& ctx, float* Out, const bf16* X, cons
   QT_CUDA_LAUNCH_CHECK();
 }
 
+namespace {
+
+// The row-grouped product on the best path: fused on tensor cores when both products qualify;
+// the SIMT kernel (fused) when the first does not; otherwise the first on tensor cores and the
+// second added by the SIMT kernel (two roundings of the output; e.g. LoRA rank 4).
+template <Mode MODE>
+void rows_product(Context& ctx, bf16* C, const bf16* A, const bf16* W, const int64_t* offsets, int64_t T, int64_t E,
+                  int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second) {
+  constexpr bool nt = MODE == Mode::NT;
+  const auto simt = nt ? &grouped_gemm_nt_simt : &grouped_gemm_nn_simt;
+  const GroupedOp op = nt ? GroupedOp::NT : GroupedOp::NN;
+  if (!grouped_gemm_tc_ok(op, N, K, C, A, W)) return simt(ctx, C, A, W, offsets, T, E, N, K, alpha, accumulate, second);
+  // NT: C (rows, N) = X (rows, K) W_e^T, W_e (N, K) with k contiguous; second: X2 (rows, K2), W2_e (N, K2).
+  // NN: C (rows, K) = dY (rows, N) W_e, contracted over N, W_e read k-major (row stride K); second:
+  //     dY2 (rows, N2), W2_e (N2, K).
+  const int64_t Nc = nt ? N : K, Kc = nt ? K : N, inner2 = second.inner;
+  const bool fuse = inner2 > 0 && grouped_gemm_tc_ok(op, nt ? N : inner2, nt ? inner2 : K, C, second.a, second.w);
+  GroupedArgs a = rows_args(A, W, C, offsets, E, Nc, Kc, Kc, K, alpha, accumulate);
+  if (fuse) {
+    a.A2 = second.a;
+    a.B2 = second.w;
+    a.Kc2 = inner2;
+    a.lda2 = inner2;
+    a.ldb2 = nt ? inner2 : K;
+    a.b2_expert_stride = Nc * inner2;
+  }
+  launch_rows_by_tile<MODE>(ctx, a, T, E);
+  if (inner2 > 0 && !fuse)
+    simt(ctx, C, second.a, second.w, offsets, T, E, nt ? N : inner2, nt ? inner2 : K, alpha, true, SecondProduct{});
+}
+
+}  // namespace
+
 void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
-                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate) {
+                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second) {
   if (T <= 0 || E <= 0 || N <= 0) return;
-  if (!grouped_gemm_tc_ok(GroupedOp::NT, N, K, Y, X, W))
-    return grouped_gemm_nt_simt(ctx, Y, X, W, offsets, T, E, N, K, alpha, accumulate);
-  // C (rows, N) = X (rows, K) W_e^T: W_e (N, K) read with k contiguous
-  const GroupedArgs a = rows_args(X, W, Y, offsets, E, N, K, K, K, alpha, accumulate);
-  launch_rows_by_tile<Mode::NT>(ctx, a, T, E);
+  rows_product<Mode::NT>(ctx, Y, X, W, offsets, T, E, N, K, alpha, accumulate, second);
 }
 
 void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
-                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate) {
+                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second) {
   if (T <= 0 || E <= 0 || K <= 0) return;
-  if (!grouped_gemm_tc_ok(GroupedOp::NN, N, K, dX, dY, W))
-    return grouped_gemm_nn_simt(ctx, dX, dY, W, offsets, T, E, N, K, alpha, accumulate);
-  // C (rows, K) = dY (rows, N) W_e: contracted over N, W_e (N, K) read k-major (row stride K)
-  const GroupedArgs a = rows_args(dY, W, dX, offsets, E, K, N, N, K, alpha, accumulate);
-  launch_rows_by_tile<Mode::NN>(ctx, a, T, E);
+  rows_product<Mode::NN>(ctx, dX, dY, W, offsets, T, E, N, K, alpha, accumulate, second);
 }
 
 void grouped_gemm_tn_kgrouped(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,

@@ -8,6 +8,7 @@
 //   grouped_gemm_nt:          Y  (T,N) (+)= alpha X (T,K)  W_e^T   W (E,N,K)  (forward: gate_up, down,
 //                                                                   LoRA x A_e^T, xa B_e^T)
 //   grouped_gemm_nn:          dX (T,K) (+)= alpha dY (T,N) W_e     W (E,N,K)  (input gradient)
+//                             both optionally + a second product (SecondProduct: the LoRA term fused)
 //   grouped_gemm_tn_kgrouped: Out (E,M,N) fp32 += scale X_e^T dY_e, X (T,M), dY (T,N), summed over
 //                             the rows of expert e (LoRA weight gradients dA_e = t^T x, dB_e = dy^T xa)
 //
@@ -28,18 +29,35 @@
 
 namespace qt::cuda {
 
+// A second product added into the same output before its one rounding, its k range appended to
+// the first's in one pipeline (the LoRA term fused into the base GEMM, so Y is read and written
+// once): NT adds a (T, inner) times w_e^T, w (E, N, inner) (x_lora (T, r), B (E, N, r)); NN adds
+// a (T, inner) times w_e, w (E, inner, K) (t (T, r), A (E, r, K)). The same alpha scales both: fold
+// the LoRA scale into `a` (e.g. produce xa with alpha = scale; then dB = dy^T xa needs no scale).
+// inner = 0: none. When the second product alone cannot run on tensor cores (inner % 8 != 0, e.g.
+// r = 4) it is added by the SIMT kernel after the first (the output is then rounded twice).
+struct SecondProduct {
+  const bf16* a = nullptr;
+  const bf16* w = nullptr;
+  int64_t inner = 0;
+};
+
 void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
-                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second = {});
 void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
-                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second = {});
+// When E x tiles would leave the GPU half idle the rows are split and the fp32 partials live in
+// ctx.scratch() (growing it synchronises once: run a warm-up step before capturing a graph).
 void grouped_gemm_tn_kgrouped(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
                               int64_t T, int64_t E, int64_t M, int64_t N, float scale);
 
 // The SIMT reference kernels (any shape and alignment): same contracts.
 void grouped_gemm_nt_simt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
-                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate,
+                          const SecondProduct& second = {});
 void grouped_gemm_nn_simt(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
-                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate,
+                          const SecondProduct& second = {});
 void grouped_gemm_tn_kgrouped_simt(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
                                    int64_t T, int64_t E, int64_t M, int64_t N, float scale);
 
