@@ -9,9 +9,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <thread>
+#include <tuple>
 
 #include "cli/commands/launch.h"
 #include "core/error.h"
@@ -322,6 +324,41 @@ TEST(Launch, GpusOptionIsNotPassedOn) {
   const auto self = own_command_line();
   ASSERT_FALSE(self.empty());
   EXPECT_NE(self[0].find("test_dist_net"), std::string::npos);
+}
+
+// Runs `qwentune ARGS` with extra environment assignments; returns the exit code and stderr.
+std::pair<int, std::string> run_qwentune(const test::TempDir& dir, const std::string& env, const std::string& args) {
+  const std::string err = dir.str() + "/stderr.txt";
+  const int st = std::system((env + " '" + QT_BINARY + "' " + args + " >/dev/null 2>'" + err + "'").c_str());
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, test::read_file(err)};
+}
+
+TEST(Launch, TrainGpusOptionChecksBeforeStarting) {
+  test::TempDir dir("launch");
+  const std::string cfg = dir.write("train.yaml", "base_model: " + std::string(QT_SOURCE_DIR) +
+                                                     "/configs/tiny-qwen3-moe.json\ndatasets:\n  - path: " +
+                                                     QT_SOURCE_DIR + "/data/sample/chat.jsonl\n    type: chat\n"
+                                                     "max_steps: 1\ndevice: cpu\noutput_dir: " + dir.str() + "/out\n");
+  auto [code, err] = run_qwentune(dir, "", "train '" + cfg + "' --gpus 2");
+  EXPECT_EQ(code, 1);
+  EXPECT_EQ(err, "qwentune: error: [train] --gpus 2: data-parallel training needs device: cuda (this run has cpu)\n");
+  std::tie(code, err) = run_qwentune(dir, "", "train '" + cfg + "' --gpus 0");
+  EXPECT_EQ(code, 1);
+  EXPECT_EQ(err, "qwentune: error: [train] --gpus 0: must be at least 1\n");
+  std::tie(code, err) = run_qwentune(dir, "RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500",
+                                     "train '" + cfg + "' --gpus 2");
+  EXPECT_EQ(code, 1);
+  EXPECT_EQ(err, "qwentune: error: [train] --gpus 2 starts its own ranks; this process is already rank 1 of 2 (local 1 "
+                 "of 2), master 127.0.0.1:29500, from torchrun (drop --gpus under torchrun, srun or mpirun)\n");
+  std::tie(code, err) = run_qwentune(dir, "RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500",
+                                     "train '" + cfg + "'");
+  EXPECT_EQ(code, 1);
+  EXPECT_EQ(err, "qwentune: error: [train] rank 1 of 2 (local 1 of 2), master 127.0.0.1:29500, from torchrun: "
+                 "multi-process training is not wired into the trainer yet\n");
+  std::tie(code, err) = run_qwentune(dir, "RANK=1", "train '" + cfg + "'");
+  EXPECT_EQ(code, 1);
+  EXPECT_EQ(err, "qwentune: error: [dist] WORLD_SIZE is not set (RANK, WORLD_SIZE and LOCAL_RANK go together, as "
+                 "torchrun sets them)\n");
 }
 
 }  // namespace

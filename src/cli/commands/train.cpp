@@ -10,6 +10,7 @@
 #include "cli/commands/commands.h"
 #include "cli/commands/launch.h"
 #include "core/error.h"
+#include "dist/dist_env.h"
 #include "train/train_config.h"
 #include "train/trainer.h"
 
@@ -58,6 +59,9 @@ void register_train_command(CLI::App& app) {
       fail("train", "--stop-after-steps {}: must be at least 1", run->stop_after_steps);
     const TrainConfig cfg = load_train_config(*config_path, overrides);
     if (*gpus != 1) std::exit(launch_train_ranks(*gpus, cfg.device, cfg.output_dir));
+    // Until run_training takes the DistEnv (docs/distributed.md), each rank would train alone into one output_dir.
+    if (const dist::DistEnv env = dist::read_dist_env(); env.distributed())
+      fail("train", "{}: multi-process training is not wired into the trainer yet", env.describe());
     const TrainResult res = run_training(cfg, *run);
     if (res.stop_signal) {
       std::fflush(stdout);
