@@ -1,5 +1,6 @@
 // NCCL all-reduce for data-parallel training: one rank on one GPU, and two ranks (two processes
-// started by the local launcher, one GPU each) meeting through the TCP rendezvous. Skipped without
+// started by the local launcher, one GPU each) meeting through the TCP rendezvous; plain ranges and
+// the bucketed all-reduce overlapped with a (fake) backward, including a rank without micro-batches. Skipped without
 // enough GPUs. On failure the worker prints the shapes, the worst element and its error.
 #include <gtest/gtest.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 #include "cli/commands/launch.h"
 #include "cuda_parity.h"
 #include "dist/dist_env.h"
+#include "dist/nccl_grad_sync.h"
 #include "dist/nccl_rendezvous.h"
 #include "test_files.h"
 
@@ -60,6 +62,54 @@ void run_all_reduce(NcclComm& comm, size_t n) {
   expect_reduced(buf.download(), comm.rank(), comm.world_size(), lo, hi);
 }
 
+// One optimizer step of bucketed all-reduce overlapped with a fake backward: layer j's gradients are
+// scaled by 2 on the compute stream (after 40 slow no-op passes, so a missing dependency would let
+// NCCL read stale values), then layer_done(j). `idle` ranks have no micro-batch (zero gradients,
+// flush()). Expected: the exact sum over ranks of 2 x value (idle ranks contribute 0).
+void run_bucketed_step(NcclComm& comm, const std::vector<bool>& idle) {
+  const int layers = 6;
+  std::vector<GradTensor> tensors;
+  int64_t off = 0;
+  for (int l = 0; l < layers; ++l)
+    for (int64_t size : {4096, 12288, 777, 30000}) {
+      tensors.push_back({off, size, l});
+      off += size;
+    }
+  const auto plan = plan_grad_buckets(tensors, 64 << 10);
+  const size_t n = size_t(off);
+  const bool me_idle = idle[size_t(comm.rank())];
+  std::vector<float> host(n, 0.0f);
+  if (!me_idle)
+    for (size_t i = 0; i < n; ++i) host[i] = value_at(comm.rank(), i);
+  cuda::Buffer<float> buf(n);
+  buf.upload(host);
+  cuda::Context ctx;
+  GradAllReducer sync(comm, buf.get(), plan);
+  if (me_idle) {
+    sync.flush(ctx.stream());
+  } else {
+    for (int l = layers - 1; l >= 0; --l) {
+      const int64_t lo = tensors[size_t(l * 4)].offset, hi = tensors[size_t(l * 4 + 3)].offset + tensors[size_t(l * 4 + 3)].size;
+      for (int rep = 0; rep < 40; ++rep) cuda::scale_inplace(ctx, buf.get() + lo, hi - lo, 1.0f);
+      cuda::scale_inplace(ctx, buf.get() + lo, hi - lo, 2.0f);
+      sync.layer_done(l, ctx.stream());
+    }
+  }
+  EXPECT_EQ(sync.launched(), plan.size());
+  sync.finish(ctx.stream());
+  comm.synchronize(ctx.stream(), 120);
+  const std::vector<float> got = buf.download();
+  size_t bad = 0, first_bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    float want = 0;
+    for (int r = 0; r < comm.world_size(); ++r)
+      if (!idle[size_t(r)]) want += 2.0f * value_at(r, i);
+    if (got[i] != want && bad++ == 0) first_bad = i;
+  }
+  EXPECT_EQ(bad, 0u) << "rank " << comm.rank() << ": " << bad << " of " << n << " elements wrong, " << plan.size()
+                     << " buckets; first at " << first_bad << ": got " << got[first_bad];
+}
+
 TEST(CudaNccl, OneRank) {
   QT_SKIP_WITHOUT_GPU();
   std::printf("NCCL %s\n", nccl_version().c_str());
@@ -67,6 +117,8 @@ TEST(CudaNccl, OneRank) {
   auto comm = nccl_from_rendezvous(rv, 0);
   EXPECT_EQ(comm->world_size(), 1);
   run_all_reduce(*comm, (size_t(1) << 20) + 3);
+  run_bucketed_step(*comm, {false});
+  run_bucketed_step(*comm, {true});
   EXPECT_THROW(NcclComm(0, 1, nccl_unique_id(), cuda::device_count()), Error);  // no such GPU: a clear error
 }
 
@@ -86,6 +138,8 @@ TEST(CudaNcclWorker, AllReduceAcrossRanks) {
   rv.check_same("test settings", "n=1048579");
   auto comm = nccl_from_rendezvous(rv, env.local_rank);
   run_all_reduce(*comm, (size_t(1) << 20) + 3);
+  run_bucketed_step(*comm, {false, false});
+  run_bucketed_step(*comm, {false, true});  // a ragged tail step: rank 1 has no micro-batch
   // Bus bandwidth of a 256 MiB fp32 all-reduce (the size of a large LoRA gradient buffer).
   const size_t n = size_t(64) << 20;
   cuda::Buffer<float> big(n);
