@@ -289,14 +289,14 @@ TEST(Launch, ProgramThatCannotRun) {
   EXPECT_EQ(launch_local_ranks(o), 127);
 }
 
-TEST(Launch, SignalsAreForwardedOnce) {
-  test::TempDir dir("launch");
-  // The ranks write a marker when ready, and on SIGTERM record it and exit 143 as the trainer does.
+// Starts launch_local_ranks(2 ranks) in a child process of the test, with ranks that write
+// ready-R when started and sig-R when SIGTERM reaches them (then exit 143 as the trainer does);
+// returns the launcher's pid once both ranks are ready.
+pid_t start_launcher_process(const test::TempDir& dir) {
   const std::string d = dir.str();
-  const std::string script = "trap 'echo TERM >> " + d + "/sig-$RANK; exit 143' TERM; touch " + d +
+  const std::string script = "trap 'echo TERM >> " + d + "/sig-$RANK; kill $!; exit 143' TERM; touch " + d +
                              "/ready-$RANK; sleep 60 & wait";
   const pid_t launcher = ::fork();
-  ASSERT_GE(launcher, 0);
   if (launcher == 0) {
     int code = 99;
     try {
@@ -307,6 +307,22 @@ TEST(Launch, SignalsAreForwardedOnce) {
   }
   for (int i = 0; i < 500 && !(std::filesystem::exists(dir.path / "ready-0") && std::filesystem::exists(dir.path / "ready-1")); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  return launcher;
+}
+
+// Waits up to 10 s for both ranks to record their SIGTERM.
+bool both_ranks_got_sigterm(const test::TempDir& dir) {
+  for (int i = 0; i < 500; ++i) {
+    if (test::read_file(dir.path / "sig-0") == "TERM\n" && test::read_file(dir.path / "sig-1") == "TERM\n") return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+TEST(Launch, SignalsAreForwardedOnce) {
+  test::TempDir dir("launch");
+  const pid_t launcher = start_launcher_process(dir);
+  ASSERT_GT(launcher, 0);
   ASSERT_TRUE(std::filesystem::exists(dir.path / "ready-1"));
   ::kill(launcher, SIGTERM);
   int status = 0;
@@ -315,6 +331,17 @@ TEST(Launch, SignalsAreForwardedOnce) {
   EXPECT_EQ(WEXITSTATUS(status), 143);
   EXPECT_EQ(test::read_file(dir.path / "sig-0"), "TERM\n");
   EXPECT_EQ(test::read_file(dir.path / "sig-1"), "TERM\n");
+}
+
+TEST(Launch, RanksDieWithAKilledLauncher) {
+  test::TempDir dir("launch");
+  const pid_t launcher = start_launcher_process(dir);
+  ASSERT_GT(launcher, 0);
+  ASSERT_TRUE(std::filesystem::exists(dir.path / "ready-1"));
+  ::kill(launcher, SIGKILL);  // no chance to forward anything
+  int status = 0;
+  ASSERT_EQ(::waitpid(launcher, &status, 0), launcher);
+  EXPECT_TRUE(both_ranks_got_sigterm(dir)) << "orphaned ranks kept running";
 }
 
 TEST(Launch, GpusOptionIsNotPassedOn) {

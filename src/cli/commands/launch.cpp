@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -143,6 +144,7 @@ int launch_local_ranks(const LaunchOptions& opts) {
   const ForwardSignals forward;
   std::vector<Child> children(size_t(opts.nprocs));
   pid_t group = 0;
+  const pid_t launcher = ::getpid();
   std::fflush(stdout);
   std::fflush(stderr);
   for (int r = 0; r < opts.nprocs; ++r) {
@@ -161,6 +163,8 @@ int launch_local_ranks(const LaunchOptions& opts) {
     const pid_t pid = ::fork();
     if (pid == 0) {  // the child: only async-signal-safe calls until execve
       ::setpgid(0, group);
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // a launcher killed with SIGKILL takes its ranks along
+      if (::getppid() != launcher) ::_exit(128 + SIGTERM);
       if (log_fd >= 0) {
         ::dup2(log_fd, STDOUT_FILENO);
         ::dup2(log_fd, STDERR_FILENO);

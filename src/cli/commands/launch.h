@@ -11,7 +11,8 @@
 // non-zero code (or dies by a signal: 128 + signal) and the launcher was not told to stop, it
 // sends SIGTERM to the other ranks, SIGKILL after kill_grace_s (a rank blocked in a collective
 // never sees SIGTERM's flag), and returns that first code. Otherwise it returns the first non-zero
-// code of any rank (130 after Ctrl-C), or 0.
+// code of any rank (130 after Ctrl-C), or 0. A launcher that dies (even by SIGKILL) takes its ranks
+// along: each gets SIGTERM (PR_SET_PDEATHSIG).
 #pragma once
 #include <string>
 #include <vector>
