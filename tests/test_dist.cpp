@@ -3,12 +3,16 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <numeric>
 #include <set>
 
 #include "core/error.h"
 #include "data/batch_iterator.h"
+#include "io/hf_config.h"
+#include "model/lora.h"
+#include "model/weights.h"
 #include "dist/dist_env.h"
 #include "dist/grad_buckets.h"
 #include "dist/sharding.h"
@@ -289,6 +293,104 @@ TEST(Sharding, LossNormaliserCountsTheWholeGlobalStep) {
       }
       EXPECT_GT(from_batches, 0);
       EXPECT_EQ(step_predicted_tokens(ds, order, bo.micro_batch_size, sl), from_batches) << "W " << w << " step " << step;
+    }
+  }
+}
+
+// ---- data parallelism reproduces the single-process step (CPU decoder, float64) ----
+
+constexpr const char* kDistTinyConfig = R"({"model_type": "qwen3_moe", "vocab_size": 40, "hidden_size": 8,
+  "intermediate_size": 12, "moe_intermediate_size": 6, "num_hidden_layers": 2, "num_attention_heads": 2,
+  "num_key_value_heads": 1, "head_dim": 4, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": true,
+  "mlp_only_layers": [0], "output_router_logits": true, "router_aux_loss_coef": 0.02, "rope_theta": 10000.0})";
+
+// Sum of |a - b| and of |b| over every LoRA tensor.
+void accumulate_diff(const LoraAdapter& a, const LoraAdapter& b, double& diff, double& norm) {
+  for (size_t l = 0; l < a.layers.size(); ++l)
+    for (size_t k = 0; k < a.layers[l].slot.size(); ++k) {
+      const auto& pa = a.layers[l].slot[k];
+      const auto& pb = b.layers[l].slot[k];
+      if (!pa.present()) continue;
+      for (const auto& [ta, tb] : {std::pair{&pa.A, &pb.A}, std::pair{&pa.B, &pb.B}})
+        for (int64_t i = 0; i < ta->numel(); ++i) {
+          diff += std::fabs(ta->data<double>()[i] - tb->data<double>()[i]);
+          norm += std::fabs(tb->data<double>()[i]);
+        }
+    }
+}
+
+void add_into(LoraAdapter& sum, const LoraAdapter& g) {
+  for (size_t l = 0; l < sum.layers.size(); ++l)
+    for (size_t k = 0; k < sum.layers[l].slot.size(); ++k) {
+      auto& ps = sum.layers[l].slot[k];
+      const auto& pg = g.layers[l].slot[k];
+      if (!ps.present()) continue;
+      for (int64_t i = 0; i < ps.A.numel(); ++i) ps.A.data<double>()[i] += pg.A.data<double>()[i];
+      for (int64_t i = 0; i < ps.B.numel(); ++i) ps.B.data<double>()[i] += pg.B.data<double>()[i];
+    }
+}
+
+TEST(DataParallel, RanksReproduceTheSingleProcessStepWithTheSameGlobalBatch) {
+  const ModelConfig cfg = parse_hf_config_json(kDistTinyConfig, "test");
+  const ModelWeights w = random_model_weights(cfg, DType::F64, 3, 0.3);
+  LoraConfig lc;
+  lc.r = 2;
+  lc.alpha = 4;
+  lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  LoraAdapter lora = init_lora(cfg, lc, DType::F64, 11);
+  for (auto& layer : lora.layers)  // B away from zero so every A has a gradient
+    for (auto& p : layer.slot)
+      for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<double>()[i] = 0.1 * std::sin(double(i) + 1.0);
+  QwenDecoder<double> dec(w, &lora);
+  const data::TokenizedDataset ds = make_dataset(23);
+  data::BatchOptions bo;
+  bo.micro_batch_size = 2;
+  bo.seed = 5;
+  const double p_drop = 0.2;
+  const uint64_t seed = 9;
+  data::BatchIterator single(ds, bo), ranks(ds, bo);
+  const int64_t bpe = single.batches_per_epoch();  // 12
+  for (int world : {2, 3, 5}) {
+    const int64_t ga = 2;
+    // The single process runs the trainer's loop with ga * world; the ranks shard with ga.
+    const ShardSpec spec{bpe, ga, world};
+    single.seek(0, 0);
+    for (int64_t step = 0; step < steps_per_epoch(spec) + 1; ++step) {
+      const StepSlice sl = global_step_slice(spec, step);
+      // Single process: micro-batches in order, N counted from the batches, dropout index i.
+      std::vector<Batch> micro(size_t(sl.count));
+      int64_t n_single = 0;
+      for (auto& b : micro) {
+        single.next(b);
+        n_single += batch_predicted_tokens(b);
+      }
+      LoraAdapter g_single = lora.zeros_like();
+      double loss_single = 0;
+      for (size_t i = 0; i < micro.size(); ++i)
+        loss_single += dec.forward_backward(micro[i], &g_single, false, 1.0 / double(n_single),
+                                            LoraDropout{p_drop, seed, step, int64_t(i)}).loss_sum;
+      // Ranks: N without communication, own micro-batches, dropout index within the global step.
+      const auto order = data::epoch_order(ds.size(), bo.seed, sl.epoch, true);
+      const int64_t n = step_predicted_tokens(ds, order, bo.micro_batch_size, sl);
+      ASSERT_EQ(n, n_single);
+      LoraAdapter g_sum = lora.zeros_like();
+      double loss_sum = 0;
+      for (int r = 0; r < world; ++r) {
+        LoraAdapter g_rank = lora.zeros_like();  // a rank without micro-batches contributes zeros
+        for (int64_t m : rank_micro_batches(sl, world, r)) {
+          Batch b;
+          ranks.seek(sl.epoch, m);
+          ranks.next(b);
+          loss_sum += dec.forward_backward(b, &g_rank, false, 1.0 / double(n),
+                                           LoraDropout{p_drop, seed, step, m - sl.first}).loss_sum;
+        }
+        add_into(g_sum, g_rank);  // the all-reduce
+      }
+      double diff = 0, norm = 0;
+      accumulate_diff(g_sum, g_single, diff, norm);
+      ASSERT_GT(norm, 0);
+      EXPECT_LT(diff / norm, 1e-13) << "W " << world << " step " << step;
+      EXPECT_NEAR(loss_sum, loss_single, 1e-12 * std::fabs(loss_single)) << "W " << world << " step " << step;
     }
   }
 }
