@@ -178,6 +178,28 @@ TEST(Rendezvous, StrayClientIsIgnoredAndHostnamesResolve) {
   }
 }
 
+TEST(Rendezvous, OtherProtocolVersion) {
+  const int port = pick_free_port();
+  std::thread peer([port] {  // a hello as a future protocol version 2 would send it
+    unsigned char hello[28] = {'Q', 'T', 'R', 'V', 2, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0};
+    try {
+      const Fd s = tcp_connect("127.0.0.1", port, deadline_after(5), "rank 1");
+      send_all(s, hello, sizeof hello, deadline_after(5), "rank 0", "joining");
+      char c;
+      recv_all(s, &c, 1, deadline_after(5), "rank 0", "joining");  // until rank 0 hangs up
+    } catch (const Error&) {
+    }
+  });
+  try {
+    Rendezvous rv(opts_for(0, 2, port, 5.0));
+    ADD_FAILURE() << "joined with a version 2 peer";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()), "[dist] rank 1 speaks rendezvous protocol version 2, rank 0 1: run the same "
+                                     "qwentune binary on every rank");
+  }
+  peer.join();
+}
+
 TEST(Rendezvous, WorldSizeMismatch) {
   const int port = pick_free_port();
   const auto errors = run_ranks({0, 1}, [&](int r) { return opts_for(r, r == 0 ? 2 : 3, port, 2.0); },

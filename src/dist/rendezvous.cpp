@@ -171,14 +171,14 @@ void Rendezvous::accept_all() {
     } catch (const Error&) {
       continue;  // silent or gone before its hello was complete
     }
+    if (h.magic == kMagic && h.version != kVersion)
+      fail("dist", "rank {} speaks rendezvous protocol version {}, rank 0 {}: run the same qwentune binary on every rank",
+           h.rank, h.version, kVersion);
     if (h.magic != kMagic || h.type != uint16_t(Type::hello) || h.len != 4 || h.op != 0) {
       std::fprintf(stderr, "qwentune: warning: [dist] ignored a connection to %s:%d that is not a qwentune rank\n",
                    opts_.master_addr.c_str(), opts_.master_port);
       continue;
     }
-    if (h.version != kVersion)
-      fail("dist", "rank {} speaks rendezvous protocol version {}, rank 0 {}: run the same qwentune binary on every rank",
-           h.rank, h.version, kVersion);
     const uint64_t world = get(buf + kHeaderBytes, 4);
     if (h.rank < 1 || h.rank >= uint32_t(opts_.world_size))
       fail("dist", "a process joined as rank {}, outside the world of {} of rank 0 (world size {} on that process)",
