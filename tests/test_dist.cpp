@@ -370,20 +370,16 @@ TEST(DataParallel, RanksReproduceTheSingleProcessStepWithTheSameGlobalBatch) {
         loss_single += dec.forward_backward(micro[i], &g_single, false, 1.0 / double(n_single),
                                             LoraDropout{p_drop, seed, step, int64_t(i)}).loss_sum;
       // Ranks: N without communication, own micro-batches, dropout index within the global step.
-      const auto order = data::epoch_order(ds.size(), bo.seed, sl.epoch, true);
-      const int64_t n = step_predicted_tokens(ds, order, bo.micro_batch_size, sl);
-      ASSERT_EQ(n, n_single);
       LoraAdapter g_sum = lora.zeros_like();
       double loss_sum = 0;
       for (int r = 0; r < world; ++r) {
+        const RankStep mine = load_rank_step(ranks, ds, bo.micro_batch_size, spec, r, step);
+        ASSERT_EQ(mine.predicted_tokens, n_single);
+        ASSERT_EQ(mine.batches.size(), rank_micro_batches(sl, world, r).size());
         LoraAdapter g_rank = lora.zeros_like();  // a rank without micro-batches contributes zeros
-        for (int64_t m : rank_micro_batches(sl, world, r)) {
-          Batch b;
-          ranks.seek(sl.epoch, m);
-          ranks.next(b);
-          loss_sum += dec.forward_backward(b, &g_rank, false, 1.0 / double(n),
-                                           LoraDropout{p_drop, seed, step, m - sl.first}).loss_sum;
-        }
+        for (size_t i = 0; i < mine.batches.size(); ++i)
+          loss_sum += dec.forward_backward(mine.batches[i], &g_rank, false, 1.0 / double(mine.predicted_tokens),
+                                           LoraDropout{p_drop, seed, step, mine.micro_index[i]}).loss_sum;
         add_into(g_sum, g_rank);  // the all-reduce
       }
       double diff = 0, norm = 0;

@@ -65,4 +65,20 @@ int64_t step_predicted_tokens(const data::TokenizedDataset& ds, const std::vecto
   return n;
 }
 
+RankStep load_rank_step(data::BatchIterator& it, const data::TokenizedDataset& ds, int64_t micro_batch_size,
+                        const ShardSpec& spec, int rank, int64_t step) {
+  QT_ASSERT(it.batches_per_epoch() == spec.batches_per_epoch, "iterator of {} batches per epoch, spec {}",
+            it.batches_per_epoch(), spec.batches_per_epoch);
+  RankStep out;
+  out.slice = global_step_slice(spec, step);
+  it.seek(out.slice.epoch, out.slice.first);  // also makes it.order() the order of this epoch
+  out.predicted_tokens = step_predicted_tokens(ds, it.order(), micro_batch_size, out.slice);
+  for (int64_t m : rank_micro_batches(out.slice, spec.world_size, rank)) {
+    if (it.step() != m) it.seek(out.slice.epoch, m);
+    it.next(out.batches.emplace_back());
+    out.micro_index.push_back(m - out.slice.first);
+  }
+  return out;
+}
+
 }  // namespace qt::dist

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "data/batch_iterator.h"
 #include "data/tokenized_dataset.h"
 #include "model/decoder.h"
 
@@ -56,5 +57,19 @@ int64_t micro_batch_predicted_tokens(const data::TokenizedDataset& ds, const std
 // N of the step: the predicted tokens of all its micro-batches, on every rank alike.
 int64_t step_predicted_tokens(const data::TokenizedDataset& ds, const std::vector<int64_t>& order,
                               int64_t micro_batch_size, const StepSlice& slice);
+
+// What one rank computes in one optimizer step, ready for forward_backward.
+struct RankStep {
+  StepSlice slice;                   // the whole global step
+  std::vector<Batch> batches;        // this rank's micro-batches (may be empty in a ragged tail)
+  std::vector<int64_t> micro_index;  // each one's index within the global step (m - slice.first):
+                                     // the LoraDropout micro_batch, so masks match one process
+  int64_t predicted_tokens = 0;      // N of the whole global step (grad scale 1/N)
+};
+
+// Loads `rank`'s micro-batches of optimizer step `step` through `it` (seeking as needed; its
+// options must be those batches_per_epoch was computed with) and counts the step's N.
+RankStep load_rank_step(data::BatchIterator& it, const data::TokenizedDataset& ds, int64_t micro_batch_size,
+                        const ShardSpec& spec, int rank, int64_t step);
 
 }  // namespace qt::dist
