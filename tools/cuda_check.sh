@@ -29,7 +29,7 @@ else
 echo "== configure + build (archs $ARCHS)"
 if ! { cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQT_WERROR=ON -DQT_CUDA=ON \
          -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc &&
-       ninja -C "$BUILD" -j"$JOBS" test_cuda_ops test_cuda_attention test_cuda_moe cuda_ops_bench; } >"$LOGS/build.log" 2>&1; then
+       ninja -C "$BUILD" -j"$JOBS" test_cuda_ops test_cuda_attention test_cuda_moe test_cuda_nccl cuda_ops_bench; } >"$LOGS/build.log" 2>&1; then
   tail -40 "$LOGS/build.log"
   echo "BUILD FAILED"
   exit 1
@@ -38,7 +38,7 @@ echo "build ok"
 fi
 
 echo "== GPU tests"
-for t in test_cuda_ops test_cuda_attention test_cuda_moe; do
+for t in test_cuda_ops test_cuda_attention test_cuda_moe test_cuda_nccl; do
   start=$(date +%s)
   if ! "$BIN/$t" >"$LOGS/$t.log" 2>&1; then status=1; fi
   echo "$t: $(grep -E '^\[  (PASSED|FAILED)|SKIPPED' "$LOGS/$t.log" | tr '\n' ' ') ($(( $(date +%s) - start )) s)"

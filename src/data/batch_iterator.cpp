@@ -55,9 +55,11 @@ void BatchIterator::make_order() { order_ = epoch_order(ds_.size(), opts_.seed, 
 void BatchIterator::seek(int64_t epoch, int64_t step) {
   if (epoch < 0 || step < 0 || step >= batches_per_epoch())
     qt::fail("data", "cannot seek to epoch {} step {} ({} batches per epoch)", epoch, step, batches_per_epoch());
-  epoch_ = epoch;
   step_ = step;
-  make_order();
+  if (epoch != epoch_) {  // order_ is always the order of epoch_: a seek within the epoch keeps it
+    epoch_ = epoch;
+    make_order();
+  }
 }
 
 void BatchIterator::next(Batch& out) {

@@ -8,7 +8,9 @@
 #include <cstdlib>
 
 #include "cli/commands/commands.h"
+#include "cli/commands/launch.h"
 #include "core/error.h"
+#include "dist/dist_env.h"
 #include "train/train_config.h"
 #include "train/trainer.h"
 
@@ -46,14 +48,20 @@ void register_train_command(CLI::App& app) {
   auto* stop = c->add_option("--stop-after-steps,--stop_after_steps", run->stop_after_steps,
                              "Stop after N optimizer steps of this run with a checkpoint (the schedule keeps the "
                              "configured total; continue later with --resume)");
+  auto gpus = std::make_shared<int>(1);
+  c->add_option("--gpus", *gpus, "Data-parallel training on N local GPUs: runs N ranks of this command (docs/distributed.md)");
   c->allow_extras();
   c->footer("\n" + train_config_help());
-  c->callback([c, config_path, run, stop] {
+  c->callback([c, config_path, run, stop, gpus] {
     std::vector<std::string> overrides = c->remaining();
     take_resume(overrides, *run);
     if (stop->count() && run->stop_after_steps < 1)
       fail("train", "--stop-after-steps {}: must be at least 1", run->stop_after_steps);
     const TrainConfig cfg = load_train_config(*config_path, overrides);
+    if (*gpus != 1) std::exit(launch_train_ranks(*gpus, cfg.device, cfg.output_dir));
+    // Until run_training takes the DistEnv (docs/distributed.md), each rank would train alone into one output_dir.
+    if (const dist::DistEnv env = dist::read_dist_env(); env.distributed())
+      fail("train", "{}: multi-process training is not wired into the trainer yet", env.describe());
     const TrainResult res = run_training(cfg, *run);
     if (res.stop_signal) {
       std::fflush(stdout);
