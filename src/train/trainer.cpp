@@ -93,7 +93,6 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   tc.validate("train");
   if (tc.device == "cuda") fail("train", "device cuda: the CUDA backend is not built yet; use --device cpu");
   if (tc.device != "cpu") fail("train", "device {}: use cpu", tc.device);
-  if (tc.quantize_base()) fail("train", "adapter qlora (4-bit base weights) is not supported yet on the CPU; use adapter: lora");
   if (run.stop_after_steps < 0) fail("train", "--stop-after-steps {}: must be >= 1", run.stop_after_steps);
   // The checkpoint to resume from, validated before anything is loaded or written.
   ResumePoint resume;
@@ -113,7 +112,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   if (!run.resume) write_resolved_config();  // on resume: once the settings are known to match
 
   // Model and tokenizer.
-  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train");
+  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train", tc.quantize_base());
   const Tokenizer tok = Tokenizer::load(model.tokenizer_path);
   if (tok.vocab_size() > model.cfg.vocab_size)
     fail("train", "the tokenizer {} has {} tokens but the model's vocab_size is {}", model.tokenizer_path,
