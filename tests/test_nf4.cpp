@@ -204,6 +204,10 @@ TEST(Nf4, SerializedRoundTripAndValidation) {
   bad.back().second = Tensor::from_vector(std::vector<uint8_t>(js.begin(), js.end()), {int64_t(js.size())});
   expect_error(bad, "negative dimension");
   bad = ts;
+  const std::string huge = R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [4294967296, 4294967296]})";
+  bad.back().second = Tensor::from_vector(std::vector<uint8_t>(huge.begin(), huge.end()), {int64_t(huge.size())});
+  expect_error(bad, "too large");
+  bad = ts;
   bad.back().second = Tensor::from_vector(std::vector<uint8_t>{'{', 'x'}, {2});
   expect_error(bad, "bad quant_state JSON");
 }

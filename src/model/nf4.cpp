@@ -340,8 +340,12 @@ Nf4Tensor nf4_from_bnb(const SafetensorsCheckpoint& ckpt, const std::string& nam
   }
   if (q.blocksize <= 0 || q.blocksize > (1 << 20) || q.nested_blocksize <= 0 || q.nested_blocksize > (1 << 20))
     fail("nf4", "{}: blocksize {} / nested_blocksize {} out of range", name, q.blocksize, q.nested_blocksize);
-  for (int64_t d : q.shape)
+  int64_t numel = 1;
+  for (int64_t d : q.shape) {
     if (d < 0) fail("nf4", "{}: negative dimension in shape {}", name, shape_str(q.shape));
+    if (d > 0 && numel > (int64_t(1) << 50) / d) fail("nf4", "{}: shape {} is too large", name, shape_str(q.shape));
+    numel *= d;
+  }
   const int64_t n = q.numel(), nb = q.num_blocks();
   q.codes = read_vector<uint8_t>(ckpt, name, DType::U8, (n + 1) / 2);
   const std::vector<float> qmap = read_vector<float>(ckpt, name + ".quant_map", DType::F32, 16);
