@@ -45,13 +45,9 @@ RunResult run(const fs::path& tmp, const std::string& args, const std::string& i
   }
   RunResult r;
   const auto t0 = std::chrono::steady_clock::now();
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  size_t k;
-  while ((k = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, k);
-  const int st = ::pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  const qt::test::CommandResult c = qt::test::run_command(cmd);
+  r.status = c.status;
+  r.out = c.output;
   r.err = read_file(err);
   std::printf("  [%5.1f s] qwentune %.90s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
               args.c_str());

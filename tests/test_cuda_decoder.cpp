@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 
 #include "cuda_parity.h"
@@ -73,25 +74,55 @@ Batch tiny_batch(std::mt19937_64& rng) {
   return b;
 }
 
-void check_parity(bool qwen3) {
-  QT_SKIP_WITHOUT_GPU();
-  const ModelConfig cfg = tiny_config(qwen3);
-  std::mt19937_64 rng(qwen3 ? 7 : 3);
-  ModelWeights w = random_model_weights(cfg, DType::F32, 11, 0.08);
-  randomise_and_round(w, rng);
+// A tiny model (bf16-rounded weights) with LoRA on all seven slots and B != 0.
+struct TinySetup {
+  ModelConfig cfg;
+  ModelWeights w;
+  LoraAdapter lora;
+};
+TinySetup tiny_setup(bool qwen3, std::mt19937_64& rng) {
+  TinySetup t;
+  t.cfg = tiny_config(qwen3);
+  t.w = random_model_weights(t.cfg, DType::F32, 11, 0.08);
+  randomise_and_round(t.w, rng);
   LoraConfig lc;
   lc.r = 4, lc.alpha = 8;
   lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  LoraAdapter lora = init_lora(cfg, lc, DType::F32, 5);
+  t.lora = init_lora(t.cfg, lc, DType::F32, 5);
   std::normal_distribution<float> nd(0.f, 0.05f);
-  for (auto& l : lora.layers)
+  for (auto& l : t.lora.layers)
     for (auto& p : l.slot)
       for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<float>()[i] = nd(rng);
+  return t;
+}
+
+// Calls f(cpu tensor, gpu tensor, label) for every A and B of two adapters of one structure.
+template <typename F>
+void for_each_pair(const LoraAdapter& a, const LoraAdapter& b, F&& f) {
+  for (size_t l = 0; l < a.layers.size(); ++l)
+    for (int s = 0; s < kNumLoraSlots; ++s)
+      for (bool is_b : {false, true}) {
+        const Tensor& x = is_b ? a.layers[l].slot[s].B : a.layers[l].slot[s].A;
+        const Tensor& y = is_b ? b.layers[l].slot[s].B : b.layers[l].slot[s].A;
+        if (!x.defined()) continue;
+        ASSERT_EQ(x.numel(), y.numel());
+        f(x, y, "layer " + std::to_string(l) + " " + lora_slot_module(LoraSlot(s)) + (is_b ? " B" : " A"));
+      }
+}
+
+// dropout_p > 0: the training forward with LoRA dropout (masks from the same counter hash).
+void check_parity(bool qwen3, double dropout_p = 0) {
+  QT_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(qwen3 ? 7 : 3);
+  TinySetup t = tiny_setup(qwen3, rng);
+  const ModelWeights& w = t.w;
+  const LoraAdapter& lora = t.lora;
   const Batch batch = tiny_batch(rng);
+  const LoraDropout drop{dropout_p, 99, 4, 1};
 
   QwenDecoder<float> cpu(w, &lora);
   LoraAdapter g_cpu = lora.zeros_like();
-  const StepResult ref = cpu.forward_backward(batch, &g_cpu, false);
+  const StepResult ref = cpu.forward_backward(batch, &g_cpu, false, 0, drop);
 
   cuda::Context ctx;
   CudaDecoder gpu(ctx, w, lora);
@@ -99,9 +130,13 @@ void check_parity(bool qwen3) {
   ASSERT_EQ(gpu.count(), ref.count);
   gpu.forward();
   const double loss_fwd = gpu.loss_sum() / double(gpu.count());
-  gpu.forward_backward();
+  gpu.zero_grads();
+  gpu.forward_backward(0, drop);
   const double loss = gpu.loss_sum() / double(gpu.count());
-  EXPECT_NEAR(loss, loss_fwd, 1e-9 * std::fabs(loss_fwd)) << "forward-only and training forward must agree";
+  if (dropout_p == 0)
+    EXPECT_NEAR(loss, loss_fwd, 1e-9 * std::fabs(loss_fwd)) << "forward-only and training forward must agree";
+  else
+    EXPECT_GT(std::fabs(loss - loss_fwd), 1e-6 * std::fabs(loss_fwd)) << "dropout changed nothing";
   const double loss_err = std::fabs(loss - ref.loss()) / std::fabs(ref.loss());
   std::printf("[parity] %s loss cpu %.6f gpu %.6f rel %.2e\n", qwen3 ? "qwen3" : "qwen2", ref.loss(), loss, loss_err);
   EXPECT_LE(loss_err, 1e-2);
@@ -158,6 +193,89 @@ void check_parity(bool qwen3) {
 
 TEST(CudaDecoder, Qwen2MatchesCpu) { check_parity(false); }
 TEST(CudaDecoder, Qwen3MatchesCpu) { check_parity(true); }
+TEST(CudaDecoder, Qwen3WithLoraDropoutMatchesCpu) { check_parity(true, 0.25); }
+
+// Gradient accumulation over two micro-batches equals the sum of their separate gradients; the
+// step's loss total is the sum of their loss sums; the norm read back is that of the sum.
+TEST(CudaDecoder, AccumulatesMicroBatches) {
+  QT_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(21);
+  TinySetup t = tiny_setup(false, rng);
+  const Batch b1 = tiny_batch(rng), b2 = tiny_batch(rng);
+  cuda::Context ctx;
+  CudaDecoder gpu(ctx, t.w, t.lora);
+  auto grads_of = [&](const Batch& b, double* loss) {
+    gpu.set_batch(b);
+    gpu.zero_grads();
+    gpu.forward_backward(0.01);
+    *loss = gpu.loss_sum();
+    return gpu.download_grads();
+  };
+  double l1 = 0, l2 = 0;
+  const LoraAdapter g1 = grads_of(b1, &l1), g2 = grads_of(b2, &l2);
+  gpu.zero_grads();
+  gpu.set_batch(b1);
+  gpu.forward_backward(0.01);
+  gpu.set_batch(b2);  // queued behind the first micro-batch's work: no synchronisation between them
+  gpu.forward_backward(0.01);
+  const LoraAdapter g12 = gpu.download_grads();
+  double sum_sq = 0;
+  LoraAdapter expect = g1.zeros_like();
+  for (size_t l = 0; l < g1.layers.size(); ++l)
+    for (int s = 0; s < kNumLoraSlots; ++s)
+      for (bool is_b : {false, true}) {
+        const Tensor& a = is_b ? g1.layers[l].slot[s].B : g1.layers[l].slot[s].A;
+        const Tensor& b = is_b ? g2.layers[l].slot[s].B : g2.layers[l].slot[s].A;
+        Tensor& e = is_b ? expect.layers[l].slot[s].B : expect.layers[l].slot[s].A;
+        for (int64_t i = 0; i < a.numel(); ++i) e.data<float>()[i] = a.data<float>()[i] + b.data<float>()[i];
+      }
+  for_each_pair(expect, g12, [&](const Tensor& e, const Tensor& g, const std::string& what) {
+    for (int64_t i = 0; i < e.numel(); ++i) {
+      const double x = e.data<float>()[i], y = g.data<float>()[i];
+      sum_sq += y * y;
+      // fp32 accumulation inside the GEMM epilogue vs the host sum: a few ulps
+      ASSERT_LE(std::fabs(x - y), 1e-5 * std::fabs(x) + 1e-9) << what << " i " << i;
+    }
+  });
+  gpu.optimizer_step(1, 1e-3, 0.0, 0.0);
+  const CudaDecoder::StepStats st = gpu.read_step_stats();
+  EXPECT_FALSE(st.skipped);
+  EXPECT_NEAR(st.loss_total, l1 + l2, 1e-12 * (l1 + l2));
+  EXPECT_NEAR(st.grad_norm, std::sqrt(sum_sq), 1e-9 * std::sqrt(sum_sq));
+}
+
+// A non-finite loss skips the update on the device: masters and moments keep their bits.
+TEST(CudaDecoder, NonFiniteStepChangesNothing) {
+  QT_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(5);
+  TinySetup t = tiny_setup(true, rng);
+  const Batch b = tiny_batch(rng);
+  cuda::Context ctx;
+  CudaDecoder gpu(ctx, t.w, t.lora);
+  gpu.set_batch(b);
+  gpu.zero_grads();
+  gpu.forward_backward();
+  gpu.optimizer_step(1, 1e-3, 0.01, 1.0);  // one good step: non-zero moments
+  ASSERT_FALSE(gpu.read_step_stats().skipped);
+  LoraAdapter bad = gpu.download_lora();
+  bad.layers[0].slot[kLoraV].A.data<float>()[3] = std::nanf("");
+  const auto [m, v] = gpu.download_moments();
+  gpu.upload_state(bad, m, v);
+  gpu.zero_grads();
+  gpu.forward_backward();
+  gpu.optimizer_step(2, 1e-3, 0.01, 1.0);
+  const CudaDecoder::StepStats st = gpu.read_step_stats();
+  EXPECT_TRUE(st.skipped);
+  EXPECT_FALSE(std::isfinite(st.loss_total));
+  const auto [m2, v2] = gpu.download_moments();
+  const LoraAdapter after = gpu.download_lora();
+  auto same_bits = [](const Tensor& x, const Tensor& y, const std::string& what) {
+    EXPECT_EQ(std::memcmp(x.data<float>(), y.data<float>(), size_t(x.numel()) * sizeof(float)), 0) << what;
+  };
+  for_each_pair(bad, after, same_bits);
+  for_each_pair(m, m2, same_bits);
+  for_each_pair(v, v2, same_bits);
+}
 
 TEST(CudaDecoder, RefusesMoe) {
   QT_SKIP_WITHOUT_GPU();

@@ -61,6 +61,38 @@ TEST(CudaOps, Elementwise) {
   }
 }
 
+// LoRA dropout: the mask is the CPU's counter hash bit for bit (the same zeros), the kept values
+// x / (1 - p) rounded once to bf16; the backward adds the masked gradient.
+TEST(CudaOps, DropoutMatchesCpuMask) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(12);
+  for (auto [R, D] : row_shapes()) {
+    for (double p : {0.1, 0.5}) {
+      const size_t n = size_t(R * D);
+      const uint64_t key = cpu::dropout_key(3, 7, 1, 2, 4);
+      auto x = randn_bf16(n, rng), d0 = randn_bf16(n, rng);
+      auto x_d = dev_bf16(x), y_d = dev_poison_bf16(n), dx_d = dev_bf16(d0);
+      cuda::dropout_forward(ctx, y_d.get(), x_d.get(), R, D, p, key);
+      cuda::dropout_backward(ctx, dx_d.get(), x_d.get(), R, D, p, key);
+      std::vector<float> y(n), dx = d0;
+      cpu::dropout_apply(y.data(), x.data(), R, D, p, key, nullptr);
+      for (size_t i = 0; i < n; ++i) dx[i] += y[i];
+      const auto got = host_f32(y_d);
+      size_t zeros = 0;
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_EQ(got[i] == 0.f, y[i] == 0.f || x[i] == 0.f) << "mask differs at " << i << " p " << p;
+        zeros += y[i] == 0.f;
+      }
+      if (n >= 1000) {
+        EXPECT_NEAR(double(zeros) / double(n), p, 0.05) << "drop rate";
+      }
+      expect_close(tag("dropout_forward", {R, D}), got, y, kBf16Rtol, kAtolElementwise);
+      expect_close(tag("dropout_backward", {R, D}), host_f32(dx_d), dx, kBf16Rtol, kAtolElementwise);
+    }
+  }
+}
+
 TEST(CudaOps, Embedding) {
   QT_SKIP_WITHOUT_GPU();
   cuda::Context ctx;
@@ -359,6 +391,23 @@ TEST(CudaOps, AdamWBitwise) {
       }
     }
     std::printf("[parity] adamw_step [%ld,%ld] x3 steps: bitwise equal\n", long(r), long(in));
+    // The device-side skip: a guard over a non-finite value leaves p, m and v untouched.
+    Buffer<double> good(1), nan(1);
+    good.upload(std::vector<double>{1.0});
+    nan.upload(std::vector<double>{std::nan("")});
+    Buffer<int> skip(1);
+    auto g_d = cuda::to_device(randn_f32(A0.size(), rng));
+    const auto p0 = host_f32(p_d), m0 = host_f32(m_d), v0 = host_f32(v_d);
+    cuda::step_guard(ctx, skip.get(), good.get(), nan.get());
+    cuda::adamw_step(ctx, p_d.get(), g_d.get(), m_d.get(), v_d.get(), int64_t(A0.size()), 1.0, cfg.beta1, cfg.beta2, 1e-2,
+                     1.0, cfg.eps, skip.get());
+    EXPECT_EQ(host_f32(p_d), p0);
+    EXPECT_EQ(host_f32(m_d), m0);
+    EXPECT_EQ(host_f32(v_d), v0);
+    cuda::step_guard(ctx, skip.get(), good.get(), good.get());
+    cuda::adamw_step(ctx, p_d.get(), g_d.get(), m_d.get(), v_d.get(), int64_t(A0.size()), 1.0, cfg.beta1, cfg.beta2, 1e-2,
+                     1.0, cfg.eps, skip.get());
+    EXPECT_NE(host_f32(p_d), p0) << "a finite guard must let the update through";
   }
 }
 

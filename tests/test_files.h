@@ -1,7 +1,10 @@
-// Small file helpers shared by the tests: a unique temporary folder removed at scope exit, and
-// whole-file reads.
+// Small helpers shared by the tests: a unique temporary folder removed at scope exit, whole-file
+// reads, and running a shell command with its output captured.
 #pragma once
 #include <stdlib.h>
+#include <sys/wait.h>
+
+#include <cstdio>
 
 #include <filesystem>
 #include <fstream>
@@ -39,6 +42,24 @@ inline std::string read_file(const std::filesystem::path& p) {
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+// Runs `cmd` through /bin/sh; status = its exit code (-1 when it did not exit normally), output =
+// what it wrote to stdout (redirect stderr in cmd with 2>&1 to capture it too).
+struct CommandResult {
+  int status = -1;
+  std::string output;
+};
+inline CommandResult run_command(const std::string& cmd) {
+  CommandResult r;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
 }
 
 }  // namespace qt::test

@@ -67,7 +67,7 @@ TEST(TrainConfig, MinimalUsesDocumentedDefaults) {
   EXPECT_EQ(c.adam_beta1, 0.9);
   EXPECT_EQ(c.adam_beta2, 0.999);
   EXPECT_EQ(c.adam_epsilon, 1e-8);
-  EXPECT_EQ(c.device, "cuda");
+  EXPECT_EQ(c.device, "auto");
   EXPECT_EQ(c.warmup_steps_for(1000), 0);
   EXPECT_EQ(c.scheduler_kind(), LrSchedulerKind::Cosine);
 }
@@ -209,7 +209,7 @@ TEST(TrainConfig, BadValuesNameKeyAndValue) {
   EXPECT_ERROR(with("optimizer: adamw_bnb_8bit"), none, "optimizer: 'adamw_bnb_8bit' is not one of adamw_torch");
   EXPECT_ERROR(with("adapter: full"), none, "adapter: 'full' is not one of lora, qlora");
   EXPECT_ERROR(with("chat_template: llama3"), none, "chat_template: 'llama3' is not one of");
-  EXPECT_ERROR(with("device: tpu"), none, "device: 'tpu' is not one of cpu, cuda");
+  EXPECT_ERROR(with("device: tpu"), none, "device: 'tpu' is not one of auto, cpu, cuda");
   EXPECT_ERROR(with("warmup_steps: 10\nwarmup_ratio: 0.1"), none, "set only one of warmup_steps (10) and warmup_ratio (0.1)");
   EXPECT_ERROR(with("warmup_ratio: 1.5"), none, "warmup_ratio must be in [0, 1], got 1.5");
   EXPECT_ERROR(with("adapter: qlora\nload_in_4bit: false"), none, "adapter qlora needs load_in_4bit: true");

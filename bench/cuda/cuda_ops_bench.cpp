@@ -3,13 +3,28 @@
 // Median of 10 runs after 3 warm-ups, timed with CUDA events. Prints one line per op with the
 // achieved TFLOP/s (useful FLOPs: causal attention counts the visible half of S x S).
 // Usage: cuda_ops_bench   (needs a GPU; prints nothing useful without one)
+//        cuda_ops_bench grouped [T ...]   the grouped expert GEMMs (ops/cuda/grouped_gemm.h) at
+//        Qwen3-30B-A3B's expert shapes (E 128, H 2048, I 768, top-8 of T tokens; T = 2048 8192 16384
+//        unless given): one JSON line per case with the median ms, TFLOP/s (2 rows N K, the dense-
+//        equivalent count of /work/shared/bench/gemm_limits.py) and GB/s (bytes each operand
+//        moves once). Routing as gemm_limits.py: top-8 of normal(0, 1) logits per token (seeded);
+//        "skewed" adds a normal(0, 0.3) bias per expert (busiest expert ~3.5x the average, the least
+//        busy ~0.1x; max_rows is printed). gate_up, down and their dx run once per row tile
+//        (QT_GROUPED_GEMM_TILE auto/big/short/wide); dense_equiv_* is one cuBLASLt GEMM of the same
+//        size (the ceiling).
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/dtype.h"
+#include "ops/cuda/grouped_gemm.h"
+#include "ops/cuda/init_clip.h"
 #include "ops/cuda/ops.h"
 
 using namespace qt::cuda;
@@ -44,12 +59,115 @@ void report(const char* what, double ms, double flops) {
   std::printf("%-72s %9.3f ms %8.1f TFLOP/s\n", what, ms, flops / (ms * 1e-3) / 1e12);
 }
 
+// Expert offsets (E+1) of T tokens routed to their top-k of normal logits (+ a per-expert bias).
+std::vector<int64_t> route_offsets(int64_t T, int64_t E, int64_t k, double bias_sd, std::mt19937_64& rng) {
+  std::normal_distribution<double> d(0.0, 1.0);
+  std::vector<double> bias(static_cast<size_t>(E), 0.0), logit(static_cast<size_t>(E));
+  for (auto& b : bias) b = bias_sd * d(rng);
+  std::vector<int64_t> count(static_cast<size_t>(E), 0), order(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e = 0; e < E; ++e) logit[size_t(e)] = d(rng) + bias[size_t(e)];
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int64_t a, int64_t b) { return logit[size_t(a)] > logit[size_t(b)]; });
+    for (int64_t j = 0; j < k; ++j) ++count[size_t(order[size_t(j)])];
+  }
+  std::vector<int64_t> off(size_t(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] = off[size_t(e)] + count[size_t(e)];
+  return off;
+}
+
+int grouped_bench(const std::vector<int64_t>& Ts) {
+  Context ctx;
+  std::mt19937_64 rng(7);
+  const int64_t E = 128, H = 2048, I = 768, topk = 8, r = 16;
+  for (const int64_t T : Ts) {
+    for (const double bias_sd : {0.0, 0.3}) {
+      const auto off = route_offsets(T, E, topk, bias_sd, rng);
+      const int64_t rows = T * topk;
+      int64_t max_rows = 0;
+      for (int64_t e = 0; e < E; ++e) max_rows = std::max(max_rows, off[size_t(e + 1)] - off[size_t(e)]);
+      auto off_d = to_device(off);
+      uint64_t seed = rng();
+      const auto dev_normal = [&](int64_t n, float sd) {  // filled on the device (GiBs of operands)
+        Buffer<bf16> b(static_cast<size_t>(n));
+        fill_normal(ctx, b.get(), n, 0.0f, sd, seed++);
+        return b;
+      };
+      auto x = dev_normal(rows * H, 1), h = dev_normal(rows * I, 1), gu = dev_normal(rows * 2 * I, 1),
+           y = dev_normal(rows * H, 1), xa = dev_normal(rows * r, 1);
+      auto Wgu = dev_normal(E * 2 * I * H, 0.02f), Wd = dev_normal(E * H * I, 0.02f);
+      auto A = dev_normal(E * r * H, 0.02f), B = dev_normal(E * 2 * I * r, 0.02f);
+      Buffer<float> dA(size_t(E * r * H)), dB(size_t(E * 2 * I * r));
+      dA.fill_bytes(0);
+      dB.fill_bytes(0);
+      const char* routing = bias_sd > 0 ? "skewed" : "topk-randn";
+      // name, FLOPs (2 rows N K of the dense-equivalent product), bytes moved once, the call
+      struct Op { const char* name; double flops, bytes; std::function<void()> fn; };
+      const double b2 = 2.0;
+      const auto fl = [&](int64_t N, int64_t K) { return 2.0 * double(rows) * double(N) * double(K); };
+      const std::vector<Op> ops = {
+          {"gate_up", fl(2 * I, H), b2 * (rows * H + E * 2 * I * H + rows * 2 * I),
+           [&] { grouped_gemm_nt(ctx, gu.get(), x.get(), Wgu.get(), off_d.get(), rows, E, 2 * I, H, 1.0f, false); }},
+          {"down", fl(H, I), b2 * (rows * I + E * H * I + rows * H),
+           [&] { grouped_gemm_nt(ctx, y.get(), h.get(), Wd.get(), off_d.get(), rows, E, H, I, 1.0f, false); }},
+          {"dx_gate_up", fl(H, 2 * I), b2 * (rows * 2 * I + E * 2 * I * H + 2 * rows * H),
+           [&] { grouped_gemm_nn(ctx, x.get(), gu.get(), Wgu.get(), off_d.get(), rows, E, 2 * I, H, 1.0f, true); }},
+          {"dx_down", fl(I, H), b2 * (rows * H + E * H * I + 2 * rows * I),
+           [&] { grouped_gemm_nn(ctx, h.get(), y.get(), Wd.get(), off_d.get(), rows, E, H, I, 1.0f, true); }},
+          {"lora_xa_r16", fl(r, H), b2 * (rows * H + E * r * H + rows * r),
+           [&] { grouped_gemm_nt(ctx, xa.get(), x.get(), A.get(), off_d.get(), rows, E, r, H, 1.0f, false); }},
+          {"lora_y_r16", fl(2 * I, r), b2 * (rows * r + E * 2 * I * r + 2 * rows * 2 * I),
+           [&] { grouped_gemm_nt(ctx, gu.get(), xa.get(), B.get(), off_d.get(), rows, E, 2 * I, r, 2.0f, true); }},
+          {"lora_t_r16", fl(r, 2 * I), b2 * (rows * 2 * I + E * 2 * I * r + rows * r),
+           [&] { grouped_gemm_nn(ctx, xa.get(), gu.get(), B.get(), off_d.get(), rows, E, 2 * I, r, 1.0f, false); }},
+          {"lora_dx_r16", fl(H, r), b2 * (rows * r + E * r * H + 2 * rows * H),
+           [&] { grouped_gemm_nn(ctx, x.get(), xa.get(), A.get(), off_d.get(), rows, E, r, H, 2.0f, true); }},
+          {"lora_dA_r16", fl(r, H), b2 * (rows * r + rows * H) + 8.0 * E * r * H,
+           [&] { grouped_gemm_tn_kgrouped(ctx, dA.get(), xa.get(), x.get(), off_d.get(), rows, E, r, H, 2.0f); }},
+          {"lora_dB_r16", fl(2 * I, r), b2 * (rows * 2 * I + rows * r) + 8.0 * E * 2 * I * r,
+           [&] { grouped_gemm_tn_kgrouped(ctx, dB.get(), gu.get(), xa.get(), off_d.get(), rows, E, 2 * I, r, 2.0f); }},
+          // the ceiling: one dense cuBLASLt GEMM of the same rows x N x K (expert 0's weights for all rows)
+          {"dense_equiv_gate_up", fl(2 * I, H), b2 * (rows * H + 2 * I * H + rows * 2 * I),
+           [&] { gemm(ctx, false, true, rows, 2 * I, H, 1.0f, x.get(), Wgu.get(), 0.0f, gu.get()); }},
+          {"dense_equiv_down", fl(H, I), b2 * (rows * I + H * I + rows * H),
+           [&] { gemm(ctx, false, true, rows, H, I, 1.0f, h.get(), Wd.get(), 0.0f, y.get()); }},
+      };
+      for (const Op& op : ops) {
+        const bool base = std::strcmp(op.name, "gate_up") == 0 || std::strcmp(op.name, "down") == 0 ||
+                          std::strncmp(op.name, "dx_", 3) == 0;
+        if (bias_sd > 0 && !base) continue;
+        // The base products once per row tile (QT_GROUPED_GEMM_TILE; "auto" = the library's choice).
+        for (const char* tile : {"auto", "big", "short", "wide"}) {
+          if (!base && std::strcmp(tile, "auto") != 0) break;
+          if (std::strcmp(tile, "auto") == 0) unsetenv("QT_GROUPED_GEMM_TILE");
+          else setenv("QT_GROUPED_GEMM_TILE", tile, 1);
+          const double ms = median_ms(ctx, op.fn);
+          std::printf("{\"op\":\"%s\",\"tile\":\"%s\",\"T\":%ld,\"rows\":%ld,\"E\":%ld,\"routing\":\"%s\","
+                      "\"max_rows\":%ld,\"ms\":%.4f,\"tflops\":%.1f,\"gbps\":%.0f}\n",
+                      op.name, tile, long(T), long(rows), long(E), routing, long(max_rows), ms,
+                      op.flops / (ms * 1e-3) / 1e12, op.bytes / (ms * 1e-3) / 1e9);
+          std::fflush(stdout);
+        }
+        unsetenv("QT_GROUPED_GEMM_TILE");
+      }
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   if (device_count() == 0) {
     std::printf("no CUDA device\n");
     return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "grouped") == 0) {
+    std::vector<int64_t> Ts;
+    for (int i = 2; i < argc; ++i) Ts.push_back(std::stoll(argv[i]));
+    if (Ts.empty()) Ts = {2048, 8192, 16384};
+    return grouped_bench(Ts);
   }
   Context ctx;
   std::mt19937_64 rng(1);

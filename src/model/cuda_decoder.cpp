@@ -14,6 +14,7 @@
 #include <fmt/core.h>
 
 #include "core/error.h"
+#include "ops/cpu/ops.h"
 #include "ops/cuda/init_clip.h"
 #include "ops/cuda/ops.h"
 
@@ -73,12 +74,17 @@ struct CudaDecoder::Impl {
   LoraConfig lcfg;
   int64_t n_lora = 0;
   Buffer<float> lora, grad, m1, m2;
-  Buffer<double> sum_sq, loss;
+  Buffer<double> sum_sq, loss, loss_total;
   Buffer<int64_t> count_dev;
-  // batch
-  int64_t B = 0, S = 0, N = 0, count = 0;
+  Buffer<int> skip;
+  // batch: N = B*S tokens; the activation buffers hold `cap` >= N tokens
+  int64_t B = 0, S = 0, N = 0, cap = 0, count = 0, max_in = 0;
   bool has_seg = false;
   Buffer<int32_t> ids, labels, pos, seg;
+  cuda::PinnedBuffer<int32_t> staging;  // ids, labels, pos, seg of the batch being uploaded
+  cuda::Event staged;                   // recorded after the copies out of `staging`
+  LoraDropout drop;                     // of the current forward_backward (none for forward())
+  Buffer<bf16> xd, dxd;                 // (cap, max_in) dropout(x) and its gradient, with dropout only
   Buffer<float> cos, sin;
   // activations: saved layer inputs (L+1, N, H) and one layer's work buffers
   Buffer<bf16> saved, a, q_raw, k_raw, q, k, v, attn, o, h, m, g, u, act, xa, xf;
@@ -118,13 +124,15 @@ struct CudaDecoder::Impl {
         ref.present = true;
         ref.a_off = n_lora, n_lora += r * sh.in;
         ref.b_off = n_lora, n_lora += sh.out * r;
+        max_in = std::max(max_in, sh.in);
       }
     }
     lora = Buffer<float>(size_t(n_lora)), grad = Buffer<float>(size_t(n_lora));
     m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
     m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
-    sum_sq = Buffer<double>(1), loss = Buffer<double>(1), count_dev = Buffer<int64_t>(1);
-    loss.fill_bytes(0);
+    sum_sq = Buffer<double>(1), loss = Buffer<double>(1), loss_total = Buffer<double>(1);
+    count_dev = Buffer<int64_t>(1), skip = Buffer<int>(1);
+    loss.fill_bytes(0), loss_total.fill_bytes(0), sum_sq.fill_bytes(0), skip.fill_bytes(0);
     QT_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the null stream; ops use ctx's own
   }
 
@@ -143,7 +151,11 @@ struct CudaDecoder::Impl {
     }
   }
 
-  void alloc_batch() {
+  // Activation buffers for up to `tokens` tokens (the previous ones must be idle).
+  void alloc_batch(int64_t tokens) {
+    cap = tokens;
+    const int64_t N = tokens;  // sizes below are per token
+    xd = Buffer<bf16>(), dxd = Buffer<bf16>();
     const size_t NH = size_t(N * H), NI = size_t(N * I), Nq = size_t(N * qd), Nkv = size_t(N * kvd);
     saved = Buffer<bf16>(size_t(L + 1) * NH);
     a = Buffer<bf16>(NH), o = Buffer<bf16>(NH), h = Buffer<bf16>(NH), m = Buffer<bf16>(NH), xf = Buffer<bf16>(NH);
@@ -160,26 +172,49 @@ struct CudaDecoder::Impl {
     cos = Buffer<float>(size_t(N * hd)), sin = Buffer<float>(size_t(N * hd));
     ids = Buffer<int32_t>(size_t(N)), labels = Buffer<int32_t>(size_t(N)), pos = Buffer<int32_t>(size_t(N));
     seg = Buffer<int32_t>(size_t(N));
+    staging = cuda::PinnedBuffer<int32_t>(size_t(4 * N));
   }
+  void ensure_dropout_buffers() {
+    if (xd.size()) return;
+    xd = Buffer<bf16>(size_t(cap * max_in)), dxd = Buffer<bf16>(size_t(cap * max_in));
+  }
+  uint64_t drop_key(int64_t l, int s) const { return cpu::dropout_key(drop.seed, drop.step, drop.micro_batch, l, s); }
 
   bf16* saved_at(int64_t l) const { return saved.get() + size_t(l) * size_t(N * H); }
   bf16* xa_of(int s) const { return xa.get() + size_t(s) * size_t(N * r); }
-  void zero(Buffer<bf16>& b) { QT_CUDA_CHECK(cudaMemsetAsync(b.get(), 0, b.bytes(), ctx.stream())); }
+  // Zeroes the first N tokens' part of a per-token buffer (every buffer holds cap tokens).
+  void zero(Buffer<bf16>& b) { QT_CUDA_CHECK(cudaMemsetAsync(b.get(), 0, b.bytes() / size_t(cap) * size_t(N), ctx.stream())); }
 
   // y = x W^T (+ b) (+ LoRA)
+  // The LoRA input of slot s: x, or dropout(x) written to xd.
+  const bf16* lora_input(int64_t l, int s, const bf16* x) {
+    if (!drop.active()) return x;
+    ensure_dropout_buffers();
+    cuda::dropout_forward(ctx, xd.get(), x, N, slots[l][s].in, drop.p, drop_key(l, s));
+    return xd.get();
+  }
+  // y = x W^T (+ b) (+ scale B A dropout(x))
   void proj_fwd(int64_t l, int s, bf16* y, const bf16* x, const bf16* bias) {
     const SlotRef& sr = slots[l][s];
     cuda::linear_forward(ctx, y, x, layers[l].w[s].get(), bias, N, sr.in, sr.out);
     if (sr.present)
-      cuda::lora_forward(ctx, y, xa_of(s), x, lora.get() + sr.a_off, lora.get() + sr.b_off, scale, N, sr.in, sr.out, r);
+      cuda::lora_forward(ctx, y, xa_of(s), lora_input(l, s, x), lora.get() + sr.a_off, lora.get() + sr.b_off, scale, N,
+                         sr.in, sr.out, r);
   }
-  // dx += dy W (+ LoRA); dA, dB accumulate
+  // dx += dy W (+ the LoRA path, through the dropout mask); dA, dB accumulate
   void proj_bwd(int64_t l, int s, bf16* dxp, const bf16* dy, const bf16* x) {
     const SlotRef& sr = slots[l][s];
     cuda::linear_backward(ctx, dxp, dy, layers[l].w[s].get(), N, sr.in, sr.out);
-    if (sr.present)
-      cuda::lora_backward(ctx, dxp, grad.get() + sr.a_off, grad.get() + sr.b_off, dy, x, xa_of(s),
-                          lora.get() + sr.a_off, lora.get() + sr.b_off, scale, N, sr.in, sr.out, r);
+    if (!sr.present) return;
+    const bf16* xin = lora_input(l, s, x);
+    bf16* dlora_x = dxp;
+    if (drop.active()) {
+      dlora_x = dxd.get();
+      QT_CUDA_CHECK(cudaMemsetAsync(dlora_x, 0, size_t(N * sr.in) * sizeof(bf16), ctx.stream()));
+    }
+    cuda::lora_backward(ctx, dlora_x, grad.get() + sr.a_off, grad.get() + sr.b_off, dy, xin, xa_of(s),
+                        lora.get() + sr.a_off, lora.get() + sr.b_off, scale, N, sr.in, sr.out, r);
+    if (drop.active()) cuda::dropout_backward(ctx, dxp, dxd.get(), N, sr.in, drop.p, drop_key(l, s));
   }
 
   void layer_forward(int64_t l, const bf16* x_in, bf16* x_out) {
@@ -248,9 +283,9 @@ struct CudaDecoder::Impl {
                                      lm_head, labels.get(), grad_scale, B, S, H, V);
     prof.mark(ctx, "head+loss");
     if (!backward) return;
+    cuda::add_f64(ctx, loss_total.get(), loss.get());
     zero(dx);
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dxf.get(), saved_at(L), final_norm.get(), rstdf.get(), N, H);
-    QT_CUDA_CHECK(cudaMemsetAsync(grad.get(), 0, grad.bytes(), ctx.stream()));
     for (int64_t l = L - 1; l >= 0; --l) {
       prof.mark(ctx, "bwd.other");
       recomputing = true;  // x_out goes to `o` (free by then): x_{l+1} stays as saved
@@ -260,6 +295,18 @@ struct CudaDecoder::Impl {
     }
   }
 
+  // Calls f(slot ref, A tensor, B tensor) for every present slot of an adapter of this structure.
+  template <typename A, typename F>
+  void for_each_slot(A& adapter, F&& f) const {
+    QT_ASSERT(int64_t(adapter.layers.size()) == L, "adapter has {} layers, the model {}", adapter.layers.size(), L);
+    for (int64_t l = 0; l < L; ++l)
+      for (int s = 0; s < kNumLoraSlots; ++s) {
+        const SlotRef& sr = slots[l][s];
+        auto& p = adapter.layers[l].slot[s];
+        QT_ASSERT(sr.present == p.present(), "adapter slot {} of layer {} does not match its config", s, l);
+        if (sr.present) f(sr, p.A, p.B);
+      }
+  }
   LoraAdapter download(const Buffer<float>& src) const {
     ctx.synchronize();
     std::vector<float> host = src.download();
@@ -267,16 +314,27 @@ struct CudaDecoder::Impl {
     out.cfg = lcfg;
     out.layers.resize(size_t(L));
     for (int64_t l = 0; l < L; ++l)
-      for (int s = 0; s < kNumLoraSlots; ++s) {
-        const SlotRef& sr = slots[l][s];
-        if (!sr.present) continue;
-        LoraPair& p = out.layers[l].slot[s];
-        p.A = Tensor::empty({r, sr.in}, DType::F32);
-        p.B = Tensor::empty({sr.out, r}, DType::F32);
-        std::copy_n(host.data() + sr.a_off, r * sr.in, p.A.data<float>());
-        std::copy_n(host.data() + sr.b_off, sr.out * r, p.B.data<float>());
-      }
+      for (int s = 0; s < kNumLoraSlots; ++s)
+        if (slots[l][s].present) {
+          out.layers[l].slot[s].A = Tensor::empty({r, slots[l][s].in}, DType::F32);
+          out.layers[l].slot[s].B = Tensor::empty({slots[l][s].out, r}, DType::F32);
+        }
+    for_each_slot(out, [&](const SlotRef& sr, Tensor& A, Tensor& Bm) {
+      std::copy_n(host.data() + sr.a_off, A.numel(), A.data<float>());
+      std::copy_n(host.data() + sr.b_off, Bm.numel(), Bm.data<float>());
+    });
     return out;
+  }
+  void upload(Buffer<float>& dst, const LoraAdapter& src) {
+    std::vector<float> host(static_cast<size_t>(n_lora));
+    for_each_slot(src, [&](const SlotRef& sr, const Tensor& A, const Tensor& Bm) {
+      const Tensor a32 = A.to(DType::F32), b32 = Bm.to(DType::F32);
+      QT_ASSERT(a32.numel() == r * sr.in && b32.numel() == sr.out * r, "adapter tensor shapes differ from the config");
+      std::copy_n(a32.data<float>(), a32.numel(), host.data() + sr.a_off);
+      std::copy_n(b32.data<float>(), b32.numel(), host.data() + sr.b_off);
+    });
+    ctx.synchronize();
+    dst.upload(host);
   }
 };
 
@@ -308,17 +366,9 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
           upload_as_bf16(ctx, d.v_b.get(), lw.attn.v_b);
     wt[kLoraQ] = &lw.attn.q_w, wt[kLoraK] = &lw.attn.k_w, wt[kLoraV] = &lw.attn.v_w, wt[kLoraO] = &lw.attn.o_w;
     wt[kLoraGate] = &lw.mlp.gate, wt[kLoraUp] = &lw.mlp.up, wt[kLoraDown] = &lw.mlp.down;
-    for (int s = 0; s < kNumLoraSlots; ++s) {
-      upload_as_bf16(ctx, d.w[s].get(), *wt[s]);
-      const SlotRef& sr = p.slots[l][s];
-      const LoraPair& lp = lora.layers[l].slot[s];
-      QT_ASSERT(sr.present == lp.present(), "adapter slot {} of layer {} does not match its config", s, l);
-      if (!sr.present) continue;
-      Tensor A = lp.A.to(DType::F32), Bm = lp.B.to(DType::F32);
-      QT_CUDA_CHECK(cudaMemcpy(p.lora.get() + sr.a_off, A.data<float>(), A.numel() * sizeof(float), cudaMemcpyHostToDevice));
-      QT_CUDA_CHECK(cudaMemcpy(p.lora.get() + sr.b_off, Bm.data<float>(), Bm.numel() * sizeof(float), cudaMemcpyHostToDevice));
-    }
+    for (int s = 0; s < kNumLoraSlots; ++s) upload_as_bf16(ctx, d.w[s].get(), *wt[s]);
   }
+  p.upload(p.lora, lora);
 }
 
 CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed)
@@ -345,31 +395,45 @@ CudaDecoder::~CudaDecoder() { delete p_; }
 void CudaDecoder::set_batch(const Batch& b) {
   Impl& p = *p_;
   b.validate(p.V);
-  p.ctx.synchronize();
-  if (b.B * b.S != p.N || b.B != p.B) {
-    p.B = b.B, p.S = b.S, p.N = b.B * b.S;
-    p.alloc_batch();
+  const int64_t N = b.B * b.S;
+  if (N > p.cap) {
+    p.ctx.synchronize();  // the old buffers may still be in use
+    p.alloc_batch(N);
   }
-  p.B = b.B, p.S = b.S;
-  std::vector<int32_t> pos(size_t(p.N));
-  for (int64_t i = 0; i < p.N; ++i) pos[i] = b.position_ids.empty() ? int32_t(i % p.S) : b.position_ids[i];
-  p.ids.upload(b.input_ids);
-  p.labels.upload(b.labels);
-  p.pos.upload(pos);
+  p.B = b.B, p.S = b.S, p.N = N;
+  // The previous batch's copies out of the staging area must have run before it is refilled.
+  p.staged.synchronize();
+  int32_t* st = p.staging.get();
+  std::copy(b.input_ids.begin(), b.input_ids.end(), st);
+  std::copy(b.labels.begin(), b.labels.end(), st + N);
+  for (int64_t i = 0; i < N; ++i) st[2 * N + i] = b.position_ids.empty() ? int32_t(i % p.S) : b.position_ids[size_t(i)];
   p.has_seg = !b.segment_ids.empty();
-  if (p.has_seg) p.seg.upload(b.segment_ids);
+  if (p.has_seg) std::copy(b.segment_ids.begin(), b.segment_ids.end(), st + 3 * N);
+  const size_t bytes = size_t(N) * sizeof(int32_t);
+  int32_t* dst[4] = {p.ids.get(), p.labels.get(), p.pos.get(), p.seg.get()};
+  for (int i = 0; i < (p.has_seg ? 4 : 3); ++i)
+    QT_CUDA_CHECK(cudaMemcpyAsync(dst[i], st + i * N, bytes, cudaMemcpyHostToDevice, p.ctx.stream()));
+  p.staged.record(p.ctx.stream());
   p.count = 0;  // HF shift: position s predicts labels[s+1]
   for (int64_t bi = 0; bi < p.B; ++bi)
     for (int64_t s = 1; s < p.S; ++s) p.count += b.labels[size_t(bi * p.S + s)] != -100;
   cuda::rope_table(p.ctx, p.cos.get(), p.sin.get(), p.pos.get(), p.N, p.hd, p.cfg.rope_theta);
-  p.ctx.synchronize();
 }
 
 int64_t CudaDecoder::count() const { return p_->count; }
 
-void CudaDecoder::forward_backward(double grad_scale) {
+void CudaDecoder::zero_grads() {
+  Impl& p = *p_;
+  QT_CUDA_CHECK(cudaMemsetAsync(p.grad.get(), 0, p.grad.bytes(), p.ctx.stream()));
+  QT_CUDA_CHECK(cudaMemsetAsync(p.loss_total.get(), 0, sizeof(double), p.ctx.stream()));
+}
+
+void CudaDecoder::forward_backward(double grad_scale, const LoraDropout& dropout) {
   const double gs = grad_scale > 0 ? grad_scale : (p_->count ? 1.0 / double(p_->count) : 0.0);
+  QT_ASSERT(dropout.p >= 0 && dropout.p < 1, "dropout probability {}", dropout.p);
+  p_->drop = dropout;
   p_->run(true, float(gs));
+  p_->drop = {};
 }
 
 void CudaDecoder::forward() { p_->run(false, 0.f); }
@@ -378,20 +442,50 @@ void CudaDecoder::optimizer_step(int64_t step, double lr, double weight_decay, d
                                  double beta2, double eps) {
   Impl& p = *p_;
   QT_ASSERT(step >= 1, "optimizer step {} must be >= 1", step);
-  if (max_norm > 0) {
-    QT_CUDA_CHECK(cudaMemsetAsync(p.sum_sq.get(), 0, sizeof(double), p.ctx.stream()));
-    cuda::sum_squares(p.ctx, p.sum_sq.get(), p.grad.get(), p.n_lora);
-    cuda::clip_by_sum_squares(p.ctx, p.grad.get(), p.n_lora, p.sum_sq.get(), max_norm);
-  }
+  QT_CUDA_CHECK(cudaMemsetAsync(p.sum_sq.get(), 0, sizeof(double), p.ctx.stream()));
+  cuda::sum_squares(p.ctx, p.sum_sq.get(), p.grad.get(), p.n_lora);
+  cuda::step_guard(p.ctx, p.skip.get(), p.sum_sq.get(), p.loss_total.get());
+  if (max_norm > 0) cuda::clip_by_sum_squares(p.ctx, p.grad.get(), p.n_lora, p.sum_sq.get(), max_norm);
   const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
   cuda::adamw_step(p.ctx, p.lora.get(), p.grad.get(), p.m1.get(), p.m2.get(), p.n_lora, 1.0 - lr * weight_decay, beta1,
-                   beta2, lr / bc1, std::sqrt(bc2), eps);
+                   beta2, lr / bc1, std::sqrt(bc2), eps, p.skip.get());
   p.prof.mark(p.ctx, "optimizer");
+}
+
+CudaDecoder::StepStats CudaDecoder::read_step_stats() const {
+  const Impl& p = *p_;
+  p.ctx.synchronize();
+  StepStats st;
+  st.loss_total = p.loss_total.download()[0];
+  st.grad_norm = std::sqrt(p.sum_sq.download()[0]);
+  st.skipped = p.skip.download()[0] != 0;
+  return st;
 }
 
 double CudaDecoder::loss_sum() const {
   p_->ctx.synchronize();
   return p_->loss.download()[0];
+}
+
+Tensor CudaDecoder::logits() const {
+  const Impl& p = *p_;
+  QT_ASSERT(p.N > 0, "no batch set");
+  Buffer<float> out(size_t(p.N * p.V));
+  cuda::gemm(p.ctx, false, true, p.N, p.V, p.H, 1.f, p.xf.get(), p.lm_head, 0.f, out.get());
+  p.ctx.synchronize();
+  Tensor t = Tensor::empty({p.B, p.S, p.V}, DType::F32);
+  QT_CUDA_CHECK(cudaMemcpy(t.data<float>(), out.get(), out.bytes(), cudaMemcpyDeviceToHost));
+  return t;
+}
+
+std::pair<LoraAdapter, LoraAdapter> CudaDecoder::download_moments() const {
+  return {p_->download(p_->m1), p_->download(p_->m2)};
+}
+
+void CudaDecoder::upload_state(const LoraAdapter& lora, const LoraAdapter& exp_avg, const LoraAdapter& exp_avg_sq) {
+  p_->upload(p_->lora, lora);
+  p_->upload(p_->m1, exp_avg);
+  p_->upload(p_->m2, exp_avg_sq);
 }
 
 LoraAdapter CudaDecoder::download_grads() const { return p_->download(p_->grad); }
@@ -405,7 +499,7 @@ size_t CudaDecoder::device_bytes() const {
          d.k_b.bytes() + d.v_b.bytes();
     for (auto& w : d.w) n += w.bytes();
   }
-  for (const auto* b : {&p.saved, &p.a, &p.q_raw, &p.k_raw, &p.q, &p.k, &p.v, &p.attn, &p.o, &p.h, &p.m, &p.g, &p.u,
+  for (const auto* b : {&p.xd, &p.dxd, &p.saved, &p.a, &p.q_raw, &p.k_raw, &p.q, &p.k, &p.v, &p.attn, &p.o, &p.h, &p.m, &p.g, &p.u,
                         &p.act, &p.xa, &p.xf, &p.dx, &p.dm, &p.da, &p.dattn, &p.dq, &p.dk, &p.dv, &p.dq_raw, &p.dk_raw,
                         &p.dact, &p.dg, &p.du, &p.dxf})
     n += b->bytes();

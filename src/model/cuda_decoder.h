@@ -7,8 +7,9 @@
 // layer l from x_l into one set of per-layer work buffers, then runs its backward. The lm_head and
 // the loss are fused chunk by chunk (the (N,V) logits never exist).
 //
-// A training step (train_step) enqueues forward + backward + clip + AdamW on the context's stream
-// and returns without synchronising; the loss stays on the device (loss_sum()/count() read it).
+// A training step (zero_grads, set_batch + forward_backward per micro-batch, optimizer_step)
+// enqueues everything on the context's stream and returns without synchronising; the loss, the
+// gradient norm and the skip decision stay on the device until read_step_stats().
 // MoE layers are refused ("[cuda] ...").
 #pragma once
 #ifdef QT_HAVE_CUDA
@@ -35,25 +36,46 @@ class CudaDecoder {
   CudaDecoder(const CudaDecoder&) = delete;
   CudaDecoder& operator=(const CudaDecoder&) = delete;
 
-  // Validates and uploads a batch (synchronous host copies; outside the step).
+  // Validates a batch and queues its upload (pinned staging, stream ordered: it may be called
+  // while the previous batch's work is still running). A batch larger than any before reallocates
+  // the activation buffers (synchronising); smaller ones reuse them.
   void set_batch(const Batch& b);
   // Predicted tokens of the current batch (known on the host from the labels).
   int64_t count() const;
 
-  // Forward + backward of the current batch: the LoRA gradients are overwritten with the gradient
-  // of grad_scale * loss_sum (grad_scale <= 0: 1/count). No host synchronisation.
-  void forward_backward(double grad_scale = 0);
-  // Forward only (loss), no gradients.
+  // The start of an optimizer step: zero the LoRA gradients and the step's loss total.
+  void zero_grads();
+  // Forward + backward of the current batch: ADDS the gradient of grad_scale * loss_sum to the LoRA
+  // gradients (grad_scale <= 0: 1/count) and the batch's loss sum to the step's total. `dropout`
+  // as QwenDecoder's (the masks are the CPU's, bit for bit). No host synchronisation.
+  void forward_backward(double grad_scale = 0, const LoraDropout& dropout = {});
+  // Forward only (loss of the batch; loss_sum() reads it), no gradients.
   void forward();
-  // Clip the gradients to max_norm (<= 0: no clip) and one AdamW step (step counted from 1).
+  // The end of an optimizer step, all on the device: the gradients' sum of squares, a guard that
+  // skips the update when it or the step's loss total is not finite, clipping to max_norm (<= 0: no
+  // clip), and AdamW (step counted from 1; a skipped update changes nothing).
   void optimizer_step(int64_t step, double lr, double weight_decay, double max_norm, double beta1 = 0.9,
                       double beta2 = 0.999, double eps = 1e-8);
+  struct StepStats {
+    double loss_total = 0;  // sum over the step's micro-batches of loss_sum
+    double grad_norm = 0;   // before clipping (NaN/inf when not finite)
+    bool skipped = false;   // the guard skipped the update
+  };
+  // Synchronises and reads the last optimizer_step's statistics.
+  StepStats read_step_stats() const;
 
   // Reads (synchronising) the loss sum of the last forward.
   double loss_sum() const;
-  // The LoRA gradients / masters as host fp32 adapters of the same structure (tests).
+  // Logits (B,S,V) fp32 of the last forward (the lm_head product of the final hidden states;
+  // debugging and golden checks: the training path never forms them).
+  Tensor logits() const;
+  // The LoRA gradients / masters as host fp32 adapters of the same structure.
   LoraAdapter download_grads() const;
   LoraAdapter download_lora() const;
+  // AdamW's moments (exp_avg, exp_avg_sq) in the adapter's structure, and their replacement with
+  // the masters (resume from a checkpoint).
+  std::pair<LoraAdapter, LoraAdapter> download_moments() const;
+  void upload_state(const LoraAdapter& lora, const LoraAdapter& exp_avg, const LoraAdapter& exp_avg_sq);
   // Bytes of device memory owned by the decoder (weights, adapter, states, activations).
   size_t device_bytes() const;
 

@@ -6,6 +6,7 @@
 //             (each batch's coef * aux weighted by its predicted tokens), as the trainer reports it.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "data/tokenized_dataset.h"
 #include "model/decoder.h"
@@ -22,6 +23,10 @@ struct EvalResult {
   double perplexity() const;
 };
 
+// Any engine: `loss_of` returns a batch's loss_sum, count and aux terms (StepResult without logits).
+EvalResult evaluate_dataset(const std::function<StepResult(const Batch&)>& loss_of, const data::TokenizedDataset& ds,
+                            int64_t micro_batch_size, int32_t pad_id);
+// The CPU engine.
 EvalResult evaluate_dataset(QwenDecoder<float>& dec, const data::TokenizedDataset& ds, int64_t micro_batch_size,
                             int32_t pad_id);
 

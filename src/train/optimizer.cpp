@@ -177,6 +177,27 @@ void AdamW::load_state(const OptimizerState& st, const std::string& origin) {
   step_ = st.step;
 }
 
+std::pair<LoraAdapter, LoraAdapter> AdamW::moments(const LoraAdapter& params) const {
+  std::pair<LoraAdapter, LoraAdapter> out{params.zeros_like(), params.zeros_like()};
+  for (const Slot& sl : slots_) {
+    pick(out.first, sl.layer, sl.slot, sl.is_b) = sl.exp_avg.to(pick(params, sl.layer, sl.slot, sl.is_b).dtype());
+    pick(out.second, sl.layer, sl.slot, sl.is_b) = sl.exp_avg_sq.to(pick(params, sl.layer, sl.slot, sl.is_b).dtype());
+  }
+  return out;
+}
+
+void AdamW::set_moments(const LoraAdapter& exp_avg, const LoraAdapter& exp_avg_sq, int64_t step) {
+  QT_ASSERT(step >= 0, "AdamW: step {}", step);
+  for (Slot& sl : slots_)
+    for (auto [dst, src] : {std::pair{&sl.exp_avg, &exp_avg}, std::pair{&sl.exp_avg_sq, &exp_avg_sq}}) {
+      QT_ASSERT(sl.layer < src->layers.size(), "AdamW: moments lack layer {}", sl.layer);
+      const Tensor& t = pick(*src, sl.layer, sl.slot, sl.is_b);
+      QT_ASSERT(t.defined() && t.shape() == dst->shape(), "AdamW: moment {} does not match its parameter", sl.name);
+      *dst = t.to(dst->dtype());
+    }
+  step_ = step;
+}
+
 double grad_global_norm(const LoraAdapter& grads) {
   double total = 0.0;
   for_each_present(grads, [&](const Tensor& t) {

@@ -57,6 +57,12 @@ class AdamW {
   OptimizerState state() const;
   void load_state(const OptimizerState& st, const std::string& origin);
 
+  // The moments as adapters of the parameters' structure (exp_avg, exp_avg_sq: copies), and their
+  // replacement with the step count: for engines that keep the states elsewhere (the GPU) and meet
+  // this object only at checkpoints. set_moments asserts the structure matches.
+  std::pair<LoraAdapter, LoraAdapter> moments(const LoraAdapter& params) const;
+  void set_moments(const LoraAdapter& exp_avg, const LoraAdapter& exp_avg_sq, int64_t step);
+
  private:
   struct Slot {  // one parameter tensor (an A or a B) and its moments
     std::string name;

@@ -107,8 +107,10 @@ const std::vector<KeySpec>& keys() {
        "Evaluate on the validation set every N steps; 0 = at the end only (when val_set_size > 0)."},
       {"logging_steps", &C::logging_steps, "int", "(unset: auto)",
        "Log every N steps; unset = max(min(int(0.005 x total steps), 10), 1) as Axolotl."},
-      {"device", &C::device, "string", "cuda", "Where to train: cuda (GPU 0) or cpu (exact reference engine).",
-       {"cpu", "cuda"}},
+      {"device", &C::device, "string", "auto",
+       "Where to train: auto (cuda when this build has it, a GPU is visible and the model is dense; else cpu), "
+       "cuda (GPU 0: bf16 weights and activations, fp32 LoRA masters and AdamW) or cpu (the exact fp32 reference).",
+       {"auto", "cpu", "cuda"}},
   };
   return k;
 }

@@ -69,7 +69,7 @@ struct TrainConfig {
   int64_t save_total_limit = 0;           // 0: keep every checkpoint
   int64_t eval_steps = 0;                 // 0: evaluate at the end only (when val_set_size > 0)
   std::optional<int64_t> logging_steps;   // unset: Axolotl's max(min(int(0.005 * total), 10), 1)
-  std::string device = "cuda";            // cpu | cuda
+  std::string device = "auto";            // auto | cpu | cuda (train/train_engine.h resolve_device)
 
   bool operator==(const TrainConfig&) const = default;
 

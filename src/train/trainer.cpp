@@ -23,6 +23,7 @@
 #include "train/interrupt.h"
 #include "train/loss_plot.h"
 #include "train/progress.h"
+#include "train/train_engine.h"
 
 namespace qt {
 
@@ -66,15 +67,6 @@ int64_t predicted_tokens(const Batch& b) {
   return n;
 }
 
-void zero_grads(LoraAdapter& g) {
-  for (auto& layer : g.layers)
-    for (auto& p : layer.slot)
-      if (p.present()) {
-        std::fill_n(p.A.data<float>(), p.A.numel(), 0.f);
-        std::fill_n(p.B.data<float>(), p.B.numel(), 0.f);
-      }
-}
-
 }  // namespace
 
 int64_t steps_per_epoch(int64_t batches_per_epoch, int64_t grad_accum) {
@@ -91,8 +83,6 @@ int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch) 
 
 TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   tc.validate("train");
-  if (tc.device == "cuda") fail("train", "device cuda: the CUDA backend is not built yet; use --device cpu");
-  if (tc.device != "cpu") fail("train", "device {}: use cpu", tc.device);
   if (run.stop_after_steps < 0) fail("train", "--stop-after-steps {}: must be >= 1", run.stop_after_steps);
   // The checkpoint to resume from, validated before anything is loaded or written.
   ResumePoint resume;
@@ -118,6 +108,8 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     fail("train", "the tokenizer {} has {} tokens but the model's vocab_size is {}", model.tokenizer_path,
          tok.vocab_size(), model.cfg.vocab_size);
   const std::string tok_fp = data::tokenizer_fingerprint(model.tokenizer_path);
+  std::string device_note;
+  const std::string device = resolve_device(tc.device, model.cfg, "train", &device_note);
   fmt::print("model: {}\ntokenizer: {}\n", model.description, model.tokenizer_path);
 
   // Data.
@@ -182,10 +174,12 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   // Adapter and optimizer.
   const LoraConfig lcfg = tc.lora_config();
   LoraAdapter lora = init_lora(model.cfg, lcfg, DType::F32, uint64_t(tc.seed));
-  LoraAdapter grads = lora.zeros_like();
   AdamW opt(lora, tc.adamw_config());
   if (run.resume) load_checkpoint_weights(resume, model.cfg, lora, opt);
-  QwenDecoder<float> dec(model.weights, &lora);
+  std::unique_ptr<TrainEngine> engine =
+      device == "cuda" ? make_cuda_engine(model.weights, lora, opt) : make_cpu_engine(model.weights, lora, opt);
+  if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 copy
+  fmt::print("device: {}{}\n", engine->describe(), device_note.empty() ? "" : " (" + device_note + ")");
   int64_t n_params = 0;
   for (const auto& layer : lora.layers)
     for (const auto& p : layer.slot)
@@ -248,6 +242,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     ckpt.tokens_since_log = tokens_since_log;
     ckpt.elapsed_s = elapsed_before + seconds_since(t_start);
     ckpt.fingerprint = fingerprint;
+    engine->sync_to_host(lora, opt);
     res.last_checkpoint = save_checkpoint(tc.output_dir, lora, model.cfg, opt, ckpt, tc.save_total_limit);
     write_loss_plot((out_dir / "loss.svg").string(), ckpt.train_loss, ckpt.eval_loss, "qwentune: " + tc.output_dir);
   };
@@ -265,22 +260,17 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
       n_pred += predicted_tokens(b);
       n_tokens += b.B * b.S;
     }
-    zero_grads(grads);
-    double loss_sum = 0;
-    for (size_t i = 0; i < micro.size() && n_pred > 0; ++i) {
-      const Batch& b = micro[i];
-      const LoraDropout drop{tc.lora_dropout, uint64_t(tc.seed), step, int64_t(i)};
-      const StepResult r = dec.forward_backward(b, &grads, false, 1.0 / double(n_pred), drop);
-      QT_ASSERT(r.count == predicted_tokens(b), "decoder counted {} predicted tokens, trainer {}", r.count,
-                predicted_tokens(b));
-      loss_sum += r.loss_sum + double(r.count) * r.aux_coef * r.aux_loss;
-    }
-    const double loss = n_pred ? loss_sum / double(n_pred) : 0.0;
     const double lr = schedule.lr(step);
-    double gnorm = tc.max_grad_norm > 0 ? clip_grad_norm(grads, tc.max_grad_norm) : grad_global_norm(grads);
-    const bool ok = n_pred > 0 && std::isfinite(loss) && std::isfinite(gnorm) && grads_all_finite(grads);
+    EngineStepStats st;
+    if (n_pred > 0) {
+      engine->begin_step();
+      for (size_t i = 0; i < micro.size(); ++i)
+        engine->accumulate(micro[i], 1.0 / double(n_pred), {tc.lora_dropout, uint64_t(tc.seed), step, int64_t(i)});
+      st = engine->finish_step(lr, tc.max_grad_norm);
+    }
+    const double loss = n_pred ? st.loss_sum / double(n_pred) : 0.0, gnorm = st.grad_norm;
+    const bool ok = n_pred > 0 && st.applied;
     if (ok) {
-      opt.step(lora, grads, lr);
       consecutive_bad = 0;
       if (res.steps_done == 0) res.first_loss = loss;
       res.last_loss = loss;
@@ -321,7 +311,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     }
     const bool eval_now = val_ds.size() > 0 && ((tc.eval_steps > 0 && done % tc.eval_steps == 0) || done == total);
     if (eval_now) {
-      const double vl = evaluate_dataset(dec, val_ds, tc.micro_batch_size, pad_id).loss();
+      const double vl = engine->evaluate(val_ds, tc.micro_batch_size, pad_id).loss();
       progress.print_line(fmt::format("eval  step {}/{}  eval_loss {:.4f}", done, total, vl));
       write_metrics({{"type", "eval"}, {"step", done}, {"eval_loss", vl}});
       ckpt.eval_loss.push_back({done, vl});
@@ -341,6 +331,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   }
 
   progress.finish();
+  engine->sync_to_host(lora, opt);
   save_peft_adapter(out_dir.string(), lora, model.cfg);
   write_loss_plot((out_dir / "loss.svg").string(), ckpt.train_loss, ckpt.eval_loss, "qwentune: " + tc.output_dir);
   fmt::print("saved the adapter to {} ({} steps, {} skipped, loss {:.4f} -> {:.4f}, {})\n", tc.output_dir,

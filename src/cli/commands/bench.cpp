@@ -76,6 +76,7 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
   size_t min_free = free0;
   for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
     t0.record(ctx.stream());
+    dec.zero_grads();
     dec.forward_backward();
     dec.optimizer_step(s + 1, 1e-4, 0.0, 1.0);
     t1.record(ctx.stream());

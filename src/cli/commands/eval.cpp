@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "data/dataset.h"
 #include "train/evaluate.h"
+#include "train/train_engine.h"
 
 namespace qt::cli {
 
@@ -22,6 +23,7 @@ struct EvalArgs {
   std::string data, type = "auto", chat_template = "auto";
   int64_t sequence_len = 2048, batch = 1;
   bool json = false, train_on_inputs = false, lenient = false;
+  std::string device = "auto";
 };
 
 void run_eval(const EvalArgs& a) {
@@ -43,9 +45,19 @@ void run_eval(const EvalArgs& a) {
   const data::LoadedDataset ld = data::load_dataset(opts, m.tok, data::tokenizer_fingerprint(m.model.tokenizer_path));
   if (ld.data.size() == 0) fail("eval", "{}: no example left to evaluate", a.data);
 
-  QwenDecoder<float> dec(m.model.weights, m.adapter.get());
   const int32_t pad_id = m.tok.pad_id() >= 0 ? m.tok.pad_id() : std::max(0, m.tok.eos_id());
-  const EvalResult r = evaluate_dataset(dec, ld.data, a.batch, pad_id);
+  const std::string device = resolve_device(a.device, m.model.cfg, "eval");
+  EvalResult r;
+  if (device == "cuda") {
+    LoraAdapter none;  // no adapter: every slot absent
+    none.layers.resize(size_t(m.model.cfg.num_hidden_layers));
+    const LoraAdapter& lora = m.adapter ? *m.adapter : none;
+    const AdamW unused(lora, AdamWConfig{});
+    r = make_cuda_engine(m.model.weights, lora, unused)->evaluate(ld.data, a.batch, pad_id);
+  } else {
+    QwenDecoder<float> dec(m.model.weights, m.adapter.get());
+    r = evaluate_dataset(dec, ld.data, a.batch, pad_id);
+  }
   if (r.count == 0) fail("eval", "{}: no labelled token to evaluate", a.data);
   if (a.json) {
     const nlohmann::json j = {{"loss", r.ce_loss()},          {"perplexity", r.perplexity()},
@@ -77,6 +89,8 @@ void register_eval_command(CLI::App& app) {
   c->add_option("--batch", a->batch, "Sequences per forward pass (default 1; the loss does not depend on it)");
   c->add_flag("--train-on-inputs", a->train_on_inputs, "Chat data: score every token, not only assistant turns");
   c->add_flag("--lenient", a->lenient, "Skip bad records (counted) instead of failing on the first");
+  c->add_option("--device", a->device, "auto (default: cuda when available for this model), cpu or cuda")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   c->add_flag("--json", a->json, "Print one JSON line: loss, perplexity, tokens, sequences, truncated, model, ...");
   c->callback([a] { run_eval(*a); });
 }

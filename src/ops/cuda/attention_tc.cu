@@ -24,6 +24,7 @@
 
 #include "ops/cuda/attention_tc.h"
 #include "ops/cuda/common.cuh"
+#include "ops/cuda/mma.cuh"
 
 namespace qt::cuda {
 
@@ -47,14 +48,6 @@ struct RowBlock {
       : bh(blockIdx.y), b(bh / a.nh), h(bh % a.nh), kvh(h / (a.nh / a.nkv)), row0(int64_t(blockIdx.x) * kTile),
         q_base((b * a.S * a.nh + h) * hd), kv_base((b * a.S * a.nkv + kvh) * hd) {}
 };
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 

@@ -53,7 +53,8 @@ __global__ void add_kernel(bf16* y, const bf16* x, int64_t n) {
 }
 
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, double decay_mul, double b1,
-                             double b2, double step_size, double bc2_sqrt, double eps) {
+                             double b2, double step_size, double bc2_sqrt, double eps, const int* skip) {
+  if (skip && *skip) return;
   QT_GRID_STRIDE(i, n) {
     const double gi = double(g[i]);
     // mi = b1*m + (1-b1)*g ; vi = b2*v + (1-b2)*g*g   (left to right, as the C++ expression)
@@ -90,6 +91,33 @@ __global__ void sum_partials_kernel(double* out, const double* partial, int coun
 
 __global__ void scale_kernel(float* x, int64_t n, float c) {
   QT_GRID_STRIDE(i, n) x[i] *= c;
+}
+
+__global__ void add_f64_kernel(double* acc, const double* x) { *acc += *x; }
+
+__global__ void step_guard_kernel(int* skip, const double* a, const double* b) {
+  *skip = !(isfinite(*a) && isfinite(*b));
+}
+
+// The counter hash of cpu/dropout.cpp (splitmix64 finaliser), bit for bit.
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+__device__ __forceinline__ bool dropout_keep(uint64_t key, uint64_t row, uint64_t f, double p) {
+  return double(mix64(mix64(key ^ row) ^ f) >> 11) * 0x1.0p-53 >= p;
+}
+
+// add = false: y = mask(x) * keep_scale; add = true: y += mask(x) * keep_scale (dropout's backward).
+template <bool kAdd>
+__global__ void dropout_kernel(bf16* y, const bf16* x, int64_t N, int64_t D, double p, float keep_scale, uint64_t key) {
+  QT_GRID_STRIDE(i, N * D) {
+    const int64_t n = i / D, f = i - n * D;
+    const float v = dropout_keep(key, uint64_t(n), uint64_t(f), p) ? to_f(x[i]) * keep_scale : 0.f;
+    y[i] = kAdd ? to_bf(to_f(y[i]) + v) : to_bf(v);
+  }
 }
 
 }  // namespace
@@ -147,10 +175,32 @@ void add_inplace(Context& ctx, bf16* y, const bf16* x, int64_t n) {
 }
 
 void adamw_step(Context& ctx, float* p, const float* g, float* m, float* v, int64_t n, double decay_mul,
-                double beta1, double beta2, double step_size, double bc2_sqrt, double eps) {
+                double beta1, double beta2, double step_size, double bc2_sqrt, double eps, const int* skip) {
   if (n <= 0) return;
   adamw_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(p, g, m, v, n, decay_mul, beta1, beta2, step_size,
-                                                            bc2_sqrt, eps);
+                                                            bc2_sqrt, eps, skip);
+  QT_CUDA_LAUNCH_CHECK();
+}
+
+void add_f64(Context& ctx, double* acc, const double* x) {
+  add_f64_kernel<<<1, 1, 0, ctx.stream()>>>(acc, x);
+  QT_CUDA_LAUNCH_CHECK();
+}
+
+void step_guard(Context& ctx, int* skip, const double* a, const double* b) {
+  step_guard_kernel<<<1, 1, 0, ctx.stream()>>>(skip, a, b);
+  QT_CUDA_LAUNCH_CHECK();
+}
+
+void dropout_forward(Context& ctx, bf16* y, const bf16* x, int64_t N, int64_t D, double p, uint64_t key) {
+  if (N * D <= 0) return;
+  dropout_kernel<false><<<grid_for(N * D), kThreads, 0, ctx.stream()>>>(y, x, N, D, p, float(1.0 / (1.0 - p)), key);
+  QT_CUDA_LAUNCH_CHECK();
+}
+
+void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t D, double p, uint64_t key) {
+  if (N * D <= 0) return;
+  dropout_kernel<true><<<grid_for(N * D), kThreads, 0, ctx.stream()>>>(dx, dy, N, D, p, float(1.0 / (1.0 - p)), key);
   QT_CUDA_LAUNCH_CHECK();
 }
 

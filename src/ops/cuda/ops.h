@@ -105,11 +105,23 @@ void fused_linear_cross_entropy(Context& ctx, double* loss_sum, int64_t* count, 
                                 const bf16* W, const int32_t* labels, float scale, int64_t B, int64_t S, int64_t H,
                                 int64_t V, int64_t chunk_rows = 0);
 
+// ---- LoRA dropout (cpu::dropout_apply's counter-hash mask, bit for bit; rows are 0..N-1) ------
+// y (N,D) = keep(n, f) ? x * float(1/(1-p)) : 0, keep = cpu::dropout_uniform(key, n, f) >= p.
+void dropout_forward(Context& ctx, bf16* y, const bf16* x, int64_t N, int64_t D, double p, uint64_t key);
+// dx (N,D) += keep(n, f) ? dy * float(1/(1-p)) : 0 (the same mask: dropout's backward).
+void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t D, double p, uint64_t key);
+
 // ---- optimizer ---------------------------------------------------------------------------
 // One fused AdamW update of n fp32 parameters, arithmetic in fp64 and rounded exactly as
 // train/optimizer.cpp (bitwise equal results): p = p*decay_mul - step_size*m/(sqrt(v)/bc2_sqrt + eps).
+// skip (device, may be null): when *skip != 0 nothing changes (the trainer's non-finite step skip,
+// decided on the device by step_guard without a host round trip).
 void adamw_step(Context& ctx, float* p, const float* g, float* m, float* v, int64_t n, double decay_mul,
-                double beta1, double beta2, double step_size, double bc2_sqrt, double eps);
+                double beta1, double beta2, double step_size, double bc2_sqrt, double eps, const int* skip = nullptr);
+// *skip = !(isfinite(*a) && isfinite(*b)) (device scalars, e.g. the gradient sum of squares and the loss).
+void step_guard(Context& ctx, int* skip, const double* a, const double* b);
+// *acc += *x (device fp64 scalars; one thread: the loss of a step summed over its micro-batches).
+void add_f64(Context& ctx, double* acc, const double* x);
 
 // Gradient norm and clipping (as train/optimizer.h's grad_global_norm / clip_grad_norm):
 // *sum_sq (device fp64) ADDS sum(x^2) over n fp32 values, in fp64 with a fixed reduction order

@@ -1,0 +1,52 @@
+// Grouped GEMMs over the experts of an MoE layer (bf16 operands, fp32 accumulation), with the
+// group boundaries ONLY on the device: after moe_sort + moe_gather the rows (T, .) are grouped by
+// expert, expert e owning rows [offsets[e], offsets[e+1]) (offsets (E+1) int64 on the device,
+// offsets[0] = 0, non-decreasing, offsets[E] <= T). No call reads the offsets on the host, so a
+// training step needs no synchronisation and can be captured in a CUDA graph; rows past
+// offsets[E] are neither read nor written.
+//
+//   grouped_gemm_nt:          Y  (T,N) (+)= alpha X (T,K)  W_e^T   W (E,N,K)  (forward: gate_up, down,
+//                                                                   LoRA x A_e^T, xa B_e^T)
+//   grouped_gemm_nn:          dX (T,K) (+)= alpha dY (T,N) W_e     W (E,N,K)  (input gradient)
+//   grouped_gemm_tn_kgrouped: Out (E,M,N) fp32 += scale X_e^T dY_e, X (T,M), dY (T,N), summed over
+//                             the rows of expert e (LoRA weight gradients dA_e = t^T x, dB_e = dy^T xa)
+//
+// bf16 outputs are rounded once: bf16(alpha * acc [+ Y]) with `accumulate`; without it Y is
+// overwritten (and may hold NaN before). Out (fp32) is always accumulated, deterministically
+// (no atomics: every element is owned by one block, or summed from per-split partials in a fixed
+// order). Thin shapes (LoRA ranks 4..64 as N, or as K, or as M / N of the K-grouped product) pick
+// narrow tiles automatically.
+//
+// Paths: tensor cores (mma.sync m16n8k16 bf16, ldmatrix, cp.async multi-stage pipeline; sm_80, sm_89,
+// sm_90a) when the dimensions read in 16-byte chunks are multiples of 8 (grouped_gemm_tc_ok) and
+// every pointer is 16-byte aligned; otherwise the SIMT kernels (the *_simt functions, fp32 accumulation, one
+// thread per output element), which the tests also use as a second opinion.
+#pragma once
+#include <cstdint>
+
+#include "ops/cuda/runtime.h"
+
+namespace qt::cuda {
+
+void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
+                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
+                     int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+void grouped_gemm_tn_kgrouped(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
+                              int64_t T, int64_t E, int64_t M, int64_t N, float scale);
+
+// The SIMT reference kernels (any shape and alignment): same contracts.
+void grouped_gemm_nt_simt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
+                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+void grouped_gemm_nn_simt(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
+                          int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+void grouped_gemm_tn_kgrouped_simt(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
+                                   int64_t T, int64_t E, int64_t M, int64_t N, float scale);
+
+// Whether the tensor-core path takes a product (tests report it): NT needs K % 8 == 0 and N even
+// (so x A_e^T runs on tensor cores at r = 4 too), NN needs N % 8 == 0 and K % 8 == 0, TN (dims M, N)
+// M % 8 == 0 and N % 8 == 0; the three pointers 16-byte aligned.
+enum class GroupedOp { NT, NN, TN };
+bool grouped_gemm_tc_ok(GroupedOp op, int64_t N, int64_t K, const void* a, const void* b, const void* c);
+
+}  // namespace qt::cuda

@@ -1,0 +1,60 @@
+// Where a training step runs: the trainer's loop (trainer.cpp) is the same for every engine.
+// One optimizer step over micro-batches b_1..b_k with N predicted tokens in all:
+//   begin_step()                                 zero the gradients and the step's loss total
+//   accumulate(b_i, 1/N, dropout of (step, i))   grads += d(loss_sum_i / N); loss total += loss_sum_i
+//                                                (+ count_i * coef * aux_i for MoE with router logits)
+//   finish_step(lr, max_grad_norm)               norm, clip, and AdamW unless the loss total or the
+//                                                norm is not finite (then nothing changes)
+// Engines:
+//  - cpu:  the exact reference (model/decoder.h in fp32 on the host; AdamW in train/optimizer.h);
+//          the adapter and optimizer the trainer holds ARE the engine's state.
+//  - cuda: model/cuda_decoder.h (bf16 weights and activations, fp32 LoRA masters, gradients and AdamW
+//          moments on the GPU); accumulate() only queues work and finish_step() synchronises once to
+//          read the loss and the norm. The host adapter and optimizer are brought up to date by
+//          sync_to_host() (checkpoints, the final save) and pushed back by load_from_host() (resume).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "data/tokenized_dataset.h"
+#include "model/decoder.h"
+#include "model/lora.h"
+#include "model/weights.h"
+#include "train/evaluate.h"
+#include "train/optimizer.h"
+
+namespace qt {
+
+struct EngineStepStats {
+  double loss_sum = 0;   // over the step's micro-batches (aux terms included)
+  double grad_norm = 0;  // before clipping; NaN/inf when a gradient is not finite
+  bool applied = false;  // false: the step was skipped (non-finite loss or gradients)
+};
+
+class TrainEngine {
+ public:
+  virtual ~TrainEngine() = default;
+  virtual std::string describe() const = 0;  // "cpu" or "cuda (<GPU name>)"
+  virtual void begin_step() = 0;
+  virtual void accumulate(const Batch& b, double grad_scale, const LoraDropout& dropout) = 0;
+  virtual EngineStepStats finish_step(double lr, double max_grad_norm) = 0;
+  // Loss over a dataset without gradients (train/evaluate.h).
+  virtual EvalResult evaluate(const data::TokenizedDataset& ds, int64_t micro_batch_size, int32_t pad_id) = 0;
+  virtual void sync_to_host(LoraAdapter& lora, AdamW& opt) = 0;
+  virtual void load_from_host(const LoraAdapter& lora, const AdamW& opt) = 0;
+};
+
+// "auto" -> "cuda" when this build has the CUDA backend, a GPU is visible and the model is dense
+// (the CUDA decoder does not run MoE layers yet), else "cpu"; "cpu" and "cuda" are returned as they
+// are after checking that they can run ("[context] ..." errors otherwise). `why` gets a note when
+// auto picked the CPU although the build has CUDA.
+std::string resolve_device(const std::string& device, const ModelConfig& cfg, const std::string& context,
+                           std::string* why = nullptr);
+
+// The engines. The CPU one trains `lora` in place with `opt`; the CUDA one copies the weights and
+// the adapter to GPU 0 and keeps its own optimizer states (AdamW's settings from `opt`).
+std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt);
+std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt);
+
+}  // namespace qt

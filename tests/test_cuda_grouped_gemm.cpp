@@ -1,0 +1,237 @@
+// Grouped expert GEMMs (ops/cuda/grouped_gemm.h) against a CPU double-precision loop over experts,
+// on the tensor-core path and the SIMT kernels, and the two against each other: Y (+)= X W_e^T,
+// dX (+)= dY W_e, Out_e += scale X_e^T dY_e. Routings: uniform random, only every third expert
+// used (empty experts), one expert taking every row, rows past offsets[E] (must stay untouched),
+// no rows at all; E = 1 and 128; T = 1, odd T, T not a multiple of any tile; K = N = 8; shapes the
+// tensor cores do not take (N = 12, K = 20, r = 4: the SIMT fallback); the LoRA products at r = 4,
+// 16, 64; a K-grouped product split over rows (E = 1), run twice for bitwise determinism; every
+// tile configuration of the row-grouped products (forced with QT_GROUPED_GEMM_TILE).
+// Tolerances (cuda_parity.h): bf16 outputs are rounded once, so |got - ref| <= 2^-8 |ref| +
+// 2e-4 max|ref| (half a bf16 ulp plus fp32 summation-order differences); fp32 Out: rtol 0, atol
+// 2e-4 max|ref|. A block that forgets a tile leaves the random initial output: far out of bounds.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+#include "cuda_parity.h"
+#include "ops/cuda/grouped_gemm.h"
+
+namespace qt::testing {
+namespace {
+
+enum class Routing { Random, Empties, OneExpert, Tail, NoRows };
+
+// offsets (E+1): how many of the T rows each expert owns under the routing.
+std::vector<int64_t> make_offsets(int64_t T, int64_t E, Routing routing, std::mt19937_64& rng) {
+  std::vector<int64_t> count(size_t(E), 0);
+  const int64_t used = routing == Routing::Tail ? T - std::min<int64_t>(T, 5) : routing == Routing::NoRows ? 0 : T;
+  for (int64_t r = 0; r < used; ++r) {
+    int64_t e = int64_t(rng() % uint64_t(E));
+    if (routing == Routing::Empties) e = (e / 3) * 3;
+    if (routing == Routing::OneExpert) e = E / 2;
+    ++count[size_t(e)];
+  }
+  std::vector<int64_t> off(size_t(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) off[size_t(e + 1)] = off[size_t(e)] + count[size_t(e)];
+  return off;
+}
+
+const char* routing_name(Routing r) {
+  switch (r) {
+    case Routing::Random: return "random";
+    case Routing::Empties: return "empties";
+    case Routing::OneExpert: return "one-expert";
+    case Routing::Tail: return "tail";
+    case Routing::NoRows: return "no-rows";
+  }
+  return "?";
+}
+
+int64_t expert_of(const std::vector<int64_t>& off, int64_t row) {
+  for (size_t e = 0; e + 1 < off.size(); ++e)
+    if (row >= off[e] && row < off[e + 1]) return int64_t(e);
+  return -1;
+}
+
+// out (T, Nc) = alpha sum_k A (row, k) B_e (k, n) (+ out0 when accumulate); B_e element (k, n) at
+// W[e][n][k] (nt) or W[e][k][n] (nn). Rows of no expert keep out0.
+std::vector<float> ref_rows(const std::vector<float>& out0, const std::vector<float>& A, const std::vector<float>& W,
+                            const std::vector<int64_t>& off, int64_t T, int64_t Nc, int64_t Kc, float alpha,
+                            bool accumulate, bool b_kmajor) {
+  std::vector<float> out = out0;
+  for (int64_t r = 0; r < T; ++r) {
+    const int64_t e = expert_of(off, r);
+    if (e < 0) continue;
+    const float* We = W.data() + e * Nc * Kc;
+    for (int64_t n = 0; n < Nc; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < Kc; ++k)
+        s += double(A[size_t(r * Kc + k)]) * double(b_kmajor ? We[k * Nc + n] : We[n * Kc + k]);
+      s *= alpha;
+      if (accumulate) s += out0[size_t(r * Nc + n)];
+      out[size_t(r * Nc + n)] = float(s);
+    }
+  }
+  return out;
+}
+
+// Out (E,M,N) = Out0 + scale sum over the rows of e of X (row, m) dY (row, n).
+std::vector<float> ref_kgrouped(const std::vector<float>& out0, const std::vector<float>& X,
+                                const std::vector<float>& dY, const std::vector<int64_t>& off, int64_t E, int64_t M,
+                                int64_t N, float scale) {
+  std::vector<float> out = out0;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0;
+        for (int64_t r = off[size_t(e)]; r < off[size_t(e + 1)]; ++r)
+          s += double(X[size_t(r * M + m)]) * double(dY[size_t(r * N + n)]);
+        const size_t i = size_t((e * M + m) * N + n);
+        out[i] = float(double(out0[i]) + scale * s);
+      }
+  return out;
+}
+
+using RowsFn = void (*)(cuda::Context&, bf16*, const bf16*, const bf16*, const int64_t*, int64_t, int64_t, int64_t,
+                        int64_t, float, bool);
+using KgFn = void (*)(cuda::Context&, float*, const bf16*, const bf16*, const int64_t*, int64_t, int64_t, int64_t,
+                      int64_t, float);
+
+// Checks Y (T, N) (+)= X W_e^T (nn = false) or dX (T, K) (+)= dY W_e (nn = true), W (E, N, K), on
+// both paths, overwriting and accumulating.
+void check_rows(cuda::Context& ctx, bool nn, int64_t T, int64_t E, int64_t N, int64_t K, Routing routing,
+                std::mt19937_64& rng) {
+  const auto off = make_offsets(T, E, routing, rng);
+  const int64_t in_w = nn ? N : K, out_w = nn ? K : N;
+  const auto A = randn_bf16(size_t(T * in_w), rng), W = randn_bf16(size_t(E * N * K), rng, 0.1f),
+             out0 = randn_bf16(size_t(T * out_w), rng);
+  auto A_d = dev_bf16(A), W_d = dev_bf16(W);
+  auto off_d = cuda::to_device(off);
+  const std::string shape = std::string(nn ? "nn" : "nt") + " [T" + std::to_string(T) + " E" + std::to_string(E) +
+                            " N" + std::to_string(N) + " K" + std::to_string(K) + " " + routing_name(routing) + "]";
+  const bool tc = cuda::grouped_gemm_tc_ok(nn ? cuda::GroupedOp::NN : cuda::GroupedOp::NT, N, K, A_d.get(),
+                                           W_d.get(), A_d.get());
+  for (const bool accumulate : {false, true}) {
+    const float alpha = accumulate ? 0.5f : 1.0f;
+    const auto ref = ref_rows(out0, A, W, off, T, out_w, in_w, alpha, accumulate, nn);
+    std::vector<float> got[2];
+    for (const bool simt : {false, true}) {
+      const RowsFn fn = nn ? (simt ? &cuda::grouped_gemm_nn_simt : &cuda::grouped_gemm_nn)
+                           : (simt ? &cuda::grouped_gemm_nt_simt : &cuda::grouped_gemm_nt);
+      auto out_d = dev_bf16(out0);
+      fn(ctx, out_d.get(), A_d.get(), W_d.get(), off_d.get(), T, E, N, K, alpha, accumulate);
+      got[simt] = host_f32(out_d);
+      const std::string what = shape + (accumulate ? " acc" : "") + (simt ? " simt" : tc ? " tc" : " fallback");
+      expect_close(what, got[simt], ref, kBf16Rtol, kAtolReduction);
+    }
+    expect_close(shape + (accumulate ? " acc" : "") + " tc vs simt", got[0], got[1], kBf16Rtol, kAtolReduction);
+  }
+}
+
+// Checks Out (E, M, N) += scale X_e^T dY_e on both paths (and that the fast path is deterministic).
+void check_kgrouped(cuda::Context& ctx, int64_t T, int64_t E, int64_t M, int64_t N, Routing routing,
+                    std::mt19937_64& rng) {
+  const auto off = make_offsets(T, E, routing, rng);
+  const auto X = randn_bf16(size_t(T * M), rng), dY = randn_bf16(size_t(T * N), rng),
+             out0 = randn_f32(size_t(E * M * N), rng);
+  auto X_d = dev_bf16(X), dY_d = dev_bf16(dY);
+  auto off_d = cuda::to_device(off);
+  const float scale = 0.75f;
+  const auto ref = ref_kgrouped(out0, X, dY, off, E, M, N, scale);
+  const std::string shape = "tn_kgrouped [T" + std::to_string(T) + " E" + std::to_string(E) + " M" +
+                            std::to_string(M) + " N" + std::to_string(N) + " " + routing_name(routing) + "]";
+  std::vector<float> got[2];
+  for (const bool simt : {false, true}) {
+    const KgFn fn = simt ? &cuda::grouped_gemm_tn_kgrouped_simt : &cuda::grouped_gemm_tn_kgrouped;
+    auto out_d = cuda::to_device(out0);
+    fn(ctx, out_d.get(), X_d.get(), dY_d.get(), off_d.get(), T, E, M, N, scale);
+    got[simt] = host_f32(out_d);
+    expect_close(shape + (simt ? " simt" : " fast"), got[simt], ref, 0, kAtolReduction);
+    if (!simt) {
+      auto again = cuda::to_device(out0);
+      fn(ctx, again.get(), X_d.get(), dY_d.get(), off_d.get(), T, E, M, N, scale);
+      EXPECT_EQ(host_f32(again), got[0]) << shape << ": two runs differ";
+    }
+  }
+  expect_close(shape + " fast vs simt", got[0], got[1], 0, kAtolReduction);
+}
+
+struct Case {
+  int64_t T, E, N, K;
+  Routing routing;
+};
+const Case kCases[] = {
+    {1, 1, 8, 8, Routing::Random},          {37, 1, 8, 8, Routing::Random},
+    {517, 4, 136, 200, Routing::Random},    {300, 8, 264, 72, Routing::Empties},
+    {450, 6, 128, 96, Routing::OneExpert},  {200, 5, 96, 40, Routing::Tail},
+    {50, 3, 16, 16, Routing::NoRows},       {2000, 128, 64, 128, Routing::Random},
+    {1500, 128, 160, 64, Routing::Empties}, {101, 3, 12, 20, Routing::Random},  // SIMT fallback
+    {301, 5, 12, 16, Routing::Random},  // NT on tensor cores with N % 8 != 0; NN and TN fall back
+    {700, 2, 264, 1032, Routing::Random},   {1000, 3, 200, 136, Routing::Empties},
+    {1200, 2, 72, 264, Routing::OneExpert}, {999, 2, 128, 128, Routing::Tail},
+};
+// (The tile configuration depends on the shape: rows per expert >= 192 take 128-row tiles, fewer
+// take 64-row tiles, N <= 64 (NT) or K <= 64 (NN) thin tiles; the cases cover each.)
+
+TEST(CudaGroupedGemm, NtMatchesCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(71);
+  for (const Case& c : kCases) check_rows(ctx, false, c.T, c.E, c.N, c.K, c.routing, rng);
+}
+
+TEST(CudaGroupedGemm, NnMatchesCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(72);
+  for (const Case& c : kCases) check_rows(ctx, true, c.T, c.E, c.N, c.K, c.routing, rng);
+}
+
+TEST(CudaGroupedGemm, KGroupedMatchesCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(73);
+  for (const Case& c : kCases) check_kgrouped(ctx, c.T, c.E, c.K, c.N, c.routing, rng);
+  check_kgrouped(ctx, 3000, 1, 136, 72, Routing::Random, rng);  // few tiles: split over rows
+}
+
+// Every tile configuration of the row-grouped products, forced through QT_GROUPED_GEMM_TILE (the
+// automatic choice only takes Wide when told to).
+TEST(CudaGroupedGemm, EveryRowTileMatchesCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(75);
+  for (const char* tile : {"big", "short", "wide"}) {
+    std::printf("[tile] %s\n", tile);
+    ASSERT_EQ(setenv("QT_GROUPED_GEMM_TILE", tile, 1), 0);
+    for (const bool nn : {false, true}) {
+      check_rows(ctx, nn, 517, 4, 264, 200, Routing::Random, rng);
+      check_rows(ctx, nn, 1200, 3, 520, 96, Routing::Empties, rng);
+      check_rows(ctx, nn, 300, 2, 136, 72, Routing::OneExpert, rng);
+    }
+    unsetenv("QT_GROUPED_GEMM_TILE");
+  }
+}
+
+// The LoRA products of one expert-parallel adapter (x (T,H), A (E,r,H), B (E,O,r)) at r = 4, 16, 64:
+// xa = x A_e^T, y += xa B_e^T, t = dy B_e, dx += t A_e, dA_e = t^T x, dB_e = dy^T xa.
+TEST(CudaGroupedGemm, LoraShapesMatchCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(74);
+  const int64_t T = 700, E = 16, H = 256, O = 192;
+  for (const int64_t r : {4, 16, 64}) {
+    check_rows(ctx, false, T, E, r, H, Routing::Random, rng);   // xa = x A^T
+    check_rows(ctx, false, T, E, O, r, Routing::Empties, rng);  // y += xa B^T
+    check_rows(ctx, true, T, E, O, r, Routing::Random, rng);    // t = dy B
+    check_rows(ctx, true, T, E, r, H, Routing::OneExpert, rng); // dx += t A
+    check_kgrouped(ctx, T, E, r, H, Routing::Random, rng);      // dA = t^T x
+    check_kgrouped(ctx, T, E, O, r, Routing::Empties, rng);     // dB = dy^T xa
+  }
+}
+
+}  // namespace
+}  // namespace qt::testing
