@@ -176,6 +176,23 @@ TEST(Nf4, SerializedRoundTripAndValidation) {
     EXPECT_EQ(r.offset, q.offset);
     EXPECT_EQ(bytes_of(nf4_dequantize(r, DType::BF16)), bytes_of(nf4_dequantize(q, DType::BF16)));
   }
+  {
+    // Without double quantization (bnb_4bit_use_double_quant false): fp32 absmax, no nested tensors.
+    Nf4Tensor plain = q;
+    plain.double_quant = false;
+    plain.absmax = nf4_absmax_f32(q);
+    const std::string p2 = dir.str() + "/plain.safetensors";
+    write_safetensors(p2, nf4_to_bnb_tensors("x.weight", plain));
+    SafetensorsCheckpoint ck(p2);
+    EXPECT_EQ(bnb_4bit_companions(ck, "x.weight").size(), 3u);
+    const Nf4Tensor r = nf4_from_bnb(ck, "x.weight");
+    EXPECT_FALSE(r.double_quant);
+    EXPECT_EQ(r.absmax, plain.absmax);
+    EXPECT_EQ(bytes_of(nf4_dequantize(r, DType::BF16)), bytes_of(nf4_dequantize(q, DType::BF16)));
+    const Tensor js = ck.view("x.weight.quant_state.bitsandbytes__nf4");
+    EXPECT_EQ(std::string(static_cast<const char*>(js.raw()), js.nbytes()),
+              R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [20, 15]})");
+  }
   // Corruptions give one-line [nf4] errors.
   auto expect_error = [&](std::vector<std::pair<std::string, Tensor>> ts, const std::string& what) {
     write_safetensors(path, ts);
