@@ -181,11 +181,11 @@ TEST(CliEndToEnd, HelpDocumentsEveryFlag) {
   EXPECT_EQ(g.status, 0);
   for (const char* flag : {"--model", "--adapter", "--prompt", "--chat", "--system", "--raw", "--chat-template",
                            "--no-thinking", "--max-new-tokens", "--greedy", "--temperature", "--top-k", "--top-p",
-                           "--seed", "--model-seed"})
+                           "--seed", "--model-seed", "--load-in-4bit"})
     EXPECT_NE(g.out.find(flag), std::string::npos) << flag;
   const RunResult e = run(tmp.path, "eval --help");
   EXPECT_EQ(e.status, 0);
   for (const char* flag : {"--model", "--adapter", "--data", "--type", "--chat-template", "--sequence-len", "--batch",
-                           "--train-on-inputs", "--lenient", "--json", "--model-seed"})
+                           "--train-on-inputs", "--lenient", "--json", "--model-seed", "--load-in-4bit"})
     EXPECT_NE(e.out.find(flag), std::string::npos) << flag;
 }

@@ -176,6 +176,21 @@ TEST(Train, UnknownKeyFailsNamingIt) {
   EXPECT_NE(r2.output.find("lora_rnk"), std::string::npos) << r2.output;
 }
 
+TEST(Train, QloraTrainsOnAnNf4Base) {
+  // adapter: qlora quantizes the random base's projections to NF4 at load (load_in_4bit implied);
+  // the loss falls and the adapter is written.
+  TempDir tmp("qlora");
+  const std::string cfg = write_config(tmp.path, "adapter: qlora\n");
+  const fs::path out = tmp.path / "out";
+  const RunResult r = run("train " + quoted(cfg) + " --max_steps 4 --output_dir " + quoted(out.string()));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("quantized to NF4"), std::string::npos) << r.output;
+  const auto m = read_metrics(out / "metrics.jsonl");
+  ASSERT_EQ(m.size(), 4u);
+  EXPECT_LT(m.back()["loss"].get<double>(), m.front()["loss"].get<double>() - 0.2);
+  EXPECT_TRUE(fs::exists(out / "adapter_model.safetensors"));
+}
+
 TEST(Train, UnsupportedSettingsFailClearly) {
   TempDir tmp("unsup");
   const std::string cfg = write_config(tmp.path);

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   qt::cli::register_generate_command(app);
   qt::cli::register_eval_command(app);
   qt::cli::register_init_random_command(app);
+  qt::cli::register_quantize_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -23,12 +23,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/lora.h"
+#include "model/nf4.h"
 
 namespace qt {
 
@@ -187,6 +189,7 @@ struct PlannedTensor {
   std::string name;
   DType src_dtype = DType::F32, out_dtype = DType::F32;
   Shape shape;
+  bool nf4 = false;                  // a bitsandbytes 4-bit weight (src_dtype, shape: the dequantized one)
   std::vector<DeltaSegment> deltas;  // sorted by row0, disjoint
   uint64_t out_bytes() const { return uint64_t(shape_numel(shape)) * dtype_size(out_dtype); }
 };
@@ -210,13 +213,24 @@ class MergePlanner {
 
   std::vector<PlannedTensor> plan() {
     std::vector<PlannedTensor> out;
+    std::set<std::string> companions;  // of 4-bit weights: absmax, quant_map, ... (not written)
+    for (const std::string& name : ckpt_.names())
+      if (is_bnb_4bit_weight(ckpt_, name))
+        for (const std::string& c : bnb_4bit_companions(ckpt_, name)) companions.insert(c);
     for (const std::string& name : ckpt_.names()) {
+      if (companions.count(name)) continue;
       const SafetensorsEntry& e = ckpt_.entry(name);
       PlannedTensor t;
       t.name = name;
       t.src_dtype = e.dtype;
-      t.out_dtype = is_float(e.dtype) ? out_dtype_ : e.dtype;
       t.shape = e.shape;
+      if (is_bnb_4bit_weight(ckpt_, name)) {  // dequantized when written
+        const Nf4Tensor q = nf4_from_bnb(ckpt_, name);
+        t.nf4 = true;
+        t.src_dtype = q.dtype;
+        t.shape = q.shape;
+      }
+      t.out_dtype = is_float(t.src_dtype) ? out_dtype_ : t.src_dtype;
       add_deltas(t);
       std::sort(t.deltas.begin(), t.deltas.end(),
                 [](const DeltaSegment& a, const DeltaSegment& b) { return a.row0 < b.row0; });
@@ -412,7 +426,7 @@ DeltaFactors delta_factors(const LoraAdapter& lora, const DeltaSegment& d) {
 // Streams one tensor: row chunks, each plain (converted via f32) or with the delta of one segment.
 void write_tensor(const PlannedTensor& t, const SafetensorsCheckpoint& ckpt, const LoraAdapter& lora, double scale,
                   SafetensorsStreamWriter& w) {
-  const Tensor src = ckpt.view(t.name);
+  const Tensor src = t.nf4 ? nf4_dequantize(nf4_from_bnb(ckpt, t.name), t.src_dtype) : ckpt.view(t.name);
   const int64_t numel = shape_numel(t.shape);
   if (numel == 0) return;
   const char* src_bytes = static_cast<const char*>(src.raw());
@@ -530,9 +544,15 @@ MergeSummary merge_impl(const MergeOptions& opt) {
   } catch (const nlohmann::json::exception& e) {
     fail("merge", "{}: invalid JSON: {}", (model_dir / "config.json").string(), e.what());
   }
-  if (cfg_json.is_object() && cfg_json.contains("quantization_config") && !cfg_json["quantization_config"].is_null())
-    fail("merge", "{}: the model is quantized (quantization_config); merge into the unquantized model instead",
-         opt.model_dir);
+  if (cfg_json.is_object() && cfg_json.contains("quantization_config") && !cfg_json["quantization_config"].is_null()) {
+    // bitsandbytes 4-bit bases are dequantized (bit-exact) and written unquantized; nothing else is read.
+    const ojson& qc = cfg_json["quantization_config"];
+    const bool bnb4 = qc.is_object() && qc.value("quant_method", "") == "bitsandbytes" && qc.value("load_in_4bit", false);
+    if (!bnb4)
+      fail("merge", "{}: the model is quantized (quantization_config) in a format other than bitsandbytes 4-bit; "
+           "merge into the unquantized model instead", opt.model_dir);
+    cfg_json.erase("quantization_config");
+  }
   const ModelConfig mcfg = parse_hf_config_json(cfg_text, (model_dir / "config.json").string());
   const LoraAdapter lora = load_peft_adapter(opt.adapter_dir, mcfg, adapter_load_dtype(opt.adapter_dir));
   const SafetensorsCheckpoint ckpt(opt.model_dir);
@@ -582,12 +602,7 @@ MergeSummary merge_impl(const MergeOptions& opt) {
     }
   if (!has_dtype_key) cfg_json["torch_dtype"] = hf_dtype_name(opt.dtype);
   write_text_file(staging.path() / "config.json", cfg_json.dump(2) + "\n", "merge");
-  for (const char* f : kModelSideFiles) {
-    std::error_code ec;
-    if (!fs::is_regular_file(model_dir / f, ec)) continue;
-    fs::copy_file(model_dir / f, staging.path() / f, fs::copy_options::overwrite_existing, ec);
-    if (ec) fail("merge", "{}: cannot copy: {}", (model_dir / f).string(), ec.message());
-  }
+  copy_model_side_files(opt.model_dir, staging.path().string(), "merge");
   staging.commit();
   sum.shards = int64_t(shards.size());
   sum.total_bytes = total;
@@ -660,6 +675,16 @@ uint64_t parse_byte_size(const std::string& text) {
   const double bytes = std::floor(value * units.at(unit));
   if (!(bytes >= 1) || bytes > 9.0e18) fail("merge", "size '{}' is out of range (1 byte .. 9e18 bytes)", text);
   return uint64_t(bytes);
+}
+
+void copy_model_side_files(const std::string& from_dir, const std::string& to_dir, const char* ctx) {
+  for (const char* f : kModelSideFiles) {
+    std::error_code ec;
+    const fs::path src = fs::path(from_dir) / f;
+    if (!fs::is_regular_file(src, ec)) continue;
+    fs::copy_file(src, fs::path(to_dir) / f, fs::copy_options::overwrite_existing, ec);
+    if (ec) fail(ctx, "{}: cannot copy: {}", src.string(), ec.message());
+  }
 }
 
 MergeSummary merge_lora(const MergeOptions& opt) {

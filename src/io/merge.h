@@ -5,7 +5,9 @@
 //   W' = round_f32( W + scale * B A )     computed in float64, scale = alpha/r (alpha/sqrt(r) rslora)
 // then converted to the output dtype (bf16 by default, so a bf16 merge is exactly the f32 merge
 // rounded to bf16); every other float tensor is converted the same way (via f32), non-float tensors
-// are copied. The output keeps the input checkpoint's tensor names and expert layout (Hub
+// are copied. A bitsandbytes 4-bit base (pre-quantized, e.g. written by `qwentune quantize`) is
+// dequantized bit-exactly (model/nf4.h) one tensor at a time, its quantization_config dropped, and
+// merged and written like a float base. The output keeps the input checkpoint's tensor names and expert layout (Hub
 // per-expert, transformers v5 gate_up_proj/down_proj, or fused mlp.{gate,up,down}_proj (E,out,in)).
 // Tensors are streamed in row chunks from the memory-mapped checkpoint to the output files, so the
 // host memory used is the adapter plus a few MB, whatever the model size.
@@ -42,6 +44,11 @@ struct MergeSummary {
 // Throws "[merge] ..." on every user error (missing or mismatched adapter, unsupported checkpoint,
 // output directory exists, I/O failures); nothing is left at out_dir on failure.
 MergeSummary merge_lora(const MergeOptions& opt);
+
+// Copies the tokenizer and generation files present in from_dir (tokenizer.json, tokenizer_config.json,
+// vocab.json, merges.txt, special_tokens_map.json, added_tokens.json, generation_config.json,
+// chat_template.jinja) to to_dir; errors "[ctx] <file>: cannot copy: ...".
+void copy_model_side_files(const std::string& from_dir, const std::string& to_dir, const char* ctx);
 
 // "5GB" = 5e9 bytes; accepts B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of
 // 1024), case-insensitive, an optional space and a decimal number. Throws "[merge] ..." otherwise.

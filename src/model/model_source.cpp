@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "io/hub.h"
+#include "model/weights_4bit.h"
 
 namespace qt {
 
@@ -23,7 +24,8 @@ bool has_safetensors(const fs::path& dir) {
 
 std::string bundled_tokenizer_dir() { return (fs::path(QT_SOURCE_DIR) / "data" / "qwen3-tokenizer").string(); }
 
-LoadedModel load_model_source(const std::string& base_model, uint64_t seed, const std::string& context) {
+LoadedModel load_model_source(const std::string& base_model, uint64_t seed, const std::string& context,
+                              bool load_in_4bit) {
   // A Hub id (ORG/NAME[@REV]) becomes its snapshot folder in the HF cache (downloaded when files are
   // missing); an existing path comes back unchanged.
   const fs::path p(hub::resolve_model_dir(base_model, hub::HubOptions{}));
@@ -37,6 +39,16 @@ LoadedModel load_model_source(const std::string& base_model, uint64_t seed, cons
     m.weights = load_model_weights(p.string(), m.cfg, DType::F32);
     m.tokenizer_path = fs::exists(p / "tokenizer.json") ? p.string() : bundled_tokenizer_dir();
     m.description = fmt::format("{} (weights from the folder)", base_model);
+    if (is_prequantized_checkpoint(p.string())) {
+      m.base_4bit = true;
+      m.description = fmt::format("{} (NF4 weights from the folder, dequantized)", base_model);
+    } else if (load_in_4bit) {
+      const DType storage = checkpoint_weight_dtype(p.string());
+      const int64_t n = nf4_round_trip_weights(m.weights, storage);
+      m.base_4bit = true;
+      m.description = fmt::format("{} (weights from the folder, {} projections quantized to NF4 from {})", base_model,
+                                  n, dtype_name(storage));
+    }
   } else if (fs::is_regular_file(p, ec)) {
     m.config_path = p.string();
     m.cfg = load_hf_config(p.string());
@@ -45,6 +57,12 @@ LoadedModel load_model_source(const std::string& base_model, uint64_t seed, cons
     const fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
     m.tokenizer_path = fs::exists(dir / "tokenizer.json") ? dir.string() : bundled_tokenizer_dir();
     m.description = fmt::format("{} (random weights, seed {})", base_model, seed);
+    if (load_in_4bit) {
+      const int64_t n = nf4_round_trip_weights(m.weights, DType::BF16);
+      m.base_4bit = true;
+      m.description = fmt::format("{} (random weights, seed {}, {} projections quantized to NF4 from BF16)", base_model,
+                                  seed, n);
+    }
   } else {
     fail(context, "base_model {}: no such folder or config file", base_model);
   }

@@ -8,6 +8,10 @@
 //                                                         (hub::resolve_model_dir; missing files downloaded).
 // The tokenizer is the folder's (or the config file's folder's) when it holds tokenizer.json, else the
 // bundled data/qwen3-tokenizer. Errors: "[<context>] base_model <s>: ..." (one line).
+// 4-bit bases (model/weights_4bit.h): a folder of bitsandbytes NF4 weights (pre-quantized, e.g. the
+// Hub's *-bnb-4bit) is dequantized bit-exactly; with load_in_4bit a float folder (or random weights)
+// gets every decoder projection replaced by its NF4 round trip, quantized from the checkpoint's dtype
+// (bf16 for random weights). Either way the weights stay f32 in memory and base_4bit is set.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -24,9 +28,11 @@ struct LoadedModel {
   std::string tokenizer_path;   // folder holding tokenizer.json
   std::string description;      // for progress lines, e.g. "DIR (weights from the folder)"
   bool random_weights = false;  // true for a bare config.json
+  bool base_4bit = false;       // the decoder projections hold NF4-dequantized values
 };
 
-LoadedModel load_model_source(const std::string& base_model, uint64_t seed, const std::string& context = "model");
+LoadedModel load_model_source(const std::string& base_model, uint64_t seed, const std::string& context = "model",
+                              bool load_in_4bit = false);
 
 // The bundled tokenizer folder (data/qwen3-tokenizer of the source tree).
 std::string bundled_tokenizer_dir();

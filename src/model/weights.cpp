@@ -8,6 +8,8 @@
 // parallel (OpenMP) from the memory-mapped file to the requested dtype.
 // Every checkpoint tensor must be consumed by the plan; the only ones tolerated unused are a
 // tied lm_head.weight and legacy rotary_emb.inv_freq buffers (transformers ignores both).
+// Pre-quantized bitsandbytes 4-bit weights (X + X.absmax, X.quant_map, ... X.quant_state.*) are
+// dequantized (model/nf4.h, bit-exact) to their stored dtype and then converted like any tensor.
 #include "model/weights.h"
 
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <set>
 
 #include "io/safetensors.h"
+#include "model/nf4.h"
 
 namespace qt {
 
@@ -41,11 +44,19 @@ class LoadPlan {
   // Checks that `name` exists with `shape` and marks it consumed.
   void expect(const std::string& name, const Shape& shape) {
     if (!ckpt_.contains(name)) fail("weights", "{}: missing from the checkpoint (expected shape {})", name, shape_str(shape));
-    const SafetensorsEntry& e = ckpt_.entry(name);
-    if (e.shape != shape)
-      fail("weights", "{}: shape {} in the checkpoint, expected {}", name, shape_str(e.shape), shape_str(shape));
-    if (e.dtype != DType::F32 && e.dtype != DType::BF16 && e.dtype != DType::F16 && e.dtype != DType::F64)
-      fail("weights", "{}: dtype {} is not a float type (F32, BF16, F16, F64)", name, dtype_name(e.dtype));
+    if (is_bnb_4bit_weight(ckpt_, name)) {
+      Nf4Tensor q = nf4_from_bnb(ckpt_, name);
+      if (q.shape != shape)
+        fail("weights", "{}: shape {} in the 4-bit quant state, expected {}", name, shape_str(q.shape), shape_str(shape));
+      for (const std::string& c : bnb_4bit_companions(ckpt_, name)) consumed_.insert(c);
+      quantized_.emplace(name, std::move(q));
+    } else {
+      const SafetensorsEntry& e = ckpt_.entry(name);
+      if (e.shape != shape)
+        fail("weights", "{}: shape {} in the checkpoint, expected {}", name, shape_str(e.shape), shape_str(shape));
+      if (e.dtype != DType::F32 && e.dtype != DType::BF16 && e.dtype != DType::F16 && e.dtype != DType::F64)
+        fail("weights", "{}: dtype {} is not a float type (F32, BF16, F16, F64)", name, dtype_name(e.dtype));
+    }
     if (!consumed_.insert(name).second) fail("weights", "{}: used twice", name);
   }
 
@@ -77,8 +88,16 @@ class LoadPlan {
     struct Chunk { const CopyBlock* b; Tensor view; int64_t off, n; };
     constexpr int64_t kChunk = int64_t(1) << 20;
     std::map<std::string, Tensor> views;
-    for (const CopyBlock& b : blocks_)
-      if (!views.count(b.src)) views.emplace(b.src, ckpt_.view(b.src));
+    for (const CopyBlock& b : blocks_) {
+      if (views.count(b.src)) continue;
+      auto q = quantized_.find(b.src);
+      if (q == quantized_.end()) {
+        views.emplace(b.src, ckpt_.view(b.src));
+      } else {
+        views.emplace(b.src, nf4_dequantize(q->second, q->second.dtype));
+        quantized_.erase(q);
+      }
+    }
     std::vector<Chunk> chunks;
     for (const CopyBlock& b : blocks_)
       for (int64_t off = 0; off < b.count; off += kChunk)
@@ -99,6 +118,7 @@ class LoadPlan {
   const SafetensorsCheckpoint& ckpt_;
   DType dtype_;
   std::set<std::string> consumed_;
+  std::map<std::string, Nf4Tensor> quantized_;  // 4-bit weights planned, dequantized in execute()
   std::vector<CopyBlock> blocks_;  // pointers into ModelWeights, stable once the layers vector is sized
 };
 

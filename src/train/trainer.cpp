@@ -83,7 +83,6 @@ int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch) 
 
 TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   tc.validate("train");
-  if (tc.quantize_base()) fail("train", "adapter qlora (4-bit base weights) is not supported yet on the CPU; use adapter: lora");
   if (run.stop_after_steps < 0) fail("train", "--stop-after-steps {}: must be >= 1", run.stop_after_steps);
   // The checkpoint to resume from, validated before anything is loaded or written.
   ResumePoint resume;
@@ -103,7 +102,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   if (!run.resume) write_resolved_config();  // on resume: once the settings are known to match
 
   // Model and tokenizer.
-  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train");
+  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train", tc.quantize_base());
   const Tokenizer tok = Tokenizer::load(model.tokenizer_path);
   if (tok.vocab_size() > model.cfg.vocab_size)
     fail("train", "the tokenizer {} has {} tokens but the model's vocab_size is {}", model.tokenizer_path,

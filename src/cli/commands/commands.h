@@ -15,5 +15,6 @@ void register_download_command(CLI::App& app);    // download
 void register_generate_command(CLI::App& app);    // generate
 void register_eval_command(CLI::App& app);        // eval
 void register_init_random_command(CLI::App& app); // init-random
+void register_quantize_command(CLI::App& app);    // quantize
 
 }  // namespace qt::cli

@@ -8,12 +8,12 @@
 namespace qt::cli {
 
 CliModel load_cli_model(const std::string& model, const std::string& adapter_dir, uint64_t model_seed,
-                        const std::string& context) {
+                        const std::string& context, bool load_in_4bit) {
   std::error_code ec;
   if (!adapter_dir.empty() && !std::filesystem::is_directory(adapter_dir, ec))
     fail(context, "--adapter {}: no such folder", adapter_dir);
   CliModel m;
-  m.model = load_model_source(model, model_seed, context);
+  m.model = load_model_source(model, model_seed, context, load_in_4bit);
   if (!adapter_dir.empty()) {
     m.adapter = std::make_unique<LoraAdapter>(load_peft_adapter(adapter_dir, m.model.cfg, DType::F32));
   }
@@ -30,6 +30,8 @@ void add_model_options(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--adapter", o.adapter, "PEFT LoRA adapter folder, applied unmerged");
   cmd->add_option("--model-seed", o.model_seed,
                   "Seed of the random weights when --model is a config.json (default 42, train's default seed)");
+  cmd->add_flag("--load-in-4bit", o.load_in_4bit,
+                "Quantize the base model's projections to NF4 (bitsandbytes) while loading, as QLoRA training does");
 }
 
 }  // namespace qt::cli
