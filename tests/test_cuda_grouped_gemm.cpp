@@ -142,7 +142,10 @@ void check_rows(cuda::Context& ctx, bool nn, int64_t T, int64_t E, int64_t N, in
       const std::string what = shape + (accumulate ? " acc" : "") + (simt ? " simt" : tc ? " tc" : " fallback");
       expect_close(what, got[simt], ref, kBf16Rtol, simt ? kAtolReduction : atol);
     }
-    expect_close(shape + (accumulate ? " acc" : "") + " tc vs simt", got[0], got[1], kBf16Rtol, atol);
+    // Both outputs are rounded to bf16 from fp32 sums in different orders: where the exact value lies
+    // near a rounding boundary they land one bf16 ulp apart (2^-7 relative), twice the tolerance
+    // against the unrounded reference. Each has already been held to half an ulp of the CPU above.
+    expect_close(shape + (accumulate ? " acc" : "") + " tc vs simt", got[0], got[1], 2 * kBf16Rtol, atol);
   }
 }
 
