@@ -59,6 +59,7 @@ inline Buffer<bf16> dev_bf16(const std::vector<float>& x) {
   for (size_t i = 0; i < x.size(); ++i) bits[i] = f32_to_bf16(x[i]);
   Buffer<bf16> b(x.size());
   if (!x.empty()) QT_CUDA_CHECK(cudaMemcpy(b.get(), bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
+  QT_CUDA_CHECK(cudaDeviceSynchronize());  // visible to the ops' non-blocking streams (see Buffer::upload)
   return b;
 }
 inline std::vector<float> host_f32(const Buffer<bf16>& b) {

@@ -45,10 +45,15 @@ class Buffer {
   size_t size() const { return n_; }
   size_t bytes() const { return n_ * sizeof(T); }
 
-  // Synchronous copies (the null stream; tests and setup only).
+  // Synchronous copies (the null stream; tests and setup only). A pageable host-to-device
+  // cudaMemcpy may return before its DMA has landed, and the ops run on non-blocking streams that
+  // do not wait for the null stream: the device synchronisation makes the data visible to them.
+  // (Without it, kernels queued right after an upload read partly stale weights now and then.)
   void upload(const T* host, size_t n) {
     QT_CUDA_ASSERT(n <= n_, "upload larger than the buffer");
-    if (n) QT_CUDA_CHECK(cudaMemcpy(p_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+    if (!n) return;
+    QT_CUDA_CHECK(cudaMemcpy(p_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+    QT_CUDA_CHECK(cudaDeviceSynchronize());
   }
   void upload(const std::vector<T>& host) { upload(host.data(), host.size()); }
   std::vector<T> download() const {
@@ -56,8 +61,11 @@ class Buffer {
     if (n_) QT_CUDA_CHECK(cudaMemcpy(host.data(), p_, bytes(), cudaMemcpyDeviceToHost));
     return host;
   }
+  // Synchronous fill (cudaMemset is asynchronous to the host: completed before returning, see upload).
   void fill_bytes(int byte) {
-    if (n_) QT_CUDA_CHECK(cudaMemset(p_, byte, bytes()));
+    if (!n_) return;
+    QT_CUDA_CHECK(cudaMemset(p_, byte, bytes()));
+    QT_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
  private:
