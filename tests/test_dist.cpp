@@ -288,8 +288,8 @@ TEST(Sharding, LossNormaliserCountsTheWholeGlobalStep) {
         it.seek(sl.epoch, m);
         ASSERT_EQ(it.order(), order);
         it.next(b);
-        from_batches += batch_predicted_tokens(b);
-        EXPECT_EQ(micro_batch_predicted_tokens(ds, order, bo.micro_batch_size, m), batch_predicted_tokens(b));
+        from_batches += b.predicted_tokens();
+        EXPECT_EQ(micro_batch_predicted_tokens(ds, order, bo.micro_batch_size, m), b.predicted_tokens());
       }
       EXPECT_GT(from_batches, 0);
       EXPECT_EQ(step_predicted_tokens(ds, order, bo.micro_batch_size, sl), from_batches) << "W " << w << " step " << step;
@@ -362,7 +362,7 @@ TEST(DataParallel, RanksReproduceTheSingleProcessStepWithTheSameGlobalBatch) {
       int64_t n_single = 0;
       for (auto& b : micro) {
         single.next(b);
-        n_single += batch_predicted_tokens(b);
+        n_single += b.predicted_tokens();
       }
       LoraAdapter g_single = lora.zeros_like();
       double loss_single = 0;

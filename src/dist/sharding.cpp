@@ -36,13 +36,6 @@ std::vector<int64_t> rank_micro_batches(const StepSlice& slice, int world_size, 
   return mine;
 }
 
-int64_t batch_predicted_tokens(const Batch& b) {
-  int64_t n = 0;
-  for (int64_t r = 0; r < b.B; ++r)
-    for (int64_t s = 1; s < b.S; ++s) n += b.labels[size_t(r * b.S + s)] != -100;
-  return n;
-}
-
 int64_t micro_batch_predicted_tokens(const data::TokenizedDataset& ds, const std::vector<int64_t>& order,
                                      int64_t micro_batch_size, int64_t index) {
   QT_ASSERT(micro_batch_size >= 1 && index >= 0, "micro batch {} of size {}", index, micro_batch_size);

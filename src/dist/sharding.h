@@ -49,8 +49,6 @@ StepSlice global_step_slice(const ShardSpec& spec, int64_t step);
 // The micro-batch indices (within slice.epoch) that `rank` computes, ascending; may be empty.
 std::vector<int64_t> rank_micro_batches(const StepSlice& slice, int world_size, int rank);
 
-// Predicted tokens of a padded batch: labels[b, s] != -100 for s >= 1 (the trainer's count).
-int64_t batch_predicted_tokens(const Batch& b);
 // Predicted tokens of micro-batch `index` of an epoch whose sequence order is `order`.
 int64_t micro_batch_predicted_tokens(const data::TokenizedDataset& ds, const std::vector<int64_t>& order,
                                      int64_t micro_batch_size, int64_t index);

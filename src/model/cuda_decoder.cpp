@@ -475,9 +475,7 @@ void CudaDecoder::set_batch(const Batch& b) {
   for (int i = 0; i < (p.has_seg ? 4 : 3); ++i)
     QT_CUDA_CHECK(cudaMemcpyAsync(dst[i], st + i * N, bytes, cudaMemcpyHostToDevice, p.ctx.stream()));
   p.staged.record(p.ctx.stream());
-  p.count = 0;  // HF shift: position s predicts labels[s+1]
-  for (int64_t bi = 0; bi < p.B; ++bi)
-    for (int64_t s = 1; s < p.S; ++s) p.count += b.labels[size_t(bi * p.S + s)] != -100;
+  p.count = b.predicted_tokens();
   cuda::rope_table(p.ctx, p.cos.get(), p.sin.get(), p.pos.get(), p.N, p.hd, p.cfg.rope_theta);
 }
 

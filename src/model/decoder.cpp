@@ -14,6 +14,13 @@
 
 namespace qt {
 
+int64_t Batch::predicted_tokens() const {
+  int64_t n = 0;
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t s = 1; s < S; ++s) n += labels[size_t(r * S + s)] != -100;
+  return n;
+}
+
 void Batch::validate(int64_t vocab_size) const {
   if (B <= 0 || S <= 0) fail("batch", "empty batch ({} x {})", B, S);
   size_t n = size_t(B * S);

@@ -27,6 +27,8 @@ struct Batch {
   std::vector<int32_t> position_ids;  // (B,S) or empty
   std::vector<int32_t> segment_ids;   // (B,S) or empty
   void validate(int64_t vocab_size) const;  // throws "[batch] ..." on bad shapes or ids
+  // Tokens the loss is taken over: labels[r, s] != -100 for s >= 1 (HF's shift).
+  int64_t predicted_tokens() const;
 };
 
 struct StepResult {

@@ -59,14 +59,6 @@ std::vector<int64_t> iota_vec(int64_t n) {
   return v;
 }
 
-// Predicted tokens of a batch: labels[b, s] != -100 for s >= 1 (HF shift).
-int64_t predicted_tokens(const Batch& b) {
-  int64_t n = 0;
-  for (int64_t r = 0; r < b.B; ++r)
-    for (int64_t s = 1; s < b.S; ++s) n += b.labels[size_t(r * b.S + s)] != -100;
-  return n;
-}
-
 }  // namespace
 
 int64_t steps_per_epoch(int64_t batches_per_epoch, int64_t grad_accum) {
@@ -257,7 +249,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     int64_t n_pred = 0, n_tokens = 0;
     for (auto& b : micro) {
       batches.next(b);
-      n_pred += predicted_tokens(b);
+      n_pred += b.predicted_tokens();
       n_tokens += b.B * b.S;
     }
     const double lr = schedule.lr(step);
