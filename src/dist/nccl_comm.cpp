@@ -73,10 +73,18 @@ void NcclComm::abort() {
   comm_ = nullptr;
 }
 
-void NcclComm::all_reduce_sum(float* data, size_t count, cudaStream_t stream) {
+void NcclComm::all_reduce_sum(void* data, size_t count, ncclDataType_t type, cudaStream_t stream) {
   if (!comm_) throw Error("[nccl] all_reduce on an aborted communicator");
   if (count == 0) return;
-  QT_NCCL_CHECK(ncclAllReduce(data, data, count, ncclFloat32, ncclSum, comm_, stream));
+  QT_NCCL_CHECK(ncclAllReduce(data, data, count, type, ncclSum, comm_, stream));
+}
+
+void NcclComm::all_reduce_sum(float* data, size_t count, cudaStream_t stream) {
+  all_reduce_sum(data, count, ncclFloat32, stream);
+}
+
+void NcclComm::all_reduce_sum(double* data, size_t count, cudaStream_t stream) {
+  all_reduce_sum(data, count, ncclFloat64, stream);
 }
 
 void NcclComm::synchronize(cudaStream_t stream, double timeout_s) {

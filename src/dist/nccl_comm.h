@@ -40,6 +40,7 @@ class NcclComm {
 
   // data[0, count) := the sum over all ranks of their data[0, count), in place, enqueued on `stream`.
   void all_reduce_sum(float* data, size_t count, cudaStream_t stream);
+  void all_reduce_sum(double* data, size_t count, cudaStream_t stream);
   // Waits for `stream`, polling NCCL's asynchronous error state; throws (after abort) on an error
   // or when the stream has not finished after timeout_s (a peer died or hangs).
   void synchronize(cudaStream_t stream, double timeout_s);
@@ -47,6 +48,7 @@ class NcclComm {
   void abort();
 
  private:
+  void all_reduce_sum(void* data, size_t count, ncclDataType_t type, cudaStream_t stream);
   [[noreturn]] void fail_call(const char* file, int line, const char* call, ncclResult_t r);
   int rank_ = 0, world_ = 1, device_ = 0;
   ncclComm_t comm_ = nullptr;

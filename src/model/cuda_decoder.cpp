@@ -97,6 +97,7 @@ struct CudaDecoder::Impl {
   Buffer<float> rstd1, rstd_q, rstd_k, lse, rstd2, rstdf;
   Buffer<bf16> dx, dm, da, dattn, dq, dk, dv, dq_raw, dk_raw, dact, dg, du, dxf;
   PhaseProfile prof;
+  std::function<void(int64_t)> layer_backward_hook;
   bool recomputing = false;
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
@@ -345,6 +346,7 @@ struct CudaDecoder::Impl {
       layer_forward(l, saved_at(l), o.get());
       recomputing = false;
       layer_backward(l, saved_at(l));
+      if (layer_backward_hook) layer_backward_hook(l);
     }
   }
 
@@ -546,6 +548,21 @@ void CudaDecoder::upload_state(const LoraAdapter& lora, const LoraAdapter& exp_a
   p_->upload(p_->m1, exp_avg);
   p_->upload(p_->m2, exp_avg_sq);
 }
+
+std::vector<CudaDecoder::GradRange> CudaDecoder::grad_layout() const {
+  const Impl& p = *p_;
+  std::vector<GradRange> out;
+  for (int64_t l = 0; l < p.L; ++l)
+    for (const SlotRef& sr : p.slots[l])
+      if (sr.present) {
+        out.push_back({sr.a_off, sr.copies() * p.r * sr.in, l});
+        out.push_back({sr.b_off, sr.copies() * sr.out * p.r, l});
+      }
+  return out;
+}
+float* CudaDecoder::grad_data() { return p_->grad.get(); }
+double* CudaDecoder::loss_total_data() { return p_->loss_total.get(); }
+void CudaDecoder::set_layer_backward_hook(std::function<void(int64_t)> hook) { p_->layer_backward_hook = std::move(hook); }
 
 LoraAdapter CudaDecoder::download_grads() const { return p_->download(p_->grad); }
 LoraAdapter CudaDecoder::download_lora() const { return p_->download(p_->lora); }

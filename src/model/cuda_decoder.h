@@ -15,6 +15,7 @@
 #pragma once
 #ifdef QT_HAVE_CUDA
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -79,6 +80,20 @@ class CudaDecoder {
   void upload_state(const LoraAdapter& lora, const LoraAdapter& exp_avg, const LoraAdapter& exp_avg_sq);
   // Bytes of device memory owned by the decoder (weights, adapter, states, activations).
   size_t device_bytes() const;
+
+  // Data parallelism (train/train_engine_cuda.cpp): the flat fp32 gradient buffer on the device,
+  // one range per LoRA matrix in buffer order (layers ascending), the step's loss total (one double
+  // on the device, summed by forward_backward, read by optimizer_step's guard), and a hook that
+  // forward_backward calls on the host right after it has enqueued the backward of each layer
+  // (last layer first): the all-reduce of that layer's gradients can be enqueued there.
+  struct GradRange {
+    int64_t offset = 0, size = 0;  // elements of grad_data()
+    int64_t layer = 0;
+  };
+  std::vector<GradRange> grad_layout() const;
+  float* grad_data();
+  double* loss_total_data();
+  void set_layer_backward_hook(std::function<void(int64_t layer)> hook);  // empty: none
 
   struct Impl;
 

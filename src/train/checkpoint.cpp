@@ -230,7 +230,7 @@ std::string tokenized_dataset_sha256(const data::TokenizedDataset& ds) {
 }
 
 json training_fingerprint(const TrainConfig& tc, const std::string& model_config_path, int64_t total_steps,
-                          const std::string& train_data_sha256) {
+                          const std::string& train_data_sha256, int world_size) {
   json f;
   f["base_model"] = canonical_text(tc.base_model);
   f["model_config_sha256"] = sha256_file_hex(model_config_path);
@@ -254,10 +254,15 @@ json training_fingerprint(const TrainConfig& tc, const std::string& model_config
   f["use_rslora"] = lc.use_rslora;
   f["lora_target_modules"] = lc.target_modules;
   f["train_data_sha256"] = train_data_sha256;
+  f["world_size"] = world_size;
   return f;
 }
 
-void check_fingerprint(const json& saved, const json& now, const std::string& dir) {
+void check_fingerprint(const json& saved_as_written, const json& now_as_made, const std::string& dir) {
+  // A fingerprint without world_size was written by one process (before the key existed).
+  json saved = saved_as_written, now = now_as_made;
+  for (json* f : {&saved, &now})
+    if (f->is_object() && !f->contains("world_size")) (*f)["world_size"] = 1;
   std::vector<std::string> keys;
   for (const auto& [k, v] : now.items()) keys.push_back(k);
   for (const auto& [k, v] : saved.items())

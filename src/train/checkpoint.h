@@ -67,10 +67,11 @@ struct TrainerState {
 // The settings a resume must share with the run that wrote the checkpoint: model (path and SHA-256
 // of its config.json), datasets, the data settings, seed, batch sizes, sequence_len, the LoRA
 // settings, the total number of steps, and `train_data_sha256` (tokenized_dataset_sha256 of the
-// training split, which catches an edited data file).
+// training split, which catches an edited data file), and the data-parallel world size (a
+// checkpoint written before it was recorded counts as world size 1).
 // model_config_path: the config.json actually read (a folder's, a bare file, or a Hub snapshot's).
 nlohmann::json training_fingerprint(const TrainConfig& tc, const std::string& model_config_path, int64_t total_steps,
-                                    const std::string& train_data_sha256);
+                                    const std::string& train_data_sha256, int world_size = 1);
 // SHA-256 over the token ids, labels and sequence/document boundaries.
 std::string tokenized_dataset_sha256(const data::TokenizedDataset& ds);
 // Throws "[checkpoint] DIR: the run's settings differ from the checkpoint's: key (checkpoint X, now

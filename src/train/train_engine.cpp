@@ -3,8 +3,11 @@
 #include "train/train_engine.h"
 
 #include <cmath>
+#include <cstring>
+#include <string>
 
 #include "core/error.h"
+#include "dist/rendezvous.h"
 #ifdef QT_HAVE_CUDA
 #include "ops/cuda/runtime.h"
 #endif
@@ -19,22 +22,42 @@ namespace {
   return false;
 }
 
-void zero_grads(LoraAdapter& g) {
+
+// Calls f(pointer, count) for every gradient array of `g` in a fixed order (layers, slots, A then B).
+template <typename F>
+void for_each_grad_array(LoraAdapter& g, F&& f) {
   for (auto& layer : g.layers)
     for (auto& p : layer.slot)
-      if (p.present()) {
-        std::fill_n(p.A.data<float>(), p.A.numel(), 0.f);
-        std::fill_n(p.B.data<float>(), p.B.numel(), 0.f);
-      }
+      if (p.present()) f(p.A.data<float>(), p.A.numel()), f(p.B.data<float>(), p.B.numel());
+}
+
+// v := the sum over the ranks of v, through the rendezvous (every rank's bytes to every rank, then
+// summed in rank order in float64, so every rank computes the same sums).
+template <typename T>
+void rendezvous_sum(dist::Rendezvous& rv, std::vector<T>& v) {
+  const std::string mine(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+  const std::vector<std::string> all = rv.all_gather(mine);
+  for (size_t r = 0; r < all.size(); ++r)
+    QT_ASSERT(all[r].size() == mine.size(), "rank {} sent {} bytes to the sum, this rank {}", r, all[r].size(),
+              mine.size());
+  std::vector<double> acc(v.size(), 0.0);
+  std::vector<T> part(v.size());
+  for (const std::string& blob : all) {
+    std::memcpy(part.data(), blob.data(), blob.size());
+    for (size_t i = 0; i < v.size(); ++i) acc[i] += double(part[i]);
+  }
+  for (size_t i = 0; i < v.size(); ++i) v[i] = T(acc[i]);
 }
 
 class CpuEngine final : public TrainEngine {
  public:
-  CpuEngine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt)
-      : lora_(lora), opt_(opt), grads_(lora.zeros_like()), dec_(w, &lora) {}
+  CpuEngine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt, const DataParallel& dp)
+      : lora_(lora), opt_(opt), grads_(lora.zeros_like()), dec_(w, &lora), dp_(dp) {
+    QT_ASSERT(!dp.collective() || dp.rv, "a data-parallel CPU engine needs the rendezvous");
+  }
   std::string describe() const override { return "cpu"; }
-  void begin_step() override {
-    zero_grads(grads_);
+  void begin_step(int64_t) override {
+    for_each_grad_array(grads_, [](float* p, int64_t n) { std::fill_n(p, n, 0.f); });
     loss_sum_ = 0;
   }
   void accumulate(const Batch& b, double grad_scale, const LoraDropout& dropout) override {
@@ -42,6 +65,7 @@ class CpuEngine final : public TrainEngine {
     loss_sum_ += r.loss_sum + double(r.count) * r.aux_coef * r.aux_loss;
   }
   EngineStepStats finish_step(double lr, double max_grad_norm) override {
+    if (dp_.collective()) all_reduce_grads();
     EngineStepStats st;
     st.loss_sum = loss_sum_;
     st.grad_norm = max_grad_norm > 0 ? clip_grad_norm(grads_, max_grad_norm) : grad_global_norm(grads_);
@@ -54,12 +78,31 @@ class CpuEngine final : public TrainEngine {
   }
   void sync_to_host(LoraAdapter&, AdamW&) override {}    // the trainer's objects are the state
   void load_from_host(const LoraAdapter&, const AdamW&) override {}
+  void sum_over_ranks(std::vector<double>& v) override {
+    if (dp_.collective()) rendezvous_sum(*dp_.rv, v);
+  }
 
  private:
+  // The flat gradients and the loss total summed over the ranks.
+  void all_reduce_grads() {
+    std::vector<float> flat;
+    for_each_grad_array(grads_, [&](const float* p, int64_t n) { flat.insert(flat.end(), p, p + n); });
+    rendezvous_sum(*dp_.rv, flat);
+    size_t at = 0;
+    for_each_grad_array(grads_, [&](float* p, int64_t n) {
+      std::copy_n(flat.data() + at, n, p);
+      at += size_t(n);
+    });
+    std::vector<double> loss{loss_sum_};
+    rendezvous_sum(*dp_.rv, loss);
+    loss_sum_ = loss[0];
+  }
+
   LoraAdapter& lora_;
   AdamW& opt_;
   LoraAdapter grads_;
   QwenDecoder<float> dec_;
+  DataParallel dp_;
   double loss_sum_ = 0;
 };
 
@@ -91,8 +134,9 @@ std::string resolve_device(const std::string& device, const ModelConfig& cfg, co
 #endif
 }
 
-std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt) {
-  return std::make_unique<CpuEngine>(w, lora, opt);
+std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt,
+                                             const DataParallel& dp) {
+  return std::make_unique<CpuEngine>(w, lora, opt, dp);
 }
 
 }  // namespace qt

@@ -1,6 +1,6 @@
 // Where a training step runs: the trainer's loop (trainer.cpp) is the same for every engine.
 // One optimizer step over micro-batches b_1..b_k with N predicted tokens in all:
-//   begin_step()                                 zero the gradients and the step's loss total
+//   begin_step(k)                                zero the gradients and the step's loss total
 //   accumulate(b_i, 1/N, dropout of (step, i))   grads += d(loss_sum_i / N); loss total += loss_sum_i
 //                                                (+ count_i * coef * aux_i for MoE with router logits)
 //   finish_step(lr, max_grad_norm)               norm, clip, and AdamW unless the loss total or the
@@ -12,10 +12,19 @@
 //          moments on the GPU); accumulate() only queues work and finish_step() synchronises once to
 //          read the loss and the norm. The host adapter and optimizer are brought up to date by
 //          sync_to_host() (checkpoints, the final save) and pushed back by load_from_host() (resume).
+// Data parallelism (docs/distributed.md): with a DataParallel group of W ranks, each rank
+// accumulates its own micro-batches (k may be 0 on some ranks in an epoch's ragged tail; N is the
+// whole global step's count on every rank) and finish_step sums the gradients and the loss totals
+// over the ranks before the norm, the guard and AdamW, so every rank takes the same update:
+//  - cuda: NCCL, the gradient buckets all-reduced on a side stream during the backward of the
+//          step's last micro-batch (dist/nccl_grad_sync.h), the loss total after it;
+//  - cpu:  the rendezvous' TCP all-gather of the flat gradients, summed in rank order in float64
+//          (slow, exact and identical on every rank: for tests and small models).
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "data/tokenized_dataset.h"
 #include "model/decoder.h"
@@ -25,6 +34,21 @@
 #include "train/optimizer.h"
 
 namespace qt {
+
+namespace dist {
+class Rendezvous;
+}
+
+// The data-parallel group a training engine belongs to (default: one process).
+struct DataParallel {
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;                // the GPU (among the visible ones) of a CUDA rank
+  dist::Rendezvous* rv = nullptr;    // joined by every rank: NCCL's set-up, the CPU engine's sums
+  bool force_collectives = false;    // tests: the collective path even with world_size 1
+  int64_t bucket_bytes = int64_t(25) << 20;  // CUDA: gradient all-reduce bucket (PyTorch DDP's default)
+  bool collective() const { return world_size > 1 || force_collectives; }
+};
 
 struct EngineStepStats {
   double loss_sum = 0;   // over the step's micro-batches (aux terms included)
@@ -36,13 +60,18 @@ class TrainEngine {
  public:
   virtual ~TrainEngine() = default;
   virtual std::string describe() const = 0;  // "cpu" or "cuda (<GPU name>)"
-  virtual void begin_step() = 0;
+  // micro_batches: how many accumulate() calls this rank makes in the step (the last one's backward
+  // overlaps the gradient all-reduce); 0 is valid for a rank without data in a ragged tail step.
+  virtual void begin_step(int64_t micro_batches) = 0;
   virtual void accumulate(const Batch& b, double grad_scale, const LoraDropout& dropout) = 0;
   virtual EngineStepStats finish_step(double lr, double max_grad_norm) = 0;
   // Loss over a dataset without gradients (train/evaluate.h).
   virtual EvalResult evaluate(const data::TokenizedDataset& ds, int64_t micro_batch_size, int32_t pad_id) = 0;
   virtual void sync_to_host(LoraAdapter& lora, AdamW& opt) = 0;
   virtual void load_from_host(const LoraAdapter& lora, const AdamW& opt) = 0;
+  // v := the element-wise sum of v over the ranks (in rank order: the same on every rank); a no-op
+  // on one process. Synchronising: for a few numbers per step (tokens, stop requests).
+  virtual void sum_over_ranks(std::vector<double>& v) = 0;
 };
 
 // "auto" -> "cuda" when this build has the CUDA backend, a GPU is visible and the model does not
@@ -54,8 +83,11 @@ std::string resolve_device(const std::string& device, const ModelConfig& cfg, co
                            std::string* why = nullptr);
 
 // The engines. The CPU one trains `lora` in place with `opt`; the CUDA one copies the weights and
-// the adapter to GPU 0 and keeps its own optimizer states (AdamW's settings from `opt`).
-std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt);
-std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt);
+// the adapter to GPU dp.local_rank (joining the group's NCCL communicator when dp.collective()) and
+// keeps its own optimizer states (AdamW's settings from `opt`).
+std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt,
+                                             const DataParallel& dp = {});
+std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt,
+                                              const DataParallel& dp = {});
 
 }  // namespace qt

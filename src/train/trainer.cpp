@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -13,6 +14,8 @@
 #include "core/error.h"
 #include "data/batch_iterator.h"
 #include "data/dataset.h"
+#include "dist/rendezvous.h"
+#include "dist/sharding.h"
 #include "model/decoder.h"
 #include "model/lora.h"
 #include "model/model_source.h"
@@ -53,6 +56,31 @@ void append_sequences(data::TokenizedDataset& dst, const data::TokenizedDataset&
   }
 }
 
+// Every rank of a data-parallel job must train with the same settings, model and data: fails on
+// every rank alike, naming the first line (a config key, a fingerprint entry) that differs.
+void check_same_settings(dist::Rendezvous& rv, const std::string& settings) {
+  const std::vector<std::string> all = rv.all_gather(settings);
+  auto lines = [](const std::string& text) {
+    std::vector<std::string> out;
+    for (size_t at = 0; at <= text.size();) {
+      const size_t nl = std::min(text.find('\n', at), text.size());
+      out.push_back(text.substr(at, nl - at));
+      at = nl + 1;
+    }
+    return out;
+  };
+  const std::vector<std::string> first = lines(all[0]);
+  for (size_t r = 1; r < all.size(); ++r) {
+    if (all[r] == all[0]) continue;
+    const std::vector<std::string> other = lines(all[r]);
+    size_t i = 0;
+    while (i < first.size() && i < other.size() && first[i] == other[i]) ++i;
+    auto at = [&](const std::vector<std::string>& v) { return i < v.size() ? "'" + v[i] + "'" : std::string("nothing"); };
+    fail("dist", "rank {} has different training settings than rank 0: rank 0 has {}, rank {} has {}", r, at(first), r,
+         at(other));
+  }
+}
+
 std::vector<int64_t> iota_vec(int64_t n) {
   std::vector<int64_t> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) v[size_t(i)] = i;
@@ -61,15 +89,10 @@ std::vector<int64_t> iota_vec(int64_t n) {
 
 }  // namespace
 
-int64_t steps_per_epoch(int64_t batches_per_epoch, int64_t grad_accum) {
-  QT_ASSERT(grad_accum >= 1, "grad_accum {}", grad_accum);
-  return std::max<int64_t>(1, (batches_per_epoch + grad_accum - 1) / grad_accum);
-}
-
-int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch) {
+int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch, int world_size) {
   if (cfg.max_steps) return *cfg.max_steps;
   const double epochs = cfg.num_epochs.value_or(1.0);
-  const double per = double(steps_per_epoch(batches_per_epoch, cfg.gradient_accumulation_steps));
+  const double per = double(dist::steps_per_epoch({batches_per_epoch, cfg.gradient_accumulation_steps, world_size}));
   return std::max<int64_t>(1, int64_t(std::ceil(epochs * per)));
 }
 
@@ -86,7 +109,25 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) fail("train", "output_dir {}: cannot create it: {}", tc.output_dir, ec.message());
+
+  // A data-parallel job: meet the other ranks (docs/distributed.md). Rank 0 alone writes output_dir.
+  const dist::DistEnv& de = run.dist;
+  const bool rank0 = de.is_rank0();
+  std::unique_ptr<dist::Rendezvous> rv;
+  if (de.distributed()) {
+    dist::RendezvousOptions ro;
+    ro.rank = de.rank, ro.world_size = de.world_size, ro.master_addr = de.master_addr, ro.master_port = de.master_port;
+    ro.op_timeout_s = 3600;  // the CPU engine's per-step sums wait for the slowest rank's step
+    rv = std::make_unique<dist::Rendezvous>(ro);
+    fmt::print("data parallel: {}\n", de.describe());
+  }
+  // Ends the job together: no rank leaves (and makes a launcher stop the others) while rank 0 saves.
+  auto leave = [&] {
+    if (rv) rv->shutdown();
+  };
+
   auto write_resolved_config = [&] {
+    if (!rank0) return;
     std::ofstream f(out_dir / "qwentune_config.yaml", std::ios::trunc);
     f << train_config_to_yaml(tc);
     if (!f) fail("train", "cannot write {}", (out_dir / "qwentune_config.yaml").string());
@@ -104,8 +145,9 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   const std::string device = resolve_device(tc.device, model.cfg, "train", &device_note);
   fmt::print("model: {}\ntokenizer: {}\n", model.description, model.tokenizer_path);
 
-  // Data.
+  // Data (rank 0 tokenizes and fills the cache first; the other ranks then read it).
   data::TokenizedDataset all;
+  if (rv && !rank0) rv->barrier();
   for (const DatasetSpec& spec : tc.datasets) {
     data::DatasetOptions opts;
     opts.path = spec.path;
@@ -122,6 +164,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     if (!ld.cache_note.empty()) std::fprintf(stderr, "qwentune: note: %s\n", ld.cache_note.c_str());
     append_sequences(all, ld.data, iota_vec(ld.data.size()));
   }
+  if (rv && rank0) rv->barrier();
   const int64_t n_all = all.size();
   int64_t n_val = 0;
   if (tc.val_set_size > 0)
@@ -148,16 +191,23 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   bo.pad_id = pad_id;
   data::BatchIterator batches(train_ds, bo);
   const int64_t batches_per_epoch = batches.batches_per_epoch();
-  const int64_t ga = tc.gradient_accumulation_steps;
-  const int64_t total = total_training_steps(tc, batches_per_epoch);
-  const int64_t per_epoch = steps_per_epoch(batches_per_epoch, ga);
+  const dist::ShardSpec shard{batches_per_epoch, tc.gradient_accumulation_steps, de.world_size};
+  const int64_t total = total_training_steps(tc, batches_per_epoch, de.world_size);
+  const int64_t per_epoch = dist::steps_per_epoch(shard);
   const int64_t log_every = tc.logging_steps_for(total);
   const LrSchedule schedule(tc.scheduler_kind(), tc.learning_rate, tc.warmup_steps_for(total), total);
-  const nlohmann::json fingerprint = training_fingerprint(tc, model.config_path, total, tokenized_dataset_sha256(train_ds));
+  const nlohmann::json fingerprint =
+      training_fingerprint(tc, model.config_path, total, tokenized_dataset_sha256(train_ds), de.world_size);
+  if (rv) {
+    check_same_settings(*rv, train_config_to_yaml(tc) + fingerprint.dump(1));
+    rv->check_same("resume point", run.resume ? fmt::format("{} at step {}", fs::path(resume.dir).filename().string(),
+                                                            resume.state.global_step)
+                                              : "none");
+  }
   if (run.resume) {
     check_fingerprint(resume.state.fingerprint, fingerprint, resume.dir);
     write_resolved_config();
-  } else if (const auto old = list_checkpoints(tc.output_dir); !old.empty()) {
+  } else if (const auto old = list_checkpoints(tc.output_dir); !old.empty() && rank0) {
     std::fprintf(stderr, "qwentune: warning: %s already holds %zu checkpoint(s) (newest %s) from an earlier run; "
                  "this run starts from step 0 (use --resume to continue instead)\n", tc.output_dir.c_str(),
                  old.size(), old.back().c_str());
@@ -168,8 +218,11 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   LoraAdapter lora = init_lora(model.cfg, lcfg, DType::F32, uint64_t(tc.seed));
   AdamW opt(lora, tc.adamw_config());
   if (run.resume) load_checkpoint_weights(resume, model.cfg, lora, opt);
-  std::unique_ptr<TrainEngine> engine =
-      device == "cuda" ? make_cuda_engine(model.weights, lora, opt) : make_cpu_engine(model.weights, lora, opt);
+  if (rv) rv->barrier();  // every rank has read the checkpoint before rank 0 may save (and prune) one
+  DataParallel dp;
+  dp.rank = de.rank, dp.world_size = de.world_size, dp.local_rank = de.local_rank, dp.rv = rv.get();
+  std::unique_ptr<TrainEngine> engine = device == "cuda" ? make_cuda_engine(model.weights, lora, opt, dp)
+                                                         : make_cpu_engine(model.weights, lora, opt, dp);
   if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 copy
   fmt::print("device: {}{}\n", engine->describe(), device_note.empty() ? "" : " (" + device_note + ")");
   int64_t n_params = 0;
@@ -183,10 +236,14 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
              lr_scheduler_name(tc.scheduler_kind()));
   std::fflush(stdout);
 
-  if (run.resume) truncate_metrics((out_dir / "metrics.jsonl").string(), resume.state.global_step);
-  std::ofstream metrics(out_dir / "metrics.jsonl", run.resume ? std::ios::app : std::ios::trunc);
-  if (!metrics) fail("train", "cannot write {}", (out_dir / "metrics.jsonl").string());
+  if (run.resume && rank0) truncate_metrics((out_dir / "metrics.jsonl").string(), resume.state.global_step);
+  std::ofstream metrics;
+  if (rank0) {
+    metrics.open(out_dir / "metrics.jsonl", run.resume ? std::ios::app : std::ios::trunc);
+    if (!metrics) fail("train", "cannot write {}", (out_dir / "metrics.jsonl").string());
+  }
   auto write_metrics = [&](const nlohmann::json& j) {
+    if (!rank0) return;
     metrics << j.dump() << "\n";
     metrics.flush();
   };
@@ -195,8 +252,10 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   res.total_steps = total;
   const auto t_start = Clock::now();
   auto t_log = t_start, t_step = t_start;
-  ProgressReporter progress(total, {});
-  int64_t tokens_since_log = 0, consecutive_bad = 0, epoch_batches_used = 0;
+  ProgressReporter::Options popt;
+  if (!rank0) popt.mode = ProgressReporter::Mode::Plain;  // ranks 1.. log to a file (or share a terminal)
+  ProgressReporter progress(total, popt);
+  int64_t tokens_since_log = 0, consecutive_bad = 0;
   double loss_since_log = 0;
   int64_t steps_since_log = 0;
   // Checkpoint state: restored on resume, captured at each save.
@@ -210,18 +269,18 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     loss_since_log = ckpt.loss_since_log;
     steps_since_log = ckpt.steps_since_log;
     tokens_since_log = ckpt.tokens_since_log;
-    if (ckpt.global_step < total) batches.seek(ckpt.epoch, ckpt.batch_in_epoch);
-    epoch_batches_used = ckpt.batch_in_epoch;
     fmt::print("resumed from {} at step {}/{}\n", resume.dir, ckpt.global_step, total);
   }
   const int64_t start_step = ckpt.global_step;
   const double elapsed_before = ckpt.elapsed_s;
   auto write_checkpoint = [&](int64_t done) {
+    if (!rank0) return;
     ckpt.global_step = done;
     ckpt.total_steps = total;
-    // The position of the next micro-batch (the iterator moves to the next epoch lazily).
-    ckpt.epoch = batches.step() >= batches_per_epoch ? batches.epoch() + 1 : batches.epoch();
-    ckpt.batch_in_epoch = batches.step() >= batches_per_epoch ? 0 : batches.step();
+    // The data position of the next step (informational: the step alone determines it).
+    const dist::StepSlice next = dist::global_step_slice(shard, done);
+    ckpt.epoch = next.epoch;
+    ckpt.batch_in_epoch = next.first;
     ckpt.optimizer_step = opt.step_count();
     ckpt.seed = tc.seed;
     ckpt.steps_done = res.steps_done;
@@ -239,26 +298,29 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
     write_loss_plot((out_dir / "loss.svg").string(), ckpt.train_loss, ckpt.eval_loss, "qwentune: " + tc.output_dir);
   };
   const StopSignalGuard stop_guard;
-  std::vector<Batch> micro;
   for (int64_t step = start_step; step < total; ++step) {
-    // Micro-batches of this step: up to `ga`, not crossing the end of an epoch.
-    if (epoch_batches_used >= batches_per_epoch) epoch_batches_used = 0;
-    const int64_t k = std::min(ga, batches_per_epoch - epoch_batches_used);
-    epoch_batches_used += k;
-    micro.resize(size_t(k));
-    int64_t n_pred = 0, n_tokens = 0;
-    for (auto& b : micro) {
-      batches.next(b);
-      n_pred += b.predicted_tokens();
-      n_tokens += b.B * b.S;
-    }
+    // This rank's micro-batches of the step (all of them on one process): up to ga * W in all,
+    // not crossing the end of an epoch; n_pred counts the whole step's predicted tokens.
+    const dist::RankStep mine = dist::load_rank_step(batches, train_ds, tc.micro_batch_size, shard, de.rank, step);
+    const int64_t n_pred = mine.predicted_tokens;
+    int64_t n_tokens = 0;
+    for (const Batch& b : mine.batches) n_tokens += b.B * b.S;
     const double lr = schedule.lr(step);
     EngineStepStats st;
     if (n_pred > 0) {
-      engine->begin_step();
-      for (size_t i = 0; i < micro.size(); ++i)
-        engine->accumulate(micro[i], 1.0 / double(n_pred), {tc.lora_dropout, uint64_t(tc.seed), step, int64_t(i)});
+      engine->begin_step(int64_t(mine.batches.size()));
+      for (size_t i = 0; i < mine.batches.size(); ++i)
+        engine->accumulate(mine.batches[i], 1.0 / double(n_pred),
+                           {tc.lora_dropout, uint64_t(tc.seed), step, mine.micro_index[i]});
       st = engine->finish_step(lr, tc.max_grad_norm);
+    }
+    // The step's tokens over all ranks, and a stop asked of any rank (all stop at this step).
+    int sig = step + 1 < total ? stop_signal() : 0;
+    if (rv) {
+      std::vector<double> sums{double(n_tokens), double(sig != 0)};
+      engine->sum_over_ranks(sums);
+      n_tokens = int64_t(sums[0]);
+      if (sig == 0 && sums[1] > 0) sig = SIGTERM;
     }
     const double loss = n_pred ? st.loss_sum / double(n_pred) : 0.0, gnorm = st.grad_norm;
     const bool ok = n_pred > 0 && st.applied;
@@ -301,34 +363,41 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
       loss_since_log = 0;
       steps_since_log = 0;
     }
-    const bool eval_now = val_ds.size() > 0 && ((tc.eval_steps > 0 && done % tc.eval_steps == 0) || done == total);
+    const bool eval_now =
+        rank0 && val_ds.size() > 0 && ((tc.eval_steps > 0 && done % tc.eval_steps == 0) || done == total);
     if (eval_now) {
       const double vl = engine->evaluate(val_ds, tc.micro_batch_size, pad_id).loss();
       progress.print_line(fmt::format("eval  step {}/{}  eval_loss {:.4f}", done, total, vl));
       write_metrics({{"type", "eval"}, {"step", done}, {"eval_loss", vl}});
       ckpt.eval_loss.push_back({done, vl});
     }
-    const int sig = done < total ? stop_signal() : 0;
     const bool stop_here = run.stop_after_steps > 0 && done - start_step >= run.stop_after_steps && done < total;
     if ((tc.save_steps > 0 && (done % tc.save_steps == 0 || done == total)) || sig || stop_here)
       write_checkpoint(done);
     if (sig || stop_here) {
-      fmt::print("{} at step {}: saved {}; continue with --resume\n", sig ? "interrupted" : "stopped (--stop-after-steps)",
-                 done, res.last_checkpoint);
+      fmt::print("{} at step {}: {}; continue with --resume\n", sig ? "interrupted" : "stopped (--stop-after-steps)",
+                 done, rank0 ? "saved " + res.last_checkpoint : "rank 0 saved the checkpoint");
       std::fflush(stdout);
       res.stop_signal = sig;
       res.stopped_early = true;
+      leave();
       return res;
     }
   }
 
   progress.finish();
-  engine->sync_to_host(lora, opt);
-  save_peft_adapter(out_dir.string(), lora, model.cfg);
-  write_loss_plot((out_dir / "loss.svg").string(), ckpt.train_loss, ckpt.eval_loss, "qwentune: " + tc.output_dir);
-  fmt::print("saved the adapter to {} ({} steps, {} skipped, loss {:.4f} -> {:.4f}, {})\n", tc.output_dir,
-             res.steps_done, res.steps_skipped, res.first_loss, res.last_loss,
-             format_duration(elapsed_before + seconds_since(t_start)));
+  if (rank0) {
+    engine->sync_to_host(lora, opt);
+    save_peft_adapter(out_dir.string(), lora, model.cfg);
+    write_loss_plot((out_dir / "loss.svg").string(), ckpt.train_loss, ckpt.eval_loss, "qwentune: " + tc.output_dir);
+    fmt::print("saved the adapter to {} ({} steps, {} skipped, loss {:.4f} -> {:.4f}, {})\n", tc.output_dir,
+               res.steps_done, res.steps_skipped, res.first_loss, res.last_loss,
+               format_duration(elapsed_before + seconds_since(t_start)));
+  } else {
+    fmt::print("rank {}: done ({} steps, {} skipped, loss {:.4f} -> {:.4f}); rank 0 saved the adapter\n", de.rank,
+               res.steps_done, res.steps_skipped, res.first_loss, res.last_loss);
+  }
+  leave();
   return res;
 }
 

@@ -6,8 +6,16 @@
 // Data: every dataset is tokenized (cached in output_dir/dataset_cache) and concatenated; with
 // val_set_size the sequences are split by a seeded permutation (the first n_val go to validation;
 // n_val = round(size * n) for a fraction, the count itself for size >= 1).
-// Steps: per epoch ceil(batches / gradient_accumulation_steps) optimizer steps (the last one of an
-// epoch takes the left-over micro-batches); total = max_steps, else ceil(num_epochs * per_epoch).
+// Steps: per epoch ceil(batches / (gradient_accumulation_steps * W)) optimizer steps for W ranks
+// (the last one of an epoch takes the left-over micro-batches); total = max_steps, else
+// ceil(num_epochs * per_epoch).
+// Data parallelism (RunOptions::dist with W > 1 ranks, docs/distributed.md): the ranks meet through
+// the rendezvous, check that their settings fingerprints (world size and data hash included) agree,
+// and each computes its share of every step's micro-batches (dist/sharding.h); the engine sums the
+// gradients and losses over the ranks (train_engine.h), so W ranks with gradient_accumulation_steps
+// ga take the steps of one process with ga * W. Rank 0 alone writes output_dir (config, metrics,
+// checkpoints, plot, adapter) and evaluates; a stop (signal, --stop-after-steps) is agreed by all
+// ranks at the same step; every rank reads the checkpoint on resume (same world size only).
 // One optimizer step over micro-batches b_1..b_k with N = sum of their predicted tokens:
 //   grads = sum_i d(loss_sum_i / N)    (forward_backward with grad_scale = 1/N; with lora_dropout the
 //           masks of micro-batch i come from (seed, step, i), see LoraDropout; evaluation has none)
@@ -33,6 +41,7 @@
 #include <cstdint>
 #include <string>
 
+#include "dist/dist_env.h"
 #include "train/train_config.h"
 
 namespace qt {
@@ -51,12 +60,12 @@ struct RunOptions {
   bool resume = false;
   std::string resume_from;       // a checkpoint folder; "" = the newest valid one in output_dir
   int64_t stop_after_steps = 0;  // > 0: stop with a checkpoint after this many steps of this run
+  dist::DistEnv dist;            // this process's place in a data-parallel job (default: alone)
 };
 
-// Optimizer steps of one epoch: ceil(batches / grad_accum), at least 1.
-int64_t steps_per_epoch(int64_t batches_per_epoch, int64_t grad_accum);
-// max_steps when set, else ceil(num_epochs * steps_per_epoch) (at least 1).
-int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch);
+// max_steps when set, else ceil(num_epochs * steps per epoch) (at least 1), with
+// ceil(batches / (gradient_accumulation_steps * world_size)) steps per epoch.
+int64_t total_training_steps(const TrainConfig& cfg, int64_t batches_per_epoch, int world_size = 1);
 
 // Runs the whole training; progress lines go to stdout, warnings to stderr. Throws qt::Error on
 // user errors (unsupported settings, bad files).

@@ -225,7 +225,9 @@ int launch_train_ranks(int gpus, const std::string& device, const std::string& o
   if (env.distributed())
     fail("train", "--gpus {} starts its own ranks; this process is already {} (drop --gpus under torchrun, srun or mpirun)",
          gpus, env.describe());
-  if (device != "cuda") fail("train", "--gpus {}: data-parallel training needs device: cuda (this run has {})", gpus, device);
+  if (device == "cpu")
+    fail("train", "--gpus {}: runs one rank per GPU, but this run has device: cpu (start CPU ranks with torchrun or "
+                  "RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; see docs/distributed.md)", gpus);
   const std::vector<std::string> cmd = own_command_line();
   LaunchOptions o;
   o.nprocs = gpus;

@@ -39,7 +39,7 @@ std::vector<std::string> own_command_line();
 // `args` without "--gpus N" / "--gpus=N" (the launcher's option must not reach the ranks).
 std::vector<std::string> without_gpus_option(const std::vector<std::string>& args);
 
-// `train --gpus N` (N >= 2): checks that device is cuda and that no launcher already set RANK /
+// `train --gpus N` (N >= 2): checks that device is not cpu and that no launcher already set RANK /
 // WORLD_SIZE, then runs this binary's own command line without --gpus as N ranks (logs of ranks
 // >= 1 in output_dir). Returns the exit code for the launcher process.
 int launch_train_ranks(int gpus, const std::string& device, const std::string& output_dir);

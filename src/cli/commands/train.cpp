@@ -59,9 +59,7 @@ void register_train_command(CLI::App& app) {
       fail("train", "--stop-after-steps {}: must be at least 1", run->stop_after_steps);
     const TrainConfig cfg = load_train_config(*config_path, overrides);
     if (*gpus != 1) std::exit(launch_train_ranks(*gpus, cfg.device, cfg.output_dir));
-    // Until run_training takes the DistEnv (docs/distributed.md), each rank would train alone into one output_dir.
-    if (const dist::DistEnv env = dist::read_dist_env(); env.distributed())
-      fail("train", "{}: multi-process training is not wired into the trainer yet", env.describe());
+    run->dist = dist::read_dist_env();  // torchrun / Slurm / Open MPI / --gpus: a data-parallel rank
     const TrainResult res = run_training(cfg, *run);
     if (res.stop_signal) {
       std::fflush(stdout);
