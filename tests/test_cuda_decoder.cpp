@@ -277,16 +277,119 @@ TEST(CudaDecoder, NonFiniteStepChangesNothing) {
   for_each_pair(v, v2, same_bits);
 }
 
-TEST(CudaDecoder, RefusesRouterAuxLoss) {
+// The router load-balancing loss (output_router_logits) on a tiny 2-layer Qwen3-MoE against the CPU
+// decoder: the aux value, the step's loss total (CE + count * coef * aux), every LoRA gradient with
+// the aux term on (per tensor relative Frobenius error <= 5e-2, as check_parity), and the part the
+// aux term adds (coef 0.5 minus coef 0: the path through the routers, the softmax and the hidden
+// states of both layers) must be a visible share of the gradient, point the same way as the CPU's
+// (cosine >= 0.99) and have its size (within 5%). The difference of two bf16 runs carries both
+// runs' errors relative to a smaller vector, so it is held to its direction and size rather than
+// to the per-tensor bound. Expert-load counts: every layer
+// routes N * k assignments, and the GPU's counts are the CPU's (bf16 routing may flip a near-tie:
+// at most 2% of the assignments move).
+TEST(CudaDecoder, RouterAuxLossMatchesCpu) {
   QT_SKIP_WITHOUT_GPU();
-  const char* moe = R"({"model_type":"qwen3_moe","vocab_size":64,"hidden_size":32,"intermediate_size":64,
-    "moe_intermediate_size":16,"num_experts":4,"num_experts_per_tok":2,"num_hidden_layers":1,
-    "num_attention_heads":2,"num_key_value_heads":1,"head_dim":16,"output_router_logits":true})";
-  const ModelConfig cfg = parse_hf_config_json(moe, "tiny-moe");
+  auto config = [](double coef) {
+    const std::string j = R"({"model_type":"qwen3_moe","vocab_size":256,"hidden_size":64,"intermediate_size":96,
+      "moe_intermediate_size":32,"num_experts":8,"num_experts_per_tok":2,"num_hidden_layers":2,
+      "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"norm_topk_prob":true,
+      "output_router_logits":true,"router_aux_loss_coef":)" + std::to_string(coef) + "}";
+    return parse_hf_config_json(j, "tiny-moe");
+  };
+  std::mt19937_64 rng(17);
+  ModelWeights w = random_model_weights(config(0.5), DType::F32, 13, 0.08);
+  randomise_and_round(w, rng);
+  for (auto& l : w.layers)
+    for (int64_t i = 0; i < l.mlp.router.numel(); ++i)
+      l.mlp.router.data<float>()[i] = testing::round_bf16(l.mlp.router.data<float>()[i] * 8.f);  // decisive routing
   LoraConfig lc;
-  lc.target_modules = {"q_proj"};
-  cuda::Context ctx;
-  EXPECT_THROW(CudaDecoder(ctx, cfg, lc, 1), Error);
+  lc.r = 4, lc.alpha = 8;
+  lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  LoraAdapter lora = init_lora(w.cfg, lc, DType::F32, 5);
+  std::normal_distribution<float> nd(0.f, 0.05f);
+  for (auto& l : lora.layers)
+    for (auto& p : l.slot)
+      for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<float>()[i] = nd(rng);
+  const Batch batch = tiny_batch(rng);
+
+  struct Run {
+    StepResult cpu;
+    LoraAdapter g_cpu, g_gpu;
+    double gpu_aux = 0, gpu_total = 0;
+    std::vector<std::vector<int64_t>> gpu_load;
+  };
+  auto run = [&](double coef) {
+    ModelWeights wc = w;
+    wc.cfg = config(coef);
+    Run r;
+    QwenDecoder<float> cpu(wc, &lora);
+    r.g_cpu = lora.zeros_like();
+    r.cpu = cpu.forward_backward(batch, &r.g_cpu, false);
+    cuda::Context ctx;
+    CudaDecoder gpu(ctx, wc, lora);
+    gpu.set_batch(batch);
+    gpu.zero_grads();
+    gpu.forward_backward();
+    r.gpu_aux = gpu.aux_loss();
+    r.g_gpu = gpu.download_grads();
+    r.gpu_load = gpu.take_expert_load();
+    gpu.optimizer_step(1, 0.0, 0.0, 0.0);
+    r.gpu_total = gpu.read_step_stats().loss_total;
+    EXPECT_TRUE(gpu.take_expert_load()[0] == std::vector<int64_t>(8, 0)) << "take_expert_load must reset";
+    return r;
+  };
+  const Run with = run(0.5), without = run(0.0);
+  const int64_t count = with.cpu.count;
+  std::printf("[aux] cpu aux %.6f gpu aux %.6f; totals cpu %.6f gpu %.6f\n", with.cpu.aux_loss, with.gpu_aux,
+              with.cpu.loss_sum + double(count) * 0.5 * with.cpu.aux_loss, with.gpu_total);
+  EXPECT_GT(with.cpu.aux_loss, 0.5);
+  EXPECT_NEAR(with.gpu_aux, with.cpu.aux_loss, 1e-2 * with.cpu.aux_loss);
+  const double cpu_total = with.cpu.loss_sum + double(count) * 0.5 * with.cpu.aux_loss;
+  EXPECT_NEAR(with.gpu_total, cpu_total, 1e-2 * cpu_total);
+  EXPECT_NEAR(without.gpu_total, without.cpu.loss_sum, 1e-2 * without.cpu.loss_sum);
+
+  double diff = 0, ref = 0, dot = 0, n_gpu = 0, full = 0, worst = 0;
+  for (size_t l = 0; l < with.g_cpu.layers.size(); ++l)
+    for (int s = 0; s < kNumLoraSlots; ++s)
+      for (bool is_b : {false, true}) {
+        auto get = [&](const LoraAdapter& a) -> const Tensor& {
+          return is_b ? a.layers[l].slot[s].B : a.layers[l].slot[s].A;
+        };
+        const Tensor &cw = get(with.g_cpu), &c0 = get(without.g_cpu), &gw = get(with.g_gpu), &g0 = get(without.g_gpu);
+        if (!cw.defined()) continue;
+        double t_diff = 0, t_ref = 0;
+        for (int64_t i = 0; i < cw.numel(); ++i) {
+          const double e = double(gw.data<float>()[i]) - double(cw.data<float>()[i]);
+          t_diff += e * e, t_ref += double(cw.data<float>()[i]) * double(cw.data<float>()[i]);
+        }
+        worst = std::max(worst, std::sqrt(t_diff / t_ref));
+        for (int64_t i = 0; i < cw.numel(); ++i) {
+          const double dc = double(cw.data<float>()[i]) - double(c0.data<float>()[i]);
+          const double dg = double(gw.data<float>()[i]) - double(g0.data<float>()[i]);
+          diff += (dc - dg) * (dc - dg), ref += dc * dc, dot += dc * dg, n_gpu += dg * dg;
+          full += double(cw.data<float>()[i]) * double(cw.data<float>()[i]);
+        }
+      }
+  const double rel = std::sqrt(diff / ref), cosine = dot / std::sqrt(ref * n_gpu), size = std::sqrt(n_gpu / ref);
+  std::printf("[aux] gradients with aux: worst rel-Frobenius %.2e; aux part: |d_cpu|/|g_cpu| %.3e, rel-Frobenius "
+              "%.2e, cosine %.6f, |d_gpu|/|d_cpu| %.4f\n", worst, std::sqrt(ref / full), rel, cosine, size);
+  EXPECT_LE(worst, 5e-2);
+  EXPECT_GT(std::sqrt(ref / full), 1e-1) << "the aux term must be a visible part of the gradient";
+  EXPECT_GE(cosine, 0.99);
+  EXPECT_NEAR(size, 1.0, 0.05);
+
+  ASSERT_EQ(with.gpu_load.size(), 2u);
+  ASSERT_EQ(with.cpu.expert_load.size(), 16u);
+  int64_t moved = 0;
+  for (size_t l = 0; l < 2; ++l) {
+    int64_t total = 0;
+    for (int64_t e = 0; e < 8; ++e) {
+      total += with.gpu_load[l][size_t(e)];
+      moved += std::abs(with.gpu_load[l][size_t(e)] - with.cpu.expert_load[l * 8 + size_t(e)]);
+    }
+    EXPECT_EQ(total, batch.B * batch.S * 2) << "layer " << l;
+  }
+  EXPECT_LE(moved, int64_t(0.02 * 2 * 2 * double(batch.B * batch.S * 2)));
 }
 
 }  // namespace

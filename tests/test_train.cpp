@@ -67,6 +67,8 @@ std::vector<nlohmann::json> read_metrics(const fs::path& file) {
   std::string line;
   while (std::getline(f, line))
     if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  // The expert-load lines of MoE models (checked in Train.LossFallsAdapterSavedMetricsLoggedAndReproducible).
+  std::erase_if(out, [](const nlohmann::json& j) { return j["type"] == "expert_load"; });
   return out;
 }
 
@@ -84,6 +86,34 @@ TEST(Train, LossFallsAdapterSavedMetricsLoggedAndReproducible) {
     EXPECT_EQ(m1[i]["type"], "train");
     EXPECT_EQ(m1[i]["step"].get<int64_t>(), int64_t(i + 1));
     EXPECT_TRUE(m1[i]["loss"].is_number());
+  }
+  // MoE model: one expert-load line per logged step; every MoE layer routes the same tokens, so each
+  // layer's counts (tokens per expert, E of them) have the same sum, a multiple of top-k.
+  {
+    std::ifstream f(out1 / "metrics.jsonl");
+    std::string line;
+    int64_t loads = 0;
+    const qt::ModelConfig mc = qt::load_hf_config(model_config());
+    while (std::getline(f, line)) {
+      const nlohmann::json j = nlohmann::json::parse(line);
+      if (j["type"] != "expert_load") continue;
+      ++loads;
+      EXPECT_EQ(j["step"].get<int64_t>(), loads);
+      const auto layers = j["tokens_per_expert"].get<std::vector<std::vector<int64_t>>>();
+      ASSERT_EQ(layers.size(), size_t(mc.num_hidden_layers));
+      int64_t first_sum = -1;
+      for (const auto& l : layers) {
+        ASSERT_EQ(l.size(), size_t(mc.num_experts));
+        int64_t sum = 0;
+        for (int64_t c : l) sum += c;
+        if (first_sum < 0) first_sum = sum;
+        EXPECT_EQ(sum, first_sum);
+        EXPECT_EQ(sum % mc.num_experts_per_tok, 0);
+      }
+      EXPECT_GT(first_sum, 0);
+    }
+    EXPECT_EQ(loads, 6);
+    EXPECT_NE(r1.output.find("expert load since the last log: busiest expert"), std::string::npos) << r1.output;
   }
   const double first = m1.front()["loss"].get<double>(), last = m1.back()["loss"].get<double>();
   // Random weights (std 0.15, the tiny config's initializer_range) give a little above

@@ -98,7 +98,15 @@ struct CudaDecoder::Impl {
   Buffer<bf16> dx, dm, da, dattn, dq, dk, dv, dq_raw, dk_raw, dact, dg, du, dxf;
   PhaseProfile prof;
   std::function<void(int64_t)> layer_backward_hook;
+  // MoE: the router load-balancing loss (output_router_logits) and the expert-load statistics.
+  bool want_aux = false, training_forward = false;
+  int64_t n_moe = 0;                  // MoE layers
+  Buffer<float> aux_psum, aux_f;      // (E) router probabilities summed over the batch's MoE rows; f
+  Buffer<int64_t> aux_counts;         // (E) assignments per expert over the batch's MoE layers
+  Buffer<int64_t> expert_load;        // (L,E) assignments of the training forwards since the last take
+  Buffer<double> aux;                 // the last forward's load-balancing loss (no coefficient)
   bool recomputing = false;
+  CudaMoeAux aux_grad;  // of the current backward
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
   Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc) : ctx(c), cfg(mc), lcfg(lc) {
@@ -106,9 +114,7 @@ struct CudaDecoder::Impl {
     bool any_dense = false;
     for (int64_t i = 0; i < L; ++i) any_moe = any_moe || cfg.is_moe_layer(i), any_dense = any_dense || !cfg.is_moe_layer(i);
     I = any_dense ? cfg.intermediate_size : 0;  // the dense MLP's work buffers only when a layer needs them
-    if (any_moe && cfg.output_router_logits)
-      fail("cuda", "output_router_logits (the router aux loss) is not supported by the CUDA engine yet; set it to false "
-                   "or use --device cpu");
+    want_aux = any_moe && cfg.output_router_logits;
     if (any_moe && cfg.num_experts > 256) fail("cuda", "num_experts {} > 256 is not supported by the CUDA router", cfg.num_experts);
     nh = cfg.num_attention_heads, nkv = cfg.num_key_value_heads, hd = cfg.head_dim;
     qd = cfg.q_dim(), kvd = cfg.kv_dim(), r = lc.r;
@@ -152,6 +158,13 @@ struct CudaDecoder::Impl {
     sum_sq = Buffer<double>(1), loss = Buffer<double>(1), loss_total = Buffer<double>(1);
     count_dev = Buffer<int64_t>(1), skip = Buffer<int>(1);
     loss.fill_bytes(0), loss_total.fill_bytes(0), sum_sq.fill_bytes(0), skip.fill_bytes(0);
+    if (any_moe) {
+      const size_t E = size_t(cfg.num_experts);
+      for (int64_t l = 0; l < L; ++l) n_moe += cfg.is_moe_layer(l);
+      aux_psum = Buffer<float>(E), aux_f = Buffer<float>(E), aux_counts = Buffer<int64_t>(E);
+      expert_load = Buffer<int64_t>(size_t(L) * E), aux = Buffer<double>(1);
+      expert_load.fill_bytes(0), aux.fill_bytes(0);
+    }
     QT_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the null stream; ops use ctx's own
   }
 
@@ -280,6 +293,10 @@ struct CudaDecoder::Impl {
     if (d.moe) {  // x_out = h + moe(m)
       QT_CUDA_CHECK(cudaMemcpyAsync(x_out, h.get(), size_t(N * H) * sizeof(bf16), cudaMemcpyDeviceToDevice, ctx.stream()));
       cuda_moe_forward(ctx, d.experts, moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), x_out);
+      if (!recomputing)  // the statistics of the routing just made (the recompute repeats it)
+        cuda::moe_route_stats(ctx, aux_psum.get(), aux_counts.get(),
+                              training_forward ? expert_load.get() + l * cfg.num_experts : nullptr,
+                              moe_work.probs.get(), moe_work.offsets.get(), N, cfg.num_experts);
       prof.mark(ctx, fwd_phase("fwd.o+moe", "recompute.o+moe"));
       return;
     }
@@ -296,7 +313,8 @@ struct CudaDecoder::Impl {
     const DeviceLayer& d = layers[l];
     zero(dm);
     if (d.moe) {
-      cuda_moe_backward(ctx, d.experts, moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), dx.get(), dm.get());
+      cuda_moe_backward(ctx, d.experts, moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), dx.get(), dm.get(),
+                        aux_grad);
     } else {
       zero(dact), zero(dg), zero(du);
       proj_bwd(l, kLoraDown, dact.get(), dx.get(), act.get());
@@ -329,6 +347,11 @@ struct CudaDecoder::Impl {
   void run(bool backward, float grad_scale) {
     QT_ASSERT(N > 0, "no batch set");
     prof.restart(ctx);
+    training_forward = backward;
+    if (any_moe) {
+      QT_CUDA_CHECK(cudaMemsetAsync(aux_psum.get(), 0, aux_psum.bytes(), ctx.stream()));
+      QT_CUDA_CHECK(cudaMemsetAsync(aux_counts.get(), 0, aux_counts.bytes(), ctx.stream()));
+    }
     cuda::embedding_forward(ctx, saved_at(0), ids.get(), embed.get(), N, V, H);
     for (int64_t l = 0; l < L; ++l) layer_forward(l, saved_at(l), saved_at(l + 1));
     cuda::rmsnorm_forward(ctx, xf.get(), rstdf.get(), saved_at(L), final_norm.get(), N, H, cfg.rms_norm_eps);
@@ -336,6 +359,16 @@ struct CudaDecoder::Impl {
     cuda::fused_linear_cross_entropy(ctx, loss.get(), count_dev.get(), backward ? dxf.get() : nullptr, xf.get(),
                                      lm_head, labels.get(), grad_scale, B, S, H, V);
     prof.mark(ctx, "head+loss");
+    // The load-balancing loss over R = MoE layers * N rows; in training, count * coef * aux joins the
+    // step's loss total and its gradient (scale = grad_scale * count * coef * E / R) the routers'.
+    const int64_t R = n_moe * N;
+    const double aux_factor = want_aux ? double(count) * cfg.router_aux_loss_coef : 0.0;
+    if (any_moe)
+      cuda::moe_aux_loss(ctx, aux.get(), aux_f.get(), backward && want_aux ? loss_total.get() : nullptr, aux_factor,
+                         aux_psum.get(), aux_counts.get(), cfg.num_experts, R);
+    aux_grad = {};
+    if (backward && want_aux && R > 0)
+      aux_grad = {aux_f.get(), float(double(grad_scale) * aux_factor * double(cfg.num_experts) / double(R))};
     if (!backward) return;
     cuda::add_f64(ctx, loss_total.get(), loss.get());
     zero(dx);
@@ -561,6 +594,25 @@ std::vector<CudaDecoder::GradRange> CudaDecoder::grad_layout() const {
   return out;
 }
 float* CudaDecoder::grad_data() { return p_->grad.get(); }
+
+double CudaDecoder::aux_loss() const {
+  if (!p_->any_moe) return 0.0;
+  p_->ctx.synchronize();
+  return p_->aux.download()[0];
+}
+
+std::vector<std::vector<int64_t>> CudaDecoder::take_expert_load() {
+  Impl& p = *p_;
+  if (!p.any_moe) return {};
+  p.ctx.synchronize();
+  const std::vector<int64_t> all = p.expert_load.download();
+  QT_CUDA_CHECK(cudaMemsetAsync(p.expert_load.get(), 0, p.expert_load.bytes(), p.ctx.stream()));
+  std::vector<std::vector<int64_t>> out;
+  const int64_t E = p.cfg.num_experts;
+  for (int64_t l = 0; l < p.L; ++l)
+    if (p.cfg.is_moe_layer(l)) out.emplace_back(all.begin() + l * E, all.begin() + (l + 1) * E);
+  return out;
+}
 double* CudaDecoder::loss_total_data() { return p_->loss_total.get(); }
 void CudaDecoder::set_layer_backward_hook(std::function<void(int64_t)> hook) { p_->layer_backward_hook = std::move(hook); }
 

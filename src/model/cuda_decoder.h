@@ -10,8 +10,8 @@
 // A training step (zero_grads, set_batch + forward_backward per micro-batch, optimizer_step)
 // enqueues everything on the context's stream and returns without synchronising; the loss, the
 // gradient norm and the skip decision stay on the device until read_step_stats().
-// Qwen3-MoE layers run model/cuda_moe.h (grouped expert GEMMs, device-side routing); the router aux
-// loss (output_router_logits) is refused ("[cuda] ...").
+// Qwen3-MoE layers run model/cuda_moe.h (grouped expert GEMMs, device-side routing), with the router
+// load-balancing loss when output_router_logits is set, and count the tokens each expert receives.
 #pragma once
 #ifdef QT_HAVE_CUDA
 #include <cstdint>
@@ -68,6 +68,13 @@ class CudaDecoder {
 
   // Reads (synchronising) the loss sum of the last forward.
   double loss_sum() const;
+  // MoE models: the last forward's router load-balancing loss (HF's load_balancing_loss_func over
+  // every MoE layer, without router_aux_loss_coef; 0 for dense models). With output_router_logits,
+  // forward_backward adds count * coef * aux to the step's loss total and its gradient to the routers'.
+  double aux_loss() const;
+  // MoE models: per MoE layer, the (token, expert) assignments per expert (E) of the training
+  // forwards since the last call; then zeroed. Empty for dense models.
+  std::vector<std::vector<int64_t>> take_expert_load();
   // Logits (B,S,V) fp32 of the last forward (the lm_head product of the final hidden states;
   // debugging and golden checks: the training path never forms them).
   Tensor logits() const;

@@ -138,7 +138,8 @@ void cuda_moe_forward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoe
 }
 
 void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoeLora& lora, const CudaMoeDims& d,
-                       const CudaMoeDropout& drop, CudaMoeWork& work, const bf16* m, const bf16* dout, bf16* dm) {
+                       const CudaMoeDropout& drop, CudaMoeWork& work, const bf16* m, const bf16* dout, bf16* dm,
+                       const CudaMoeAux& aux) {
   Ctx c{ctx, w, lora, d, drop, work};
   const int64_t N = d.N, T = d.T();
   zero_async(ctx, work.dys, T * d.H);
@@ -155,7 +156,7 @@ void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMo
   // Through the routing weights: top-k / renorm / softmax -> logits -> m W_r^T.
   zero_async(ctx, work.dlogits, N * d.E);
   cuda::moe_router_backward(ctx, work.dlogits.get(), work.dtopk_w.get(), work.probs.get(), work.topk_idx.get(), N, d.E,
-                            d.k, d.norm_topk_prob);
+                            d.k, d.norm_topk_prob, aux.f, aux.scale);
   cuda::linear_backward(ctx, dm, work.dlogits.get(), w.router.get(), N, d.H, d.E);
 }
 

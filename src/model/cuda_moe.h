@@ -47,6 +47,13 @@ struct CudaMoeDropout {
   std::array<uint64_t, 3> key{};
 };
 
+// The router load-balancing loss's gradient for this layer (model/moe_aux_loss.h): f (E) the routed
+// fractions over every MoE layer of the batch, scale = dloss * E / rows; f null: none.
+struct CudaMoeAux {
+  const float* f = nullptr;
+  float scale = 0;
+};
+
 // Work buffers for up to `cap` tokens, shared by every MoE layer (one layer runs at a time; the
 // backward recomputes the layer's forward into them first).
 class CudaMoeWork {
@@ -73,7 +80,7 @@ void cuda_moe_forward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoe
 // hold this layer's forward (cuda_moe_forward with the same inputs just before).
 void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoeLora& lora, const CudaMoeDims& d,
                        const CudaMoeDropout& drop, CudaMoeWork& work, const cuda::bf16* m, const cuda::bf16* dout,
-                       cuda::bf16* dm);
+                       cuda::bf16* dm, const CudaMoeAux& aux = {});
 
 }  // namespace qt
 #endif

@@ -74,6 +74,7 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
   // MoE caches are kept for the backward and for the router aux loss (over all MoE layers).
   const bool want_aux = c.output_router_logits;
   std::vector<std::unique_ptr<MoeMlpCache<T>>> moe(static_cast<size_t>(L));
+  std::vector<int64_t> expert_load;
   MoeMlpCache<T> moe_scratch;
   const bool keep = grads != nullptr;
 
@@ -92,6 +93,11 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
       mc = moe[l].get();
     }
     layer_output_and_mlp(x.data(), cc, *mc, N, p, keep);
+    if (p.w.is_moe) {  // the expert-load statistics
+      const size_t at = expert_load.size();
+      expert_load.resize(at + size_t(c.num_experts), 0);
+      for (int64_t a = 0; a < N * c.num_experts_per_tok; ++a) ++expert_load[at + size_t(mc->topk_idx[size_t(a)])];
+    }
   }
 
   // --- head and loss
@@ -100,6 +106,7 @@ StepResult QwenDecoder<T>::forward_backward(const Batch& batch, LoraAdapter* gra
   Tensor logits = Tensor::empty({B, S, V}, dtype_of<T>());
   cpu::linear_forward(logits.data<T>(), xf.data(), w_.lm_head.data<T>(), (const T*)nullptr, N, H, V);
   StepResult res;
+  res.expert_load = std::move(expert_load);
   res.loss_sum = cpu::cross_entropy_forward(logits.data<T>(), batch.labels.data(), B, S, V, &res.count);
   std::vector<const MoeMlpCache<T>*> moe_layers;
   for (auto& m : moe)

@@ -36,6 +36,7 @@ struct StepResult {
   int64_t count = 0;     // predicted (unmasked) tokens
   double aux_loss = 0;   // MoE load-balancing loss (only when config.output_router_logits)
   double aux_coef = 0;   // router_aux_loss_coef when aux_loss is part of the loss, else 0
+  std::vector<int64_t> expert_load;  // MoE models: (MoE layers, E) (token, expert) assignments per expert
   // HF's loss: mean cross-entropy (+ coef * aux when output_router_logits).
   double loss() const { return (count ? loss_sum / double(count) : 0.0) + aux_coef * aux_loss; }
   Tensor logits;         // (B,S,V) when requested

@@ -2,6 +2,7 @@
 #include "model/moe_aux_loss.h"
 
 #include "core/error.h"
+#include "ops/cpu/ops.h"
 
 namespace qt {
 
@@ -28,11 +29,7 @@ AuxStats aux_stats(const std::vector<const MoeMlpCache<T>*>& layers) {
   s.rows = s.N * int64_t(layers.size());
   s.f.assign(size_t(s.E), 0.0);
   s.P.assign(size_t(s.E), 0.0);
-  for (const auto* c : layers) {
-    for (int64_t n = 0; n < s.N; ++n)
-      for (int64_t e = 0; e < s.E; ++e) s.P[size_t(e)] += double(c->probs[size_t(n * s.E + e)]);
-    for (int64_t a = 0; a < s.N * s.k; ++a) s.f[size_t(c->topk_idx[size_t(a)])] += 1.0;
-  }
+  for (const auto* c : layers) cpu::moe_route_stats(s.P.data(), s.f.data(), c->probs.data(), c->topk_idx.data(), s.N, s.E, s.k);
   if (s.rows == 0) return s;
   for (int64_t e = 0; e < s.E; ++e) {
     s.f[size_t(e)] /= double(s.rows);
@@ -63,14 +60,7 @@ void moe_load_balancing_loss_backward(const std::vector<T*>& drouter_logits,
   for (size_t l = 0; l < layers.size(); ++l) {
     T* dl = drouter_logits[l];
     if (dl == nullptr) continue;
-    const T* probs = layers[l]->probs.data();
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < s.N; ++n) {
-      const T* p = probs + n * s.E;
-      double p_dot_f = 0;
-      for (int64_t e = 0; e < s.E; ++e) p_dot_f += double(p[e]) * s.f[size_t(e)];
-      for (int64_t e = 0; e < s.E; ++e) dl[n * s.E + e] += T(scale * double(p[e]) * (s.f[size_t(e)] - p_dot_f));
-    }
+    cpu::moe_aux_router_backward(dl, layers[l]->probs.data(), s.f.data(), scale, s.N, s.E);
   }
 }
 

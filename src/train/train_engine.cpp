@@ -16,12 +16,6 @@ namespace qt {
 
 namespace {
 
-[[maybe_unused]] bool has_moe_layers(const ModelConfig& cfg) {
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
-    if (cfg.is_moe_layer(l)) return true;
-  return false;
-}
-
 
 // Calls f(pointer, count) for every gradient array of `g` in a fixed order (layers, slots, A then B).
 template <typename F>
@@ -52,7 +46,7 @@ void rendezvous_sum(dist::Rendezvous& rv, std::vector<T>& v) {
 class CpuEngine final : public TrainEngine {
  public:
   CpuEngine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt, const DataParallel& dp)
-      : lora_(lora), opt_(opt), grads_(lora.zeros_like()), dec_(w, &lora), dp_(dp) {
+      : lora_(lora), opt_(opt), grads_(lora.zeros_like()), dec_(w, &lora), dp_(dp), experts_(w.cfg.num_experts) {
     QT_ASSERT(!dp.collective() || dp.rv, "a data-parallel CPU engine needs the rendezvous");
   }
   std::string describe() const override { return "cpu"; }
@@ -63,6 +57,8 @@ class CpuEngine final : public TrainEngine {
   void accumulate(const Batch& b, double grad_scale, const LoraDropout& dropout) override {
     const StepResult r = dec_.forward_backward(b, &grads_, false, grad_scale, dropout);
     loss_sum_ += r.loss_sum + double(r.count) * r.aux_coef * r.aux_loss;
+    if (load_.size() < r.expert_load.size()) load_.resize(r.expert_load.size(), 0);
+    for (size_t i = 0; i < r.expert_load.size(); ++i) load_[i] += r.expert_load[i];
   }
   EngineStepStats finish_step(double lr, double max_grad_norm) override {
     if (dp_.collective()) all_reduce_grads();
@@ -80,6 +76,14 @@ class CpuEngine final : public TrainEngine {
   void load_from_host(const LoraAdapter&, const AdamW&) override {}
   void sum_over_ranks(std::vector<double>& v) override {
     if (dp_.collective()) rendezvous_sum(*dp_.rv, v);
+  }
+  std::vector<std::vector<int64_t>> take_expert_load() override {
+    std::vector<std::vector<int64_t>> out;
+    const int64_t E = experts_;
+    for (size_t at = 0; E > 0 && at < load_.size(); at += size_t(E))
+      out.emplace_back(load_.begin() + int64_t(at), load_.begin() + int64_t(at) + E);
+    load_.clear();
+    return out;
   }
 
  private:
@@ -104,6 +108,8 @@ class CpuEngine final : public TrainEngine {
   QwenDecoder<float> dec_;
   DataParallel dp_;
   double loss_sum_ = 0;
+  int64_t experts_ = 0;
+  std::vector<int64_t> load_;  // (MoE layers * E) since the last take_expert_load
 };
 
 }  // namespace
@@ -114,17 +120,14 @@ std::string resolve_device(const std::string& device, const ModelConfig& cfg, co
     fail(context, "device '{}': use auto, cpu or cuda", device);
   if (device == "cpu") return device;
 #ifdef QT_HAVE_CUDA
+  (void)cfg;
   const bool gpu = cuda::device_count() > 0;
-  const bool aux = has_moe_layers(cfg) && cfg.output_router_logits;
   if (device == "cuda") {
     if (!gpu) fail(context, "device cuda: no CUDA device is visible (use --device cpu)");
-    if (aux)
-      fail(context, "device cuda: the router aux loss (output_router_logits) is not on the CUDA engine yet (set it "
-                    "to false or use --device cpu)");
     return device;
   }
-  if (gpu && !aux) return "cuda";
-  if (why) *why = gpu ? "the router aux loss (output_router_logits) runs on the CPU engine only" : "no CUDA device is visible";
+  if (gpu) return "cuda";
+  if (why) *why = "no CUDA device is visible";
   return "cpu";
 #else
   (void)cfg;

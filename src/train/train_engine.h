@@ -72,13 +72,14 @@ class TrainEngine {
   // v := the element-wise sum of v over the ranks (in rank order: the same on every rank); a no-op
   // on one process. Synchronising: for a few numbers per step (tokens, stop requests).
   virtual void sum_over_ranks(std::vector<double>& v) = 0;
+  // MoE models: per MoE layer, the (token, expert) assignments each expert received in the training
+  // micro-batches of this rank since the last call (then reset); empty for dense models.
+  virtual std::vector<std::vector<int64_t>> take_expert_load() = 0;
 };
 
-// "auto" -> "cuda" when this build has the CUDA backend, a GPU is visible and the model does not
-// ask for the MoE router aux loss (output_router_logits: CPU only so far), else "cpu"; "cpu" and
-// "cuda" are returned as they
-// are after checking that they can run ("[context] ..." errors otherwise). `why` gets a note when
-// auto picked the CPU although the build has CUDA.
+// "auto" -> "cuda" when this build has the CUDA backend and a GPU is visible, else "cpu"; "cpu" and
+// "cuda" are returned as they are after checking that they can run ("[context] ..." errors
+// otherwise). `why` gets a note when auto picked the CPU.
 std::string resolve_device(const std::string& device, const ModelConfig& cfg, const std::string& context,
                            std::string* why = nullptr);
 

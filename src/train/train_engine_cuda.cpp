@@ -56,14 +56,13 @@ class CudaEngine final : public TrainEngine {
  public:
   CudaEngine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt, const DataParallel& dp)
       : device_(select_device(dp)), comm_(join_comm(dp, device_)), cfg_(opt.config()), dec_(ctx_, w, lora),
-        steps_(opt.step_count()) {
+        steps_(opt.step_count()), aux_coef_(w.cfg.output_router_logits ? w.cfg.router_aux_loss_coef : 0.0) {
     if (steps_ > 0) load_from_host(lora, opt);  // a resumed run: AdamW's moments too
     if (comm_) {
       std::vector<dist::GradTensor> tensors;
       for (const auto& g : dec_.grad_layout()) tensors.push_back({g.offset, g.size, int(g.layer)});
       reducer_ = std::make_unique<dist::GradAllReducer>(*comm_, dec_.grad_data(),
                                                         dist::plan_grad_buckets(tensors, dp.bucket_bytes));
-      small_ = cuda::Buffer<double>(kSmall);
     }
   }
   std::string describe() const override {
@@ -107,6 +106,7 @@ class CudaEngine final : public TrainEngine {
           StepResult r;
           r.loss_sum = dec_.loss_sum();
           r.count = dec_.count();
+          if (aux_coef_ != 0) r.aux_loss = dec_.aux_loss(), r.aux_coef = aux_coef_;
           return r;
         },
         ds, micro_batch_size, pad_id);
@@ -125,23 +125,24 @@ class CudaEngine final : public TrainEngine {
   }
   void sum_over_ranks(std::vector<double>& v) override {
     if (!comm_) return;
-    QT_ASSERT(v.size() <= kSmall, "sum_over_ranks of {} values (at most {})", v.size(), kSmall);
     ctx_.synchronize();
+    if (small_.size() < v.size()) small_ = cuda::Buffer<double>(v.size());
     small_.upload(v);
     comm_->all_reduce_sum(small_.get(), v.size(), ctx_.stream());
     comm_->synchronize(ctx_.stream(), kCollectiveTimeoutS);
     const std::vector<double> all = small_.download();
     std::copy_n(all.begin(), v.size(), v.begin());
   }
+  std::vector<std::vector<int64_t>> take_expert_load() override { return dec_.take_expert_load(); }
 
  private:
-  static constexpr size_t kSmall = 16;
   int device_ = 0;
   std::unique_ptr<dist::NcclComm> comm_;  // before the context: joining selects the device
   AdamWConfig cfg_;
   cuda::Context ctx_;
   CudaDecoder dec_;
   int64_t steps_ = 0;
+  double aux_coef_ = 0;  // router_aux_loss_coef when the loss includes the router aux loss
   std::unique_ptr<dist::GradAllReducer> reducer_;
   cuda::Buffer<double> small_;
   int64_t planned_ = 0, done_ = 0;

@@ -81,6 +81,28 @@ void check_same_settings(dist::Rendezvous& rv, const std::string& settings) {
   }
 }
 
+// The expert-load statistics of MoE models for the log: per MoE layer the tokens each expert got,
+// and a one-line summary (routing collapse shows as a busiest/mean ratio far above 1 and idle experts).
+nlohmann::json expert_load_record(const std::vector<std::vector<int64_t>>& load, int64_t step, std::string* line) {
+  double worst = 0, least = 1e300;
+  int64_t worst_layer = 0, idle = 0, experts = 0;
+  std::vector<double> busiest;
+  for (size_t l = 0; l < load.size(); ++l) {
+    int64_t total = 0, top = 0;
+    for (int64_t c : load[l]) total += c, top = std::max(top, c), idle += c == 0;
+    experts += int64_t(load[l].size());
+    const double mean = load[l].empty() ? 0.0 : double(total) / double(load[l].size());
+    const double ratio = mean > 0 ? double(top) / mean : 0.0;
+    busiest.push_back(ratio);
+    if (ratio > worst) worst = ratio, worst_layer = int64_t(l);
+    for (int64_t c : load[l]) least = std::min(least, mean > 0 ? double(c) / mean : 0.0);
+  }
+  *line = fmt::format("expert load since the last log: busiest expert {:.2f}x the mean (MoE layer {}), "
+                      "least {:.2f}x, {} of {} experts idle", worst, worst_layer, least, idle, experts);
+  return {{"type", "expert_load"}, {"step", step}, {"busiest_over_mean", busiest}, {"idle_experts", idle},
+          {"tokens_per_expert", load}};
+}
+
 std::vector<int64_t> iota_vec(int64_t n) {
   std::vector<int64_t> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) v[size_t(i)] = i;
@@ -358,6 +380,19 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
                           {"tokens_per_s", tps}, {"elapsed_s", elapsed}, {"skipped_steps", res.steps_skipped}};
       j["loss"] = steps_since_log ? nlohmann::json(mean_loss) : nlohmann::json(nullptr);
       write_metrics(j);
+      if (std::vector<std::vector<int64_t>> load = engine->take_expert_load(); !load.empty()) {
+        if (rv) {  // over every rank's micro-batches
+          std::vector<double> flat;
+          for (const auto& l : load) flat.insert(flat.end(), l.begin(), l.end());
+          engine->sum_over_ranks(flat);
+          size_t at = 0;
+          for (auto& l : load)
+            for (int64_t& c : l) c = int64_t(flat[at++]);
+        }
+        std::string line;
+        write_metrics(expert_load_record(load, done, &line));
+        progress.print_line(line);
+      }
       t_log = Clock::now();
       tokens_since_log = 0;
       loss_since_log = 0;

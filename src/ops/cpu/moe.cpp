@@ -120,6 +120,28 @@ void moe_router_backward(T* dlogits, const T* dtopk_w, const T* probs, const int
   }
 }
 
+template <typename T>
+void moe_route_stats(double* prob_sum, double* counts, const T* probs, const int32_t* topk_idx, int64_t N, int64_t E,
+                     int64_t k) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t e = 0; e < E; ++e) prob_sum[e] += double(probs[n * E + e]);
+  for (int64_t a = 0; a < N * k; ++a) {
+    QT_ASSERT(topk_idx[a] >= 0 && topk_idx[a] < E, "moe_route_stats: expert {} of {}", topk_idx[a], E);
+    counts[topk_idx[a]] += 1.0;
+  }
+}
+
+template <typename T>
+void moe_aux_router_backward(T* dlogits, const T* probs, const double* f, double scale, int64_t N, int64_t E) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const T* p = probs + n * E;
+    double p_dot_f = 0;
+    for (int64_t e = 0; e < E; ++e) p_dot_f += double(p[e]) * f[e];
+    for (int64_t e = 0; e < E; ++e) dlogits[n * E + e] += T(scale * double(p[e]) * (f[e] - p_dot_f));
+  }
+}
+
 void moe_sort(int32_t* perm, int64_t* offsets, const int32_t* topk_idx, int64_t N, int64_t k, int64_t E) {
   const int64_t Nk = N * k;
   QT_ASSERT(Nk <= std::numeric_limits<int32_t>::max(), "moe_sort: {} assignments exceed int32 indices", Nk);
@@ -200,6 +222,8 @@ void moe_combine_backward(T* dys, T* dtopk_w, const T* dout, const T* ys, const 
 #define QT_INSTANTIATE(T)                                                                                          \
   template void moe_router_forward<T>(int32_t*, T*, T*, const T*, int64_t, int64_t, int64_t, bool);                \
   template void moe_router_backward<T>(T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t, bool);   \
+  template void moe_route_stats<T>(double*, double*, const T*, const int32_t*, int64_t, int64_t, int64_t);        \
+  template void moe_aux_router_backward<T>(T*, const T*, const double*, double, int64_t, int64_t);                 \
   template void moe_gather<T>(T*, const T*, const int32_t*, int64_t, int64_t, int64_t);                           \
   template void moe_gather_backward<T>(T*, const T*, const int32_t*, int64_t, int64_t, int64_t);                  \
   template void moe_combine<T>(T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t);                \

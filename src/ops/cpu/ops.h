@@ -122,6 +122,16 @@ template <typename T>
 void moe_router_backward(T* dlogits, const T* dtopk_w, const T* probs, const int32_t* topk_idx, int64_t N, int64_t E,
                          int64_t k, bool norm_topk_prob);
 
+// The router statistics of the load-balancing loss (model/moe_aux_loss.h), accumulated over layers:
+// prob_sum (E) += sum over the N rows of probs (N,E); counts (E) += the assignments per expert.
+template <typename T>
+void moe_route_stats(double* prob_sum, double* counts, const T* probs, const int32_t* topk_idx, int64_t N, int64_t E,
+                     int64_t k);
+// The load-balancing loss through the softmax: dlogits (N,E) += scale * p (f - p.f) per row, with
+// f (E) the routed fractions and scale = dloss * E / rows.
+template <typename T>
+void moe_aux_router_backward(T* dlogits, const T* probs, const double* f, double scale, int64_t N, int64_t E);
+
 // Token -> expert permutation by a stable counting sort of the N*k assignments a = n*k + j:
 // perm (N*k) lists assignments grouped by expert (expert e owns perm[offsets[e] .. offsets[e+1]));
 // offsets (E+1).

@@ -101,7 +101,7 @@ __global__ void router_fwd_kernel(int32_t* topk_idx, float* topk_w, float* probs
 }
 
 __global__ void router_bwd_kernel(bf16* dlogits, const float* dtopk_w, const float* probs, const int32_t* topk_idx,
-                                  int64_t N, int E, int k, bool norm) {
+                                  int64_t N, int E, int k, bool norm, const float* aux_f, float aux_scale) {
   const int lane = threadIdx.x & 31;
   const int64_t n = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (n >= N) return;
@@ -119,16 +119,55 @@ __global__ void router_bwd_kernel(bf16* dlogits, const float* dtopk_w, const flo
   float p_dot_dp = 0;
   for (int j = lane; j < k; j += 32) p_dot_dp += p[idx[j]] * dp_of(j);
   p_dot_dp = warp_sum(p_dot_dp);
+  // the load-balancing loss: aux_scale * p (f - p.f)
+  float p_dot_f = 0;
+  if (aux_f)
+    for (int e = lane; e < E; e += 32) p_dot_f += p[e] * aux_f[e];
+  p_dot_f = warp_sum(p_dot_f);
   for (int e = lane; e < E; e += 32) {
     float dp = 0;
     for (int j = 0; j < k; ++j)
       if (idx[j] == e) dp = dp_of(j);
+    float g = p[e] * (dp - p_dot_dp);
+    if (aux_f) g += aux_scale * p[e] * (aux_f[e] - p_dot_f);
     bf16* d = dlogits + n * E + e;
-    *d = to_bf(to_f(*d) + p[e] * (dp - p_dot_dp));
+    *d = to_bf(to_f(*d) + g);
   }
 }
 
 constexpr int kSortThreads = 1024;
+
+// Block e: prob_sum[e] += sum_n probs[n, e] (fixed thread assignment and tree: deterministic);
+// counts[e] (and layer_counts[e]) += offsets[e + 1] - offsets[e].
+__global__ void route_stats_kernel(float* prob_sum, int64_t* counts, int64_t* layer_counts, const float* probs,
+                                   const int64_t* offsets, int64_t N, int E) {
+  __shared__ float shared[32];
+  const int e = blockIdx.x;
+  float s = 0;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) s += probs[n * E + e];
+  s = block_sum(s, shared);
+  if (threadIdx.x == 0) {
+    prob_sum[e] += s;
+    const int64_t c = offsets[e + 1] - offsets[e];
+    counts[e] += c;
+    if (layer_counts) layer_counts[e] += c;
+  }
+}
+
+// One thread: f = counts / R, aux = E * sum_e f_e prob_sum_e / R in double, in expert order.
+__global__ void aux_loss_kernel(double* aux, float* f, double* add_to, double add_factor, const float* prob_sum,
+                                const int64_t* counts, int E, int64_t R) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double acc = 0;
+  for (int e = 0; e < E; ++e) {
+    const double fe = R > 0 ? double(counts[e]) / double(R) : 0.0;
+    f[e] = float(fe);
+    acc += fe * (R > 0 ? double(prob_sum[e]) / double(R) : 0.0);
+  }
+  const double a = double(E) * acc;
+  *aux = a;
+  if (add_to) *add_to += add_factor * a;
+}
 
 // Block e: counts[e] = number of assignments with expert e.
 __global__ void sort_count_kernel(int64_t* counts, const int32_t* topk_idx, int64_t Nk) {
@@ -241,11 +280,13 @@ void moe_router_forward(Context& ctx, int32_t* topk_idx, float* topk_w, float* p
 }
 
 void moe_router_backward(Context& ctx, bf16* dlogits, const float* dtopk_w, const float* probs,
-                         const int32_t* topk_idx, int64_t N, int64_t E, int64_t k, bool norm_topk_prob) {
+                         const int32_t* topk_idx, int64_t N, int64_t E, int64_t k, bool norm_topk_prob,
+                         const float* aux_f, float aux_scale) {
   QT_CUDA_ASSERT(E >= 1 && E <= 32 * kMaxPerLane && k >= 1 && k <= E, "moe_router: need 1 <= k <= E <= 256");
   if (N <= 0 || dlogits == nullptr) return;
   router_bwd_kernel<<<warp_blocks(N), kWarpsPerBlock * 32, 0, ctx.stream()>>>(dlogits, dtopk_w, probs, topk_idx, N,
-                                                                              int(E), int(k), norm_topk_prob);
+                                                                              int(E), int(k), norm_topk_prob, aux_f,
+                                                                              aux_scale);
   QT_CUDA_LAUNCH_CHECK();
 }
 
@@ -260,6 +301,20 @@ void moe_sort(Context& ctx, int32_t* perm, int64_t* offsets, const int32_t* topk
   QT_CUDA_LAUNCH_CHECK();
   if (Nk == 0) return;
   sort_place_kernel<<<unsigned(E), kSortThreads, 0, ctx.stream()>>>(perm, offsets, topk_idx, Nk);
+  QT_CUDA_LAUNCH_CHECK();
+}
+
+void moe_route_stats(Context& ctx, float* prob_sum, int64_t* counts, int64_t* layer_counts, const float* probs,
+                     const int64_t* offsets, int64_t N, int64_t E) {
+  QT_CUDA_ASSERT(E >= 1 && E <= 65535 && N >= 0, "moe_route_stats: E or N out of range");
+  route_stats_kernel<<<unsigned(E), kSortThreads, 0, ctx.stream()>>>(prob_sum, counts, layer_counts, probs, offsets, N,
+                                                                      int(E));
+  QT_CUDA_LAUNCH_CHECK();
+}
+
+void moe_aux_loss(Context& ctx, double* aux, float* f, double* add_to, double add_factor, const float* prob_sum,
+                  const int64_t* counts, int64_t E, int64_t R) {
+  aux_loss_kernel<<<1, 32, 0, ctx.stream()>>>(aux, f, add_to, add_factor, prob_sum, counts, int(E), R);
   QT_CUDA_LAUNCH_CHECK();
 }
 

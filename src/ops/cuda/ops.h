@@ -160,9 +160,21 @@ void attention_backward_simt(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const b
 // norm_topk_prob. One warp per token.
 void moe_router_forward(Context& ctx, int32_t* topk_idx, float* topk_w, float* probs, const bf16* logits, int64_t N,
                         int64_t E, int64_t k, bool norm_topk_prob);
-// dlogits (N,E) bf16 += the gradient through the top-k weights and the softmax (fp32 math).
+// dlogits (N,E) bf16 += the gradient through the top-k weights and the softmax (fp32 math), plus
+// with aux_f (E) the load-balancing loss's aux_scale * p (f - p.f) (cpu::moe_aux_router_backward),
+// added before the one rounding to bf16.
 void moe_router_backward(Context& ctx, bf16* dlogits, const float* dtopk_w, const float* probs,
-                         const int32_t* topk_idx, int64_t N, int64_t E, int64_t k, bool norm_topk_prob);
+                         const int32_t* topk_idx, int64_t N, int64_t E, int64_t k, bool norm_topk_prob,
+                         const float* aux_f = nullptr, float aux_scale = 0.f);
+// The load-balancing loss's statistics (cpu::moe_route_stats), accumulated over layers: prob_sum (E)
+// += column sums of probs (N,E) (fixed-order reduction); counts (E), and layer_counts (E) when not
+// null, += offsets[e+1] - offsets[e] (moe_sort's offsets of the same layer).
+void moe_route_stats(Context& ctx, float* prob_sum, int64_t* counts, int64_t* layer_counts, const float* probs,
+                     const int64_t* offsets, int64_t N, int64_t E);
+// f (E) = counts / R and *aux = E * sum_e f_e * prob_sum_e / R (double) over R = layers * N rows;
+// *add_to += add_factor * aux when add_to is not null (the training loss total).
+void moe_aux_loss(Context& ctx, double* aux, float* f, double* add_to, double add_factor, const float* prob_sum,
+                  const int64_t* counts, int64_t E, int64_t R);
 // Stable counting sort of the N*k assignments by expert: perm (N*k), offsets (E+1) int64, both
 // on the device (same result as cpu::moe_sort). Expert ids are trusted (the router wrote them).
 void moe_sort(Context& ctx, int32_t* perm, int64_t* offsets, const int32_t* topk_idx, int64_t N, int64_t k, int64_t E);
