@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <map>
+#include <memory>
 
 #include <fmt/core.h>
 
@@ -465,6 +466,7 @@ void upload_as_bf16(cuda::Context& ctx, bf16* dst, const Tensor& t) {
 
 CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora)
     : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr)) {
+  std::unique_ptr<Impl> guard(p_);  // frees the device buffers when an upload fails (bad NF4 data)
   Impl& p = *p_;
   upload_as_bf16(ctx, p.embed.get(), w.embed);
   if (!w.cfg.tie_word_embeddings) upload_as_bf16(ctx, p.lm_head_own.get(), w.lm_head);
@@ -487,11 +489,13 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
     if (d.moe) upload_as_bf16(ctx, d.router.get(), lw.mlp.router);
   }
   p.upload(p.lora, lora);
+  guard.release();
 }
 
 CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
                          bool load_in_4bit)
     : p_(new Impl(ctx, cfg, lcfg, load_in_4bit)) {
+  std::unique_ptr<Impl> guard(p_);
   Impl& p = *p_;
   uint64_t k = 0;
   p.for_each_weight([&](bf16* x, int64_t n, char role) {
@@ -508,6 +512,7 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraC
     }
   if (p.nf4) p.random_nf4(seed);
   ctx.synchronize();
+  guard.release();
 }
 
 CudaDecoder::~CudaDecoder() { delete p_; }
