@@ -83,6 +83,9 @@ fs::path train_both(const TempDir& tmp, const std::string& model, const std::str
   EXPECT_EQ(rg.status, 0) << rg.output;
   if (rc.status || rg.status) return gpu;
   EXPECT_NE(rg.output.find("device: cuda"), std::string::npos) << rg.output;
+  if (extra.find("qlora") != std::string::npos) {
+    EXPECT_NE(rg.output.find("NF4 base weights on the device"), std::string::npos) << rg.output;
+  }
   const auto lc = losses(cpu / "metrics.jsonl", "train", "loss"), lg = losses(gpu / "metrics.jsonl", "train", "loss");
   EXPECT_EQ(lc.size(), 6u);
   EXPECT_EQ(lg.size(), 6u);

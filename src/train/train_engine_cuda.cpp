@@ -2,6 +2,7 @@
 // Per optimizer step: zero_grads, then per micro-batch set_batch (queued pinned upload) and
 // forward_backward (queued), then optimizer_step (norm, guard, clip, AdamW on the device) and one
 // synchronisation to read the loss total, the norm and whether the guard skipped the update.
+// A QLoRA base (ModelWeights::nf4) stays in NF4 on the device (model/cuda_decoder.h).
 #include "train/train_engine.h"
 
 #include "core/error.h"
@@ -27,10 +28,12 @@ std::string gpu_name() {
 class CudaEngine final : public TrainEngine {
  public:
   CudaEngine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt)
-      : cfg_(opt.config()), dec_(ctx_, w, lora), steps_(opt.step_count()) {
+      : cfg_(opt.config()), dec_(ctx_, w, lora), steps_(opt.step_count()), nf4_(w.nf4 != nullptr) {
     if (steps_ > 0) load_from_host(lora, opt);  // a resumed run: AdamW's moments too
   }
-  std::string describe() const override { return "cuda (" + gpu_name() + ")"; }
+  std::string describe() const override {
+    return "cuda (" + gpu_name() + (nf4_ ? ", NF4 base weights on the device" : "") + ")";
+  }
   void begin_step() override { dec_.zero_grads(); }
   void accumulate(const Batch& b, double grad_scale, const LoraDropout& dropout) override {
     dec_.set_batch(b);
@@ -72,6 +75,7 @@ class CudaEngine final : public TrainEngine {
   cuda::Context ctx_;
   CudaDecoder dec_;
   int64_t steps_ = 0;
+  bool nf4_ = false;  // QLoRA: the projections are kept in NF4 on the GPU
 };
 
 }  // namespace
