@@ -393,7 +393,9 @@ struct CudaDecoder::Impl {
           fail("cuda", "{}: NF4 shape {} (expected [{}, {}])", name, shape_str(it->second.shape), sr.out, sr.in);
         ts.push_back(&it->second);
       }
-      layers[l].nf4[s].upload(ts, projection_hub_name(l, s));
+      layers[l].nf4[s].upload(ts, sr.E > 0 ? fmt::format("model.layers.{}.mlp.experts.*.{}.weight", l,
+                                                        lora_slot_module(LoraSlot(s)))
+                                          : projection_hub_name(l, s));
     }
   }
   // NF4, random weights: every projection normal(0, 0.02) in bf16 (made in the scratch), quantized on
