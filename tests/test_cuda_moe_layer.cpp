@@ -109,8 +109,8 @@ void check_moe(const MoeCase& c) {
 
   // GPU.
   cuda::Context ctx;
-  CudaMoeWeights gw;
-  gw.router = dev_bf16(wr), gw.gate = dev_bf16(wg), gw.up = dev_bf16(wu), gw.down = dev_bf16(wd);
+  auto g_router = dev_bf16(wr), g_gate = dev_bf16(wg), g_up = dev_bf16(wu), g_down = dev_bf16(wd);
+  const CudaMoeWeights gw{g_router.get(), g_gate.get(), g_up.get(), g_down.get()};
   std::array<cuda::Buffer<float>, 3> A, B, dA, dB;
   CudaMoeLora gl;
   gl.r = r, gl.scale = scale;
@@ -205,10 +205,10 @@ void check_deterministic(int64_t N, bool zero_b) {
   const int64_t H = 128, I = 64, E = 8, k = 2, r = 16;
   std::mt19937_64 rng(77);
   cuda::Context ctx;
-  CudaMoeWeights w;
-  w.router = dev_bf16(randn_bf16(size_t(E * H), rng, 0.3f));
-  w.gate = dev_bf16(randn_bf16(size_t(E * I * H), rng, 0.1f)), w.up = dev_bf16(randn_bf16(size_t(E * I * H), rng, 0.1f));
-  w.down = dev_bf16(randn_bf16(size_t(E * H * I), rng, 0.1f));
+  auto w_router = dev_bf16(randn_bf16(size_t(E * H), rng, 0.3f));
+  auto w_gate = dev_bf16(randn_bf16(size_t(E * I * H), rng, 0.1f)), w_up = dev_bf16(randn_bf16(size_t(E * I * H), rng, 0.1f));
+  auto w_down = dev_bf16(randn_bf16(size_t(E * H * I), rng, 0.1f));
+  const CudaMoeWeights w{w_router.get(), w_gate.get(), w_up.get(), w_down.get()};
   const int64_t ins[3] = {H, H, I}, outs[3] = {I, I, H};
   std::array<cuda::Buffer<float>, 3> A, B, dA, dB;
   CudaMoeLora l;

@@ -1,7 +1,10 @@
 // NF4 dequantization on the device (ops/cuda/nf4.h) equals the CPU reference (model/nf4.h) bit for
 // bit: bf16 and fp32 outputs, with and without double quantization, on odd sizes (a ragged last
 // block and an odd element count), a zero block, more than 256 blocks (two nested blocks) and a
-// large matrix. Skipped without a CUDA device. A failure prints the shape, the mismatch count and
+// large matrix. The batched dequantization of model/cuda_nf4_weights.h (E tensors back to back, the
+// QLoRA decoder's path) equals the CPU per tensor for quant-state dtypes bf16, f16 and f32, and the
+// device quantizer (codes and absmax on the GPU, double quantization on the host) gives nf4_quantize's
+// bytes. Skipped without a CUDA device. A failure prints the shape, the mismatch count and
 // the first mismatching element (index, code, device and host values).
 #include <gtest/gtest.h>
 
@@ -10,7 +13,9 @@
 #include <random>
 
 #include "cuda_parity.h"
+#include "model/cuda_nf4_weights.h"
 #include "model/nf4.h"
+#include "ops/cuda/init_clip.h"
 #include "ops/cuda/nf4.h"
 
 namespace qt::testing {
@@ -140,6 +145,129 @@ TEST(CudaNf4, DequantizeThroughput) {
   const double bytes = double(q.codes.size()) + 2.0 * double(q.numel()) + double(q.absmax_codes.size());
   std::printf("  nf4 dequantize %s -> bf16: %.3f ms, %.0f GB/s\n", shape_str(s).c_str(), ms, bytes / ms / 1e6);
   EXPECT_GT(ms, 0.0);
+}
+
+// Values of `count` tensors of n elements, bf16-rounded: normal(0, 0.02) with an outlier, an all-zero
+// block, a block of tiny values and a block of one repeated value (every element on absmax) per tensor.
+std::vector<float> quantize_inputs(int64_t count, int64_t n, std::mt19937_64& rng) {
+  std::vector<float> v = randn_bf16(size_t(count * n), rng, 0.02f);
+  for (int64_t e = 0; e < count; ++e) {
+    float* t = v.data() + e * n;
+    t[n / 2] = round_bf16(0.75f * float(e + 1));
+    if (n >= 4 * 64) {
+      for (int64_t i = 64; i < 128; ++i) t[i] = 0.0f;
+      for (int64_t i = 128; i < 192; ++i) t[i] = round_bf16(1e-30f * float(i - 150));
+      for (int64_t i = 192; i < 256; ++i) t[i] = round_bf16(-0.03125f);
+    }
+  }
+  return v;
+}
+
+TEST(CudaNf4, DeviceQuantizeEqualsCpuBytes) {
+  QT_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(23);
+  cuda::Context ctx;
+  struct Case {
+    int64_t count;
+    Shape shape;
+  };
+  // odd n (padding nibble), a ragged last block, > 256 blocks (several nested blocks), several tensors
+  const std::vector<Case> cases = {{1, {1}}, {3, {5, 7}}, {2, {33, 65}}, {4, {96, 64}}, {2, {256, 130}}, {3, {1024, 200}}};
+  for (const Case& c : cases) {
+    const int64_t n = shape_numel(c.shape);
+    const std::vector<float> v = quantize_inputs(c.count, n, rng);
+    Buffer<cuda::bf16> x = dev_bf16(v);
+    const std::vector<Nf4Tensor> got = nf4_quantize_on_device(ctx, x.get(), c.count, c.shape);
+    ASSERT_EQ(got.size(), size_t(c.count));
+    for (int64_t e = 0; e < c.count; ++e) {
+      const std::string what = shape_str(c.shape) + " tensor " + std::to_string(e);
+      const Tensor w = Tensor::from_vector(std::vector<float>(v.begin() + e * n, v.begin() + (e + 1) * n), c.shape)
+                           .to(DType::BF16);
+      const Nf4Tensor want = nf4_quantize(w, DType::BF16);
+      const Nf4Tensor& have = got[size_t(e)];
+      EXPECT_EQ(have.shape, want.shape) << what;
+      EXPECT_EQ(have.dtype, want.dtype) << what;
+      EXPECT_EQ(have.double_quant, want.double_quant) << what;
+      EXPECT_EQ(have.codes, want.codes) << what << ": codes";
+      EXPECT_EQ(have.absmax_codes, want.absmax_codes) << what << ": absmax codes";
+      EXPECT_EQ(have.nested_absmax, want.nested_absmax) << what << ": nested absmax";
+      EXPECT_EQ(have.quant_map, want.quant_map) << what;
+      EXPECT_EQ(have.nested_quant_map, want.nested_quant_map) << what;
+      uint32_t a = 0, b = 0;
+      std::memcpy(&a, &have.offset, 4), std::memcpy(&b, &want.offset, 4);
+      EXPECT_EQ(a, b) << what << ": offset " << have.offset << " vs " << want.offset;
+    }
+  }
+}
+
+// CudaNf4Group: host NF4 tensors uploaded as one group, dequantized by the batched kernel, equal the
+// CPU's values as the bf16 engine holds them: nf4_dequantize to the quant-state dtype, widened to
+// fp32, rounded to bf16 (for f16 that is two roundings; for bf16 and f32 one).
+TEST(CudaNf4, BatchedDequantizeEqualsCpuPerTensor) {
+  QT_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(31);
+  cuda::Context ctx;
+  for (DType storage : {DType::BF16, DType::F16, DType::F32})
+    for (const auto& [count, shape] : std::vector<std::pair<int64_t, Shape>>{{1, {48, 40}}, {5, {33, 65}}, {3, {520, 64}}}) {
+      const int64_t n = shape_numel(shape);
+      const std::vector<float> v = quantize_inputs(count, n, rng);
+      std::vector<Nf4Tensor> qs;
+      for (int64_t e = 0; e < count; ++e)
+        qs.push_back(nf4_quantize(Tensor::from_vector(std::vector<float>(v.begin() + e * n, v.begin() + (e + 1) * n), shape),
+                                  storage));
+      std::vector<const Nf4Tensor*> ptrs;
+      for (const Nf4Tensor& q : qs) ptrs.push_back(&q);
+      CudaNf4Group g;
+      g.upload(ptrs, "test");
+      ASSERT_EQ(g.numel(), count * n);
+      Buffer<cuda::bf16> out(size_t(count * n));
+      out.fill_bytes(0xFF);
+      g.dequantize(ctx, out.get());
+      ctx.synchronize();
+      std::vector<uint16_t> got(size_t(count * n));
+      QT_CUDA_CHECK(cudaMemcpy(got.data(), out.get(), got.size() * 2, cudaMemcpyDeviceToHost));
+      for (int64_t e = 0; e < count; ++e) {
+        const Tensor want = nf4_dequantize(qs[size_t(e)], storage).to(DType::F32).to(DType::BF16);
+        expect_same_bits(std::vector<uint16_t>(got.begin() + e * n, got.begin() + (e + 1) * n), want, qs[size_t(e)],
+                         "batched " + std::string(dtype_name(storage)) + " tensor " + std::to_string(e));
+      }
+    }
+}
+
+// Time of the QLoRA decoder's per-layer dequantization (batched kernel, bf16 out) for one projection
+// kind of a Qwen3-30B-A3B MoE layer (128 experts of 768 x 2048) and the MLP matrix of Qwen2.5-7B
+// (18944 x 3584), random weights quantized on the device; the first and last tensors are checked
+// against the CPU. Printed with the bytes moved per second (codes + absmax codes + bf16 out).
+TEST(CudaNf4, BatchedDequantizeThroughput) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  for (const auto& [count, shape] : std::vector<std::pair<int64_t, Shape>>{{128, {768, 2048}}, {1, {18944, 3584}}}) {
+    const int64_t n = shape_numel(shape);
+    Buffer<cuda::bf16> x(size_t(count * n));
+    cuda::fill_normal(ctx, x.get(), count * n, 0.f, 0.02f, 99);
+    const std::vector<Nf4Tensor> qs = nf4_quantize_on_device(ctx, x.get(), count, shape);
+    std::vector<const Nf4Tensor*> ptrs;
+    for (const Nf4Tensor& q : qs) ptrs.push_back(&q);
+    CudaNf4Group g;
+    g.upload(ptrs, "throughput");
+    Buffer<cuda::bf16> out(size_t(count * n));
+    g.dequantize(ctx, out.get());  // warm-up, and the result checked below
+    cuda::Event t0, t1;
+    t0.record(ctx.stream());
+    constexpr int kReps = 10;
+    for (int i = 0; i < kReps; ++i) g.dequantize(ctx, out.get());
+    t1.record(ctx.stream());
+    t1.synchronize();
+    const double ms = double(t1.elapsed_since(t0)) / kReps;
+    const double bytes = double(count) * (double(n) / 2 + double(n) / 64 + 2.0 * double(n));
+    std::printf("  nf4 batched dequantize %lld x %s -> bf16: %.3f ms, %.0f GB/s\n", static_cast<long long>(count),
+                shape_str(shape).c_str(), ms, bytes / ms / 1e6);
+    std::vector<uint16_t> got(size_t(count * n));
+    QT_CUDA_CHECK(cudaMemcpy(got.data(), out.get(), got.size() * 2, cudaMemcpyDeviceToHost));
+    for (int64_t e : {int64_t(0), count - 1})
+      expect_same_bits(std::vector<uint16_t>(got.begin() + e * n, got.begin() + (e + 1) * n),
+                       nf4_dequantize(qs[size_t(e)], DType::BF16), qs[size_t(e)], "throughput tensor " + std::to_string(e));
+  }
 }
 
 }  // namespace

@@ -8,6 +8,9 @@
 //  - The CUDA engine is deterministic (no atomics, fixed reduction orders): a run stopped at step 3
 //    and resumed reaches exactly the losses and the adapter bytes of an uninterrupted run.
 //  - `eval --device cuda` on the trained adapter agrees with `eval --device cpu` within 1e-2.
+//  - QLoRA (adapter: qlora): the GPU keeps the projections in NF4 and dequantizes them per layer to
+//    the same bf16 values the bf16 engine would hold, so the same tolerances hold against the CPU
+//    QLoRA run (which computes with the same dequantized weights in fp32); resume is exact too.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -35,7 +38,8 @@ using RunResult = qt::test::CommandResult;
 
 RunResult run(const std::string& args) { return qt::test::run_command(quoted(QT_BINARY) + " " + args + " 2>&1"); }
 
-std::string write_config(const fs::path& dir, const std::string& model = "tiny-qwen3.json") {
+std::string write_config(const fs::path& dir, const std::string& model = "tiny-qwen3.json",
+                         const std::string& extra = "") {
   std::ofstream d(dir / "data.jsonl");
   const char* rows[] = {
       R"({"messages": [{"role": "user", "content": "Say the colour of the sky."}, {"role": "assistant", "content": "The sky is blue."}]})",
@@ -50,7 +54,7 @@ std::string write_config(const fs::path& dir, const std::string& model = "tiny-q
     << "chat_template: chatml\nsequence_len: 64\nmicro_batch_size: 2\ngradient_accumulation_steps: 2\n"
     << "max_steps: 6\nlearning_rate: 5.0e-3\nlr_scheduler: constant\nlora_dropout: 0.1\nval_set_size: 2\n"
     << "lora_r: 8\nlora_alpha: 16\nlora_target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]\n"
-    << "seed: 7\nlogging_steps: 1\n";
+    << "seed: 7\nlogging_steps: 1\n" << extra;
   return cfg.string();
 }
 
@@ -70,8 +74,8 @@ std::vector<double> losses(const fs::path& metrics, const char* type, const char
   if (qt::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
 
 // Trains the same config on both engines; returns the GPU run's folder (checks the losses).
-fs::path train_both(const TempDir& tmp, const std::string& model) {
-  const std::string cfg = write_config(tmp.path, model);
+fs::path train_both(const TempDir& tmp, const std::string& model, const std::string& extra = "") {
+  const std::string cfg = write_config(tmp.path, model, extra);
   const fs::path cpu = tmp.path / "cpu", gpu = tmp.path / "gpu";
   const RunResult rc = run("train " + quoted(cfg) + " --device cpu --output_dir " + quoted(cpu.string()));
   EXPECT_EQ(rc.status, 0) << rc.output;
@@ -79,6 +83,9 @@ fs::path train_both(const TempDir& tmp, const std::string& model) {
   EXPECT_EQ(rg.status, 0) << rg.output;
   if (rc.status || rg.status) return gpu;
   EXPECT_NE(rg.output.find("device: cuda"), std::string::npos) << rg.output;
+  if (extra.find("qlora") != std::string::npos) {
+    EXPECT_NE(rg.output.find("NF4 base weights on the device"), std::string::npos) << rg.output;
+  }
   const auto lc = losses(cpu / "metrics.jsonl", "train", "loss"), lg = losses(gpu / "metrics.jsonl", "train", "loss");
   EXPECT_EQ(lc.size(), 6u);
   EXPECT_EQ(lg.size(), 6u);
@@ -130,9 +137,9 @@ TEST(CudaTrain, MoeFollowsTheCpuEngine) {
   train_both(tmp, "tiny-qwen3-moe.json");
 }
 
-void check_resume_exact(const std::string& model) {
+void check_resume_exact(const std::string& model, const std::string& extra = "") {
   TempDir tmp("cuda_resume");
-  const std::string cfg = write_config(tmp.path, model);
+  const std::string cfg = write_config(tmp.path, model, extra);
   const fs::path full = tmp.path / "full", split = tmp.path / "split";
   const std::string base = "train " + quoted(cfg) + " --device cuda --save_steps 3 --output_dir ";
   const RunResult a = run(base + quoted(full.string()));
@@ -160,6 +167,22 @@ TEST(CudaTrain, ResumeIsExact) {
 TEST(CudaTrain, MoeResumeIsExact) {
   SKIP_WITHOUT_GPU();
   check_resume_exact("tiny-qwen3-moe.json");
+}
+
+// QLoRA: NF4 base on the device (dense and MoE), against the CPU's QLoRA run.
+TEST(CudaTrain, QloraFollowsTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  TempDir tmp("cuda_train_qlora");
+  train_both(tmp, "tiny-qwen3.json", "adapter: qlora\n");
+}
+TEST(CudaTrain, QloraMoeFollowsTheCpuEngine) {
+  SKIP_WITHOUT_GPU();
+  TempDir tmp("cuda_train_qlora_moe");
+  train_both(tmp, "tiny-qwen3-moe.json", "adapter: qlora\n");
+}
+TEST(CudaTrain, QloraResumeIsExact) {
+  SKIP_WITHOUT_GPU();
+  check_resume_exact("tiny-qwen3.json", "adapter: qlora\n");
 }
 
 }  // namespace

@@ -4,10 +4,12 @@
 // a 4-bit base equals merge on its dequantized weights; QLoRA training steps stay near bf16 LoRA.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <vector>
 
 #include "io/batch_json.h"
 #include "io/merge.h"
@@ -52,6 +54,68 @@ TEST(Qlora, TargetNames) {
   EXPECT_FALSE(is_4bit_target("model.layers.0.input_layernorm.weight"));
   EXPECT_FALSE(is_4bit_target("model.embed_tokens.weight"));
   EXPECT_FALSE(is_4bit_target("lm_head.weight"));
+}
+
+TEST(Qlora, ProjectionHubNames) {
+  EXPECT_EQ(projection_hub_name(0, kLoraQ), "model.layers.0.self_attn.q_proj.weight");
+  EXPECT_EQ(projection_hub_name(12, kLoraO), "model.layers.12.self_attn.o_proj.weight");
+  EXPECT_EQ(projection_hub_name(3, kLoraDown), "model.layers.3.mlp.down_proj.weight");
+  EXPECT_EQ(projection_hub_name(3, kLoraGate, 17), "model.layers.3.mlp.experts.17.gate_proj.weight");
+  for (int s = 0; s < kNumLoraSlots; ++s) EXPECT_TRUE(is_4bit_target(projection_hub_name(5, s))) << s;
+  for (int s = kLoraGate; s < kNumLoraSlots; ++s) EXPECT_TRUE(is_4bit_target(projection_hub_name(5, s, 0))) << s;
+}
+
+// The NF4 data kept for the CUDA engine (ModelWeights::nf4) is the quantization of the original
+// weights, one tensor per projection (per expert), whose dequantization is the weights' new values.
+TEST(Qlora, LoadIn4bitKeepsTheNf4Tensors) {
+  for (const char* c : {"qwen3_headdim_gqa", "qwen3_moe_top2_norm"}) {
+    SCOPED_TRACE(c);
+    const LoadedModel plain = load_model_source(golden(c), 0, "t", false);
+    const LoadedModel q4 = load_model_source(golden(c), 0, "t", true);
+    EXPECT_FALSE(plain.weights.nf4);
+    ASSERT_TRUE(q4.weights.nf4);
+    const auto pn = hub_named_tensors(plain.weights), qn = hub_named_tensors(q4.weights);
+    size_t targets = 0;
+    for (size_t i = 0; i < pn.size(); ++i) {
+      const std::string& name = pn[i].first;
+      const auto it = q4.weights.nf4->tensors.find(name);
+      if (!is_4bit_target(name)) {
+        EXPECT_TRUE(it == q4.weights.nf4->tensors.end()) << name;
+        continue;
+      }
+      ++targets;
+      ASSERT_TRUE(it != q4.weights.nf4->tensors.end()) << name;
+      const Nf4Tensor want = nf4_quantize(pn[i].second, DType::F32);
+      EXPECT_EQ(it->second.codes, want.codes) << name;
+      EXPECT_EQ(it->second.absmax_codes, want.absmax_codes) << name;
+      EXPECT_EQ(it->second.offset, want.offset) << name;
+      EXPECT_TRUE(same_bits(nf4_dequantize(it->second, DType::F32), qn[i].second)) << name;
+    }
+    EXPECT_EQ(targets, q4.weights.nf4->tensors.size());
+  }
+}
+
+// nf4_double_quantize (the host half of the CUDA quantizer) on a tensor's absmax gives nf4_quantize's
+// double quantization.
+TEST(Qlora, DoubleQuantizeOfTheAbsmaxEqualsQuantize) {
+  std::vector<float> v(64 * 600 + 10);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = std::sin(0.37 * double(i)) * (1.0 + double(i % 977) / 50.0);
+  const Tensor w = Tensor::from_vector(v, {int64_t(v.size())});
+  const Nf4Tensor want = nf4_quantize(w, DType::BF16);
+  std::vector<float> absmax(size_t(want.num_blocks()));
+  for (size_t b = 0; b < absmax.size(); ++b) {
+    float m = 0;
+    for (size_t j = b * 64; j < std::min(v.size(), b * 64 + 64); ++j) m = std::max(m, std::fabs(v[j]));
+    absmax[b] = m;
+  }
+  Nf4Tensor q;
+  q.shape = want.shape;
+  nf4_double_quantize(absmax, q);
+  EXPECT_EQ(q.absmax_codes, want.absmax_codes);
+  EXPECT_EQ(q.nested_absmax, want.nested_absmax);
+  EXPECT_EQ(q.nested_quant_map, want.nested_quant_map);
+  EXPECT_EQ(q.offset, want.offset);
+  EXPECT_TRUE(q.double_quant);
 }
 
 TEST(Qlora, LoadIn4bitQuantizesProjectionsOnlyAndLogitsUseTheDequantizedWeights) {
@@ -113,6 +177,19 @@ TEST(Qlora, QuantizeWritesBnbCheckpointThatLoadsBackToTheSameWeights) {
     EXPECT_GT(s.quantized, 0);
     const LoadedModel pre = load_model_source(out, 0, "t", false);
     EXPECT_TRUE(pre.base_4bit);
+    // The pre-quantized folder's NF4 tensors are those --load-in-4bit makes from the bf16 copy.
+    const LoadedModel direct4 = load_model_source(bf, 0, "t", true);
+    ASSERT_TRUE(pre.weights.nf4 && direct4.weights.nf4);
+    ASSERT_EQ(pre.weights.nf4->tensors.size(), direct4.weights.nf4->tensors.size());
+    for (const auto& [name, t] : direct4.weights.nf4->tensors) {
+      const auto it = pre.weights.nf4->tensors.find(name);
+      ASSERT_TRUE(it != pre.weights.nf4->tensors.end()) << name;
+      EXPECT_EQ(it->second.codes, t.codes) << name;
+      EXPECT_EQ(it->second.absmax_codes, t.absmax_codes) << name;
+      EXPECT_EQ(it->second.nested_absmax, t.nested_absmax) << name;
+      EXPECT_EQ(it->second.offset, t.offset) << name;
+      EXPECT_EQ(it->second.dtype, t.dtype) << name;
+    }
     const LoadedModel direct = load_model_source(bf, 0, "t", true);
     const auto a = hub_named_tensors(pre.weights), b = hub_named_tensors(direct.weights);
     ASSERT_EQ(a.size(), b.size());

@@ -10,11 +10,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <map>
+#include <memory>
 
 #include <fmt/core.h>
 
 #include "core/error.h"
 #include "model/cuda_moe.h"
+#include "model/cuda_nf4_weights.h"
+#include "model/weights_4bit.h"
 #include "ops/cpu/ops.h"
 #include "ops/cuda/init_clip.h"
 #include "ops/cuda/ops.h"
@@ -28,9 +31,11 @@ namespace {
 
 struct DeviceLayer {
   bool moe = false;
-  Buffer<bf16> input_norm, post_norm, q_norm, k_norm, q_b, k_b, v_b;
-  Buffer<bf16> w[kNumLoraSlots];  // q k v o gate up down, (out,in); a MoE layer's experts are in `experts`
-  CudaMoeWeights experts;
+  Buffer<bf16> input_norm, post_norm, q_norm, k_norm, q_b, k_b, v_b, router;
+  // q k v o gate up down, (out,in); a MoE layer's gate/up/down are its experts (E,out,in). Empty with
+  // NF4 weights, which live in `nf4` (one group per projection, E tensors for experts).
+  Buffer<bf16> w[kNumLoraSlots];
+  std::array<CudaNf4Group, kNumLoraSlots> nf4;
 };
 
 // One LoRA slot: offsets of A (r,in) and B (out,r) in the flat fp32 buffers.
@@ -96,6 +101,13 @@ struct CudaDecoder::Impl {
   Buffer<bf16> saved, a, q_raw, k_raw, q, k, v, attn, o, h, m, g, u, act, xa, xf;
   Buffer<float> rstd1, rstd_q, rstd_k, lse, rstd2, rstdf;
   Buffer<bf16> dx, dm, da, dattn, dq, dk, dv, dq_raw, dk_raw, dact, dg, du, dxf;
+  // NF4 base (QLoRA): every layer's projections dequantized into `wscratch` (sized for the largest
+  // layer) right before its forward, and again before its recompute + backward (the last layer's
+  // forward dequantization serves its backward too); woff[l][s] = slot s's offset in the scratch.
+  bool nf4 = false;
+  Buffer<bf16> wscratch;
+  std::vector<std::array<int64_t, kNumLoraSlots>> woff;
+  int64_t scratch_layer = -1;  // the layer whose weights the scratch holds (-1: none)
   PhaseProfile prof;
   std::function<void(int64_t)> layer_backward_hook;
   // MoE: the router load-balancing loss (output_router_logits) and the expert-load statistics.
@@ -109,7 +121,8 @@ struct CudaDecoder::Impl {
   CudaMoeAux aux_grad;  // of the current backward
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
-  Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc) : ctx(c), cfg(mc), lcfg(lc) {
+  Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base)
+      : ctx(c), cfg(mc), lcfg(lc), nf4(nf4_base) {
     L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size;
     bool any_dense = false;
     for (int64_t i = 0; i < L; ++i) any_moe = any_moe || cfg.is_moe_layer(i), any_dense = any_dense || !cfg.is_moe_layer(i);
@@ -126,6 +139,8 @@ struct CudaDecoder::Impl {
     lm_head = cfg.tie_word_embeddings ? embed.get() : lm_head_own.get();
     layers.resize(size_t(L));
     slots.resize(size_t(L));
+    woff.resize(size_t(L));
+    int64_t scratch_elems = 0;
     for (int64_t l = 0; l < L; ++l) {
       DeviceLayer& d = layers[l];
       d.input_norm = Buffer<bf16>(size_t(H));
@@ -134,24 +149,23 @@ struct CudaDecoder::Impl {
       if (cfg.attention_bias)
         d.q_b = Buffer<bf16>(size_t(qd)), d.k_b = Buffer<bf16>(size_t(kvd)), d.v_b = Buffer<bf16>(size_t(kvd));
       d.moe = cfg.is_moe_layer(l);
-      if (d.moe) {
-        const int64_t E = cfg.num_experts, Im = cfg.moe_intermediate_size;
-        d.experts.router = Buffer<bf16>(size_t(E * H));
-        d.experts.gate = Buffer<bf16>(size_t(E * Im * H)), d.experts.up = Buffer<bf16>(size_t(E * Im * H));
-        d.experts.down = Buffer<bf16>(size_t(E * H * Im));
-      }
+      if (d.moe) d.router = Buffer<bf16>(size_t(cfg.num_experts * H));
+      int64_t off = 0;
       for (int s = 0; s < kNumLoraSlots; ++s) {
         LoraSlotShape sh = lora_slot_shape(cfg, l, LoraSlot(s));
         SlotRef& ref = slots[l][s];
         ref.E = sh.experts, ref.in = sh.in, ref.out = sh.out;
-        if (sh.experts == 0) d.w[s] = Buffer<bf16>(size_t(sh.in * sh.out));
+        woff[l][s] = off, off += ref.copies() * sh.in * sh.out;
+        if (!nf4) d.w[s] = Buffer<bf16>(size_t(ref.copies() * sh.in * sh.out));
         if (!lc.targets(LoraSlot(s))) continue;
         ref.present = true;
         ref.a_off = n_lora, n_lora += ref.copies() * r * sh.in;
         ref.b_off = n_lora, n_lora += ref.copies() * sh.out * r;
         if (sh.experts == 0) max_in = std::max(max_in, sh.in);
       }
+      scratch_elems = std::max(scratch_elems, off);
     }
+    if (nf4) wscratch = Buffer<bf16>(size_t(scratch_elems));
     lora = Buffer<float>(size_t(n_lora)), grad = Buffer<float>(size_t(n_lora));
     m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
     m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
@@ -179,10 +193,12 @@ struct CudaDecoder::Impl {
       f(d.post_norm.get(), H, 'n');
       if (cfg.qk_norm) f(d.q_norm.get(), hd, 'n'), f(d.k_norm.get(), hd, 'n');
       if (cfg.attention_bias) f(d.q_b.get(), qd, 'b'), f(d.k_b.get(), kvd, 'b'), f(d.v_b.get(), kvd, 'b');
-      for (auto& w : d.w)
-        if (w.size()) f(w.get(), int64_t(w.size()), 'w');
-      for (auto* w : {&d.experts.router, &d.experts.gate, &d.experts.up, &d.experts.down})
-        if (w->size()) f(w->get(), int64_t(w->size()), 'w');
+      // attention (and a dense MLP), then the router and the experts
+      for (int s = 0; s < kNumLoraSlots; ++s)
+        if (d.w[s].size() && !(d.moe && s >= kLoraGate)) f(d.w[s].get(), int64_t(d.w[s].size()), 'w');
+      if (d.router.size()) f(d.router.get(), int64_t(d.router.size()), 'w');
+      for (int s = kLoraGate; d.moe && s < kNumLoraSlots; ++s)
+        if (d.w[s].size()) f(d.w[s].get(), int64_t(d.w[s].size()), 'w');
     }
   }
 
@@ -210,6 +226,18 @@ struct CudaDecoder::Impl {
     staging = cuda::PinnedBuffer<int32_t>(size_t(4 * N));
     if (any_moe)
       moe_work.alloc(N, H, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, r);
+  }
+  // The base weight of slot s of layer l: its own buffer, or its part of the NF4 scratch.
+  const bf16* wt(int64_t l, int s) const { return nf4 ? wscratch.get() + woff[l][s] : layers[l].w[s].get(); }
+  CudaMoeWeights moe_weights(int64_t l) const {
+    return {layers[l].router.get(), wt(l, kLoraGate), wt(l, kLoraUp), wt(l, kLoraDown)};
+  }
+  // NF4: dequantizes layer l's projections into the scratch (nothing when it already holds them).
+  void ensure_layer_weights(int64_t l) {
+    if (!nf4 || scratch_layer == l) return;
+    for (int s = 0; s < kNumLoraSlots; ++s) layers[l].nf4[s].dequantize(ctx, wscratch.get() + woff[l][s]);
+    scratch_layer = l;
+    prof.mark(ctx, "nf4.dequantize");
   }
   // The expert LoRA of MoE layer l in the flat buffers, and the layer's dims and dropout.
   CudaMoeLora moe_lora(int64_t l) const {
@@ -252,7 +280,7 @@ struct CudaDecoder::Impl {
   // y = x W^T (+ b) (+ scale B A dropout(x))
   void proj_fwd(int64_t l, int s, bf16* y, const bf16* x, const bf16* bias) {
     const SlotRef& sr = slots[l][s];
-    cuda::linear_forward(ctx, y, x, layers[l].w[s].get(), bias, N, sr.in, sr.out);
+    cuda::linear_forward(ctx, y, x, wt(l, s), bias, N, sr.in, sr.out);
     if (sr.present)
       cuda::lora_forward(ctx, y, xa_of(s), lora_input(l, s, x), lora.get() + sr.a_off, lora.get() + sr.b_off, scale, N,
                          sr.in, sr.out, r);
@@ -260,7 +288,7 @@ struct CudaDecoder::Impl {
   // dx += dy W (+ the LoRA path, through the dropout mask); dA, dB accumulate
   void proj_bwd(int64_t l, int s, bf16* dxp, const bf16* dy, const bf16* x) {
     const SlotRef& sr = slots[l][s];
-    cuda::linear_backward(ctx, dxp, dy, layers[l].w[s].get(), N, sr.in, sr.out);
+    cuda::linear_backward(ctx, dxp, dy, wt(l, s), N, sr.in, sr.out);
     if (!sr.present) return;
     const bf16* xin = lora_input(l, s, x);
     bf16* dlora_x = dxp;
@@ -292,7 +320,7 @@ struct CudaDecoder::Impl {
     cuda::add_rmsnorm_forward(ctx, h.get(), m.get(), rstd2.get(), x_in, o.get(), d.post_norm.get(), N, H, eps);
     if (d.moe) {  // x_out = h + moe(m)
       QT_CUDA_CHECK(cudaMemcpyAsync(x_out, h.get(), size_t(N * H) * sizeof(bf16), cudaMemcpyDeviceToDevice, ctx.stream()));
-      cuda_moe_forward(ctx, d.experts, moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), x_out);
+      cuda_moe_forward(ctx, moe_weights(l), moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), x_out);
       if (!recomputing)  // the statistics of the routing just made (the recompute repeats it)
         cuda::moe_route_stats(ctx, aux_psum.get(), aux_counts.get(),
                               training_forward ? expert_load.get() + l * cfg.num_experts : nullptr,
@@ -313,7 +341,7 @@ struct CudaDecoder::Impl {
     const DeviceLayer& d = layers[l];
     zero(dm);
     if (d.moe) {
-      cuda_moe_backward(ctx, d.experts, moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), dx.get(), dm.get(),
+      cuda_moe_backward(ctx, moe_weights(l), moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), dx.get(), dm.get(),
                         aux_grad);
     } else {
       zero(dact), zero(dg), zero(du);
@@ -353,7 +381,10 @@ struct CudaDecoder::Impl {
       QT_CUDA_CHECK(cudaMemsetAsync(aux_counts.get(), 0, aux_counts.bytes(), ctx.stream()));
     }
     cuda::embedding_forward(ctx, saved_at(0), ids.get(), embed.get(), N, V, H);
-    for (int64_t l = 0; l < L; ++l) layer_forward(l, saved_at(l), saved_at(l + 1));
+    for (int64_t l = 0; l < L; ++l) {
+      ensure_layer_weights(l);
+      layer_forward(l, saved_at(l), saved_at(l + 1));
+    }
     cuda::rmsnorm_forward(ctx, xf.get(), rstdf.get(), saved_at(L), final_norm.get(), N, H, cfg.rms_norm_eps);
     if (backward) zero(dxf);
     cuda::fused_linear_cross_entropy(ctx, loss.get(), count_dev.get(), backward ? dxf.get() : nullptr, xf.get(),
@@ -375,12 +406,45 @@ struct CudaDecoder::Impl {
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dxf.get(), saved_at(L), final_norm.get(), rstdf.get(), N, H);
     for (int64_t l = L - 1; l >= 0; --l) {
       prof.mark(ctx, "bwd.other");
+      ensure_layer_weights(l);  // shared by the recompute and the backward
       recomputing = true;  // x_out goes to `o` (free by then): x_{l+1} stays as saved
       layer_forward(l, saved_at(l), o.get());
       recomputing = false;
       layer_backward(l, saved_at(l));
       if (layer_backward_hook) layer_backward_hook(l);
     }
+  }
+
+  // NF4: layer l's projections from the host NF4 tensors (per-expert names for MoE experts).
+  void upload_nf4(int64_t l, const Nf4Base& base) {
+    for (int s = 0; s < kNumLoraSlots; ++s) {
+      const SlotRef& sr = slots[l][s];
+      std::vector<const Nf4Tensor*> ts;
+      for (int64_t e = 0; e < sr.copies(); ++e) {
+        const std::string name = projection_hub_name(l, s, sr.E > 0 ? e : -1);
+        const auto it = base.tensors.find(name);
+        if (it == base.tensors.end()) fail("cuda", "{}: the 4-bit base has no NF4 tensor of this name", name);
+        if (it->second.shape != Shape{sr.out, sr.in})
+          fail("cuda", "{}: NF4 shape {} (expected [{}, {}])", name, shape_str(it->second.shape), sr.out, sr.in);
+        ts.push_back(&it->second);
+      }
+      layers[l].nf4[s].upload(ts, sr.E > 0 ? fmt::format("model.layers.{}.mlp.experts.*.{}.weight", l,
+                                                        lora_slot_module(LoraSlot(s)))
+                                          : projection_hub_name(l, s));
+    }
+  }
+  // NF4, random weights: every projection normal(0, 0.02) in bf16 (made in the scratch), quantized on
+  // the device.
+  void random_nf4(uint64_t seed) {
+    uint64_t k = 0;
+    for (int64_t l = 0; l < L; ++l)
+      for (int s = 0; s < kNumLoraSlots; ++s) {
+        const SlotRef& sr = slots[l][s];
+        bf16* x = wscratch.get() + woff[l][s];
+        cuda::fill_normal(ctx, x, sr.copies() * sr.in * sr.out, 0.f, 0.02f, seed * 7919ull + ++k);
+        layers[l].nf4[s].quantize(ctx, x, sr.copies(), {sr.out, sr.in});
+      }
+    scratch_layer = -1;
   }
 
   // Calls f(slot ref, A tensor, B tensor) for every present slot of an adapter of this structure.
@@ -438,7 +502,8 @@ void upload_as_bf16(cuda::Context& ctx, bf16* dst, const Tensor& t) {
 }  // namespace
 
 CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora)
-    : p_(new Impl(ctx, w.cfg, lora.cfg)) {
+    : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr)) {
+  std::unique_ptr<Impl> guard(p_);  // frees the device buffers when an upload fails (bad NF4 data)
   Impl& p = *p_;
   upload_as_bf16(ctx, p.embed.get(), w.embed);
   if (!w.cfg.tie_word_embeddings) upload_as_bf16(ctx, p.lm_head_own.get(), w.lm_head);
@@ -457,18 +522,17 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
     wt[kLoraGate] = &lw.mlp.gate, wt[kLoraUp] = &lw.mlp.up, wt[kLoraDown] = &lw.mlp.down;
     for (int s = 0; s < kNumLoraSlots; ++s)
       if (d.w[s].size()) upload_as_bf16(ctx, d.w[s].get(), *wt[s]);
-    if (d.moe) {
-      upload_as_bf16(ctx, d.experts.router.get(), lw.mlp.router);
-      upload_as_bf16(ctx, d.experts.gate.get(), lw.mlp.gate);
-      upload_as_bf16(ctx, d.experts.up.get(), lw.mlp.up);
-      upload_as_bf16(ctx, d.experts.down.get(), lw.mlp.down);
-    }
+    if (p.nf4) p.upload_nf4(l, *w.nf4);
+    if (d.moe) upload_as_bf16(ctx, d.router.get(), lw.mlp.router);
   }
   p.upload(p.lora, lora);
+  guard.release();
 }
 
-CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed)
-    : p_(new Impl(ctx, cfg, lcfg)) {
+CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
+                         bool load_in_4bit)
+    : p_(new Impl(ctx, cfg, lcfg, load_in_4bit)) {
+  std::unique_ptr<Impl> guard(p_);
   Impl& p = *p_;
   uint64_t k = 0;
   p.for_each_weight([&](bf16* x, int64_t n, char role) {
@@ -483,7 +547,9 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraC
                         float(1.0 / std::sqrt(double(sr.in))), seed * 1000003ull + ++k);
       cuda::fill_normal(ctx, p.lora.get() + sr.b_off, sr.copies() * sr.out * p.r, 0.f, 0.01f, seed * 1000003ull + ++k);
     }
+  if (p.nf4) p.random_nf4(seed);
   ctx.synchronize();
+  guard.release();
 }
 
 CudaDecoder::~CudaDecoder() { delete p_; }
@@ -626,8 +692,10 @@ size_t CudaDecoder::device_bytes() const {
     n += d.input_norm.bytes() + d.post_norm.bytes() + d.q_norm.bytes() + d.k_norm.bytes() + d.q_b.bytes() +
          d.k_b.bytes() + d.v_b.bytes();
     for (auto& w : d.w) n += w.bytes();
-    n += d.experts.router.bytes() + d.experts.gate.bytes() + d.experts.up.bytes() + d.experts.down.bytes();
+    for (auto& g : d.nf4) n += g.bytes();
+    n += d.router.bytes();
   }
+  n += p.wscratch.bytes();
   for (const auto* b : {&p.xd, &p.dxd, &p.saved, &p.a, &p.q_raw, &p.k_raw, &p.q, &p.k, &p.v, &p.attn, &p.o, &p.h, &p.m, &p.g, &p.u,
                         &p.act, &p.xa, &p.xf, &p.dx, &p.dm, &p.da, &p.dattn, &p.dq, &p.dk, &p.dv, &p.dq_raw, &p.dk_raw,
                         &p.dact, &p.dg, &p.du, &p.dxf})

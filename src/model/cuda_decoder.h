@@ -1,11 +1,14 @@
 // The Qwen2 / Qwen3 / Qwen3-MoE decoder on CUDA (built only with QT_CUDA): the math of model/decoder.h
-// with the ops of ops/cuda/ops.h, LoRA training only (base weights frozen, bf16 on the device).
+// with the ops of ops/cuda/ops.h, LoRA training only (base weights frozen, bf16 or NF4 on the device).
 //
-// Memory: bf16 base weights; fp32 LoRA masters, their gradients and AdamW moments in four flat
-// buffers (one sum of squares, one clip and one AdamW launch per step). Per-layer activation
-// checkpointing: the forward keeps only each layer's input x_l (N,H) bf16; the backward recomputes
-// layer l from x_l into one set of per-layer work buffers, then runs its backward. The lm_head and
-// the loss are fused chunk by chunk (the (N,V) logits never exist).
+// Memory: bf16 base weights (QLoRA: NF4 projections, model/cuda_nf4_weights.h, dequantized per layer
+// into one bf16 scratch sized for the largest layer, before the layer's forward and before its
+// recompute, which the backward then shares: two dequantizations per layer and step); fp32 LoRA
+// masters, their gradients and AdamW moments in four flat buffers (one sum of squares, one clip and
+// one AdamW launch per step). Per-layer activation checkpointing: the forward keeps only each layer's
+// input x_l (N,H) bf16; the backward recomputes layer l from x_l into one set of per-layer work
+// buffers, then runs its backward. The lm_head and the loss are fused chunk by chunk (the (N,V)
+// logits never exist).
 //
 // A training step (zero_grads, set_batch + forward_backward per micro-batch, optimizer_step)
 // enqueues everything on the context's stream and returns without synchronising; the loss, the
@@ -29,11 +32,13 @@ namespace qt {
 class CudaDecoder {
  public:
   // Weights uploaded from a host model (any float dtype; rounded once to bf16) and an adapter
-  // (copied as fp32 masters).
+  // (copied as fp32 masters). With w.nf4 (QLoRA) the projections are uploaded as NF4 instead of bf16.
   CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora);
   // Random weights of cfg's shape made on the device (normal(0, 0.02), norms 1, biases 0) and an
   // adapter with A ~ normal(0, 1/sqrt(in)) and B ~ normal(0, 0.01) (benchmarks: every LoRA path live).
-  CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed);
+  // load_in_4bit: the projections are quantized to NF4 on the device and kept so.
+  CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
+              bool load_in_4bit = false);
   ~CudaDecoder();
   CudaDecoder(const CudaDecoder&) = delete;
   CudaDecoder& operator=(const CudaDecoder&) = delete;

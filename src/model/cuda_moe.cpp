@@ -28,8 +28,8 @@ struct ProjShape {
   const bf16* W;
 };
 ProjShape proj_shape(const CudaMoeWeights& w, const CudaMoeDims& d, int i) {
-  if (i == 2) return {d.I, d.H, w.down.get()};
-  return {d.H, d.I, i == 0 ? w.gate.get() : w.up.get()};
+  if (i == 2) return {d.I, d.H, w.down};
+  return {d.H, d.I, i == 0 ? w.gate : w.up};
 }
 
 // bf16 copies of the masters A (E,r,in) and B (E,out,r) of projection i into the work buffers.
@@ -125,7 +125,7 @@ void cuda_moe_forward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoe
   QT_ASSERT(work.xs.size() >= size_t(d.T() * d.H), "MoE work buffers hold fewer than {} rows", d.T());
   Ctx c{ctx, w, lora, d, drop, work};
   const int64_t N = d.N, T = d.T();
-  cuda::linear_forward(ctx, work.logits.get(), m, w.router.get(), nullptr, N, d.H, d.E);
+  cuda::linear_forward(ctx, work.logits.get(), m, w.router, nullptr, N, d.H, d.E);
   cuda::moe_router_forward(ctx, work.topk_idx.get(), work.topk_w.get(), work.probs.get(), work.logits.get(), N, d.E,
                            d.k, d.norm_topk_prob);
   cuda::moe_sort(ctx, work.perm.get(), work.offsets.get(), work.topk_idx.get(), N, d.k, d.E);
@@ -157,7 +157,7 @@ void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMo
   zero_async(ctx, work.dlogits, N * d.E);
   cuda::moe_router_backward(ctx, work.dlogits.get(), work.dtopk_w.get(), work.probs.get(), work.topk_idx.get(), N, d.E,
                             d.k, d.norm_topk_prob, aux.f, aux.scale);
-  cuda::linear_backward(ctx, dm, work.dlogits.get(), w.router.get(), N, d.H, d.E);
+  cuda::linear_backward(ctx, dm, work.dlogits.get(), w.router, N, d.H, d.E);
 }
 
 }  // namespace qt

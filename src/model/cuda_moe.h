@@ -20,9 +20,10 @@
 
 namespace qt {
 
-// One MoE layer's frozen weights on the device (bf16): router (E,H), gate/up (E,I,H), down (E,H,I).
+// One MoE layer's frozen weights on the device (bf16, owned by the caller): router (E,H), gate/up
+// (E,I,H), down (E,H,I) (the decoder's own buffers, or its per-layer NF4 dequantization scratch).
 struct CudaMoeWeights {
-  cuda::Buffer<cuda::bf16> router, gate, up, down;
+  const cuda::bf16 *router = nullptr, *gate = nullptr, *up = nullptr, *down = nullptr;
 };
 
 // The expert LoRA of one layer, index 0/1/2 = gate/up/down: masters A (E,r,in), B (E,out,r) and

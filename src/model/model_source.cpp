@@ -41,6 +41,7 @@ LoadedModel load_model_source(const std::string& base_model, uint64_t seed, cons
     m.description = fmt::format("{} (weights from the folder)", base_model);
     if (is_prequantized_checkpoint(p.string())) {
       m.base_4bit = true;
+      m.weights.nf4 = read_nf4_base(p.string());
       m.description = fmt::format("{} (NF4 weights from the folder, dequantized)", base_model);
     } else if (load_in_4bit) {
       const DType storage = checkpoint_weight_dtype(p.string());

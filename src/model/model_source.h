@@ -11,7 +11,9 @@
 // 4-bit bases (model/weights_4bit.h): a folder of bitsandbytes NF4 weights (pre-quantized, e.g. the
 // Hub's *-bnb-4bit) is dequantized bit-exactly; with load_in_4bit a float folder (or random weights)
 // gets every decoder projection replaced by its NF4 round trip, quantized from the checkpoint's dtype
-// (bf16 for random weights). Either way the weights stay f32 in memory and base_4bit is set.
+// (bf16 for random weights). Either way the weights stay f32 in memory, base_4bit is set and
+// weights.nf4 holds the NF4 tensors themselves (for the CUDA engine; null for a pre-quantized folder
+// whose 4-bit weights are not all per-expert projection names).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/safetensors.h"
+#include "model/nf4_code.h"
 
 namespace qt {
 
@@ -96,24 +97,7 @@ const std::vector<float>& bnb_dynamic_map() {
   return m;
 }
 
-uint8_t nf4_code(float x) {
-  // bitsandbytes' decision tree: thresholds are the midpoints between neighbouring table values
-  // (as float32 literals); a value on a threshold goes down; NaN fails every test -> 0.
-  if (x > 0.03979014977812767f) {
-    if (x > 0.3893125355243683f) {
-      if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
-      return x > 0.5016634166240692f ? 13 : 12;
-    }
-    if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 11 : 10;
-    return x > 0.1202552504837513f ? 9 : 8;
-  }
-  if (x > -0.33967943489551544f) {
-    if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 7 : 6;
-    return x > -0.23460740596055984f ? 5 : 4;
-  }
-  if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 3 : 2;
-  return x > -0.8480964004993439f ? 1 : 0;
-}
+uint8_t nf4_code(float x) { return nf4_code_of(x); }
 
 uint8_t dynamic_map_code(const std::vector<float>& map, float x) {
   QT_ASSERT(map.size() == 256, "dynamic map of {} entries", map.size());
@@ -144,6 +128,33 @@ uint8_t dynamic_map_code(const std::vector<float>& map, float x) {
   return uint8_t(x < mid ? lower_pivot : pivot);
 }
 
+void nf4_double_quantize(const std::vector<float>& absmax, Nf4Tensor& q) {
+  QT_ASSERT(q.blocksize == kBlocksize && int64_t(absmax.size()) == q.num_blocks(),
+            "nf4_double_quantize: {} absmax for {} blocks", absmax.size(), q.num_blocks());
+  q.nested_blocksize = kNestedBlocksize;
+  q.nested_quant_map = bnb_dynamic_map();
+  const int64_t nb = int64_t(absmax.size());
+  // absmax - mean in 256-blocks against the dynamic map; the mean is a sequential double sum.
+  double sum = 0.0;
+  for (float a : absmax) sum += double(a);
+  q.offset = nb > 0 ? float(sum / double(nb)) : 0.0f;
+  q.double_quant = true;
+  q.absmax.clear();
+  const int64_t nb2 = (nb + kNestedBlocksize - 1) / kNestedBlocksize;
+  q.absmax_codes.assign(size_t(nb), 0);
+  q.nested_absmax.assign(size_t(nb2), 0.0f);
+  std::vector<float> centred(static_cast<size_t>(nb));
+  for (int64_t b = 0; b < nb; ++b) centred[size_t(b)] = absmax[size_t(b)] - q.offset;
+  for (int64_t b2 = 0; b2 < nb2; ++b2) {
+    const int64_t begin = b2 * kNestedBlocksize, count = std::min(kNestedBlocksize, nb - begin);
+    const float amax = block_absmax(&centred[size_t(begin)], count);
+    q.nested_absmax[size_t(b2)] = amax;
+    const float inv = 1.0f / amax;
+    for (int64_t j = 0; j < count; ++j)
+      q.absmax_codes[size_t(begin + j)] = dynamic_map_code(q.nested_quant_map, centred[size_t(begin + j)] * inv);
+  }
+}
+
 Nf4Tensor nf4_quantize(const Tensor& w, DType storage) {
   QT_ASSERT(w.device() == Device::CPU, "nf4_quantize needs a CPU tensor");
   QT_ASSERT(storage == DType::BF16 || storage == DType::F16 || storage == DType::F32, "NF4 storage {}",
@@ -172,24 +183,7 @@ Nf4Tensor nf4_quantize(const Tensor& w, DType storage) {
       q.codes[size_t((begin + j) / 2)] = uint8_t((hi << 4) | lo);
     }
   }
-  // Double quantization: absmax - mean in 256-blocks against the dynamic map.
-  double sum = 0.0;
-  for (float a : absmax) sum += double(a);
-  q.offset = nb > 0 ? float(sum / double(nb)) : 0.0f;
-  q.double_quant = true;
-  const int64_t nb2 = (nb + kNestedBlocksize - 1) / kNestedBlocksize;
-  q.absmax_codes.assign(size_t(nb), 0);
-  q.nested_absmax.assign(size_t(nb2), 0.0f);
-  std::vector<float> centred(static_cast<size_t>(nb));
-  for (int64_t b = 0; b < nb; ++b) centred[size_t(b)] = absmax[size_t(b)] - q.offset;
-  for (int64_t b2 = 0; b2 < nb2; ++b2) {
-    const int64_t begin = b2 * kNestedBlocksize, count = std::min(kNestedBlocksize, nb - begin);
-    const float amax = block_absmax(&centred[size_t(begin)], count);
-    q.nested_absmax[size_t(b2)] = amax;
-    const float inv = 1.0f / amax;
-    for (int64_t j = 0; j < count; ++j)
-      q.absmax_codes[size_t(begin + j)] = dynamic_map_code(q.nested_quant_map, centred[size_t(begin + j)] * inv);
-  }
+  nf4_double_quantize(absmax, q);
   return q;
 }
 

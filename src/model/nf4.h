@@ -67,6 +67,11 @@ uint8_t dynamic_map_code(const std::vector<float>& map, float x);
 // gives back): BF16, F16 or F32.
 Nf4Tensor nf4_quantize(const Tensor& w, DType storage);
 
+// The second half of nf4_quantize: q (shape, blocksize 64 set) gets the double quantization of its
+// blocks' fp32 absmax (offset, absmax_codes, nested_absmax, nested_quant_map). The CUDA quantizer
+// (ops/cuda/nf4.h nf4_quantize_blocks) computes codes and absmax on the device and finishes here.
+void nf4_double_quantize(const std::vector<float>& absmax, Nf4Tensor& q);
+
 // The fp32 absmax of every block (double quantization undone).
 std::vector<float> nf4_absmax_f32(const Nf4Tensor& q);
 // Dequantizes into `dtype` (F32 gives the fp32 products before the cast to q.dtype only when

@@ -10,6 +10,7 @@
 // mlp.experts.gate_up_proj (E,2I,H) / down_proj (E,H,I), and transformers-qwen3-moe-fused's
 // mlp.{gate,up,down}_proj.weight (E,out,in); any float dtype on disk.
 #pragma once
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -39,12 +40,17 @@ struct LayerWeights {
   MlpWeights mlp;
 };
 
+struct Nf4Base;  // model/weights_4bit.h
+
 struct ModelWeights {
   ModelConfig cfg;
   Tensor embed;       // (V,H)
   std::vector<LayerWeights> layers;
   Tensor final_norm;  // (H)
   Tensor lm_head;     // (V,H); shares storage with embed when tied
+  // QLoRA: the NF4 data of the quantized projections (whose float tensors above hold the dequantized
+  // values); the CUDA engine keeps these on the device instead of bf16 copies. Null without 4-bit.
+  std::shared_ptr<const Nf4Base> nf4;
 };
 
 // Loads DIR (config.json + model.safetensors or sharded) into `dtype` (F32 for the CPU engine,

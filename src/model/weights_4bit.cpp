@@ -4,8 +4,10 @@
 #include <cstring>
 #include <regex>
 
+#include <fmt/core.h>
+
 #include "io/safetensors.h"
-#include "model/nf4.h"
+#include "model/lora.h"
 
 namespace qt {
 
@@ -15,16 +17,37 @@ bool is_4bit_target(const std::string& hub_name) {
   return std::regex_match(hub_name, re);
 }
 
+std::string projection_hub_name(int64_t layer, int slot, int64_t expert) {
+  QT_ASSERT(slot >= 0 && slot < kNumLoraSlots, "projection slot {}", slot);
+  const char* part = slot < kLoraGate ? "self_attn" : "mlp";
+  const std::string e = expert >= 0 ? fmt::format("experts.{}.", expert) : std::string();
+  return fmt::format("model.layers.{}.{}.{}{}.weight", layer, part, e, lora_slot_module(LoraSlot(slot)));
+}
+
 int64_t nf4_round_trip_weights(ModelWeights& w, DType storage) {
-  int64_t n = 0;
+  auto base = std::make_shared<Nf4Base>();
   for (auto& [name, t] : hub_named_tensors(w)) {
     if (!is_4bit_target(name)) continue;
-    const Tensor back = nf4_dequantize(nf4_quantize(t, storage), t.dtype());
+    Nf4Tensor q = nf4_quantize(t, storage);
+    const Tensor back = nf4_dequantize(q, t.dtype());
     QT_ASSERT(back.nbytes() == t.nbytes(), "{}: round trip changed the size", name);
     std::memcpy(t.raw(), back.raw(), t.nbytes());  // t shares storage with w
-    ++n;
+    base->tensors.emplace(name, std::move(q));
   }
+  const auto n = int64_t(base->tensors.size());
+  w.nf4 = std::move(base);
   return n;
+}
+
+std::shared_ptr<const Nf4Base> read_nf4_base(const std::string& dir) {
+  const SafetensorsCheckpoint ckpt(dir);
+  auto base = std::make_shared<Nf4Base>();
+  for (const std::string& name : ckpt.names()) {
+    if (!is_bnb_4bit_weight(ckpt, name)) continue;
+    if (!is_4bit_target(name)) return nullptr;
+    base->tensors.emplace(name, nf4_from_bnb(ckpt, name));
+  }
+  return base;
 }
 
 DType checkpoint_weight_dtype(const std::string& dir) {

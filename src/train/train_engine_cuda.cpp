@@ -8,6 +8,7 @@
 // without micro-batches all-reduces its zero gradients in finish_step. Then the loss total is
 // summed, and the norm, the guard and AdamW see the same numbers on every rank. The host waits on
 // the communicator with a timeout that polls NCCL's asynchronous errors (a dead peer ends the job).
+// A QLoRA base (ModelWeights::nf4) stays in NF4 on the device (model/cuda_decoder.h).
 #include "train/train_engine.h"
 
 #include "core/error.h"
@@ -56,7 +57,7 @@ class CudaEngine final : public TrainEngine {
  public:
   CudaEngine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt, const DataParallel& dp)
       : device_(select_device(dp)), comm_(join_comm(dp, device_)), cfg_(opt.config()), dec_(ctx_, w, lora),
-        steps_(opt.step_count()), aux_coef_(w.cfg.output_router_logits ? w.cfg.router_aux_loss_coef : 0.0) {
+        steps_(opt.step_count()), nf4_(w.nf4 != nullptr), aux_coef_(w.cfg.output_router_logits ? w.cfg.router_aux_loss_coef : 0.0) {
     if (steps_ > 0) load_from_host(lora, opt);  // a resumed run: AdamW's moments too
     if (comm_) {
       std::vector<dist::GradTensor> tensors;
@@ -66,7 +67,7 @@ class CudaEngine final : public TrainEngine {
     }
   }
   std::string describe() const override {
-    return "cuda (" + gpu_name() +
+    return "cuda (" + gpu_name() + (nf4_ ? ", NF4 base weights on the device" : "") +
            (comm_ ? fmt::format(", GPU {}, NCCL rank {} of {}, {} gradient buckets", device_, comm_->rank(),
                                 comm_->world_size(), reducer_->plan().size())
                   : std::string()) +
@@ -142,6 +143,7 @@ class CudaEngine final : public TrainEngine {
   cuda::Context ctx_;
   CudaDecoder dec_;
   int64_t steps_ = 0;
+  bool nf4_ = false;  // QLoRA: the projections are kept in NF4 on the GPU
   double aux_coef_ = 0;  // router_aux_loss_coef when the loss includes the router aux loss
   std::unique_ptr<dist::GradAllReducer> reducer_;
   cuda::Buffer<double> small_;

@@ -1,6 +1,8 @@
 // qwentune bench: step time of LoRA training on random weights of a config's shape.
 // Prints one JSON line: median step time, tokens/s, peak memory. On the CPU a step is forward +
-// backward to the LoRA gradients (the optimizer arrives with the trainer).
+// backward to the LoRA gradients (the optimizer arrives with the trainer). --load-in-4bit (QLoRA):
+// the projections are NF4 (on the GPU quantized on the device and kept in NF4, dequantized per layer;
+// on the CPU the NF4 round trip of model/weights_4bit.h).
 #include <algorithm>
 #include <chrono>
 #include <fstream>
@@ -10,6 +12,7 @@
 #include "cli/commands/commands.h"
 #include "core/error.h"
 #include "model/decoder.h"
+#include "model/weights_4bit.h"
 #ifdef QT_HAVE_CUDA
 #include "model/cuda_decoder.h"
 #include "ops/cuda/runtime.h"
@@ -25,6 +28,7 @@ struct BenchArgs {
   double lora_alpha = 16;
   std::string targets = "all", device = "cpu";
   uint64_t seed = 0;
+  bool load_in_4bit = false;
 };
 
 double peak_rss_gib() {
@@ -68,7 +72,7 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
   size_t free0 = 0, total = 0;
   QT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   cuda::Context ctx;
-  CudaDecoder dec(ctx, cfg, bench_lora_config(a), a.seed);
+  CudaDecoder dec(ctx, cfg, bench_lora_config(a), a.seed, a.load_in_4bit);
   std::mt19937_64 rng(a.seed + 2);
   dec.set_batch(random_batch(a, cfg.vocab_size, rng));
   cuda::Event t0, t1;
@@ -94,6 +98,7 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
                         {"seq", a.seq},
                         {"lora_targets", a.targets},
                         {"lora_r", a.lora_r},
+                        {"load_in_4bit", a.load_in_4bit},
                         {"step", "forward+backward(recompute)+clip+adamw"},
                         {"median_step_s", med},
                         {"tokens_per_s", double(a.batch * a.seq) / med},
@@ -117,6 +122,7 @@ void run_bench(const BenchArgs& a) {
 #endif
   }
   ModelWeights w = random_model_weights(cfg, DType::F32, a.seed);
+  if (a.load_in_4bit) nf4_round_trip_weights(w, DType::BF16);
   LoraAdapter lora = init_lora(cfg, bench_lora_config(a), DType::F32, a.seed + 1);
   // PEFT starts B at zero; a non-zero B makes the benchmark exercise every LoRA path like mid-training.
   std::mt19937_64 rng(a.seed + 2);
@@ -142,7 +148,7 @@ void run_bench(const BenchArgs& a) {
   nlohmann::json out = {{"config", a.config},       {"device", a.device},
                         {"batch", a.batch},         {"seq", a.seq},
                         {"lora_targets", a.targets}, {"lora_r", a.lora_r},
-                        {"step", "forward+backward"}, {"median_step_s", med},
+                        {"load_in_4bit", a.load_in_4bit}, {"step", "forward+backward"}, {"median_step_s", med},
                         {"tokens_per_s", double(a.batch * a.seq) / med}, {"peak_host_gib", peak_rss_gib()},
                         {"loss", loss}};
   fmt::print("{}\n", out.dump());
@@ -165,6 +171,7 @@ void register_bench_command(CLI::App& app) {
   c->add_option("--warmup", a->warmup, "Untimed first steps")->capture_default_str();
   c->add_option("--device", a->device, "cpu or cuda (cuda: builds with -DQT_CUDA=ON)")->capture_default_str();
   c->add_option("--seed", a->seed, "Seed for weights and tokens")->capture_default_str();
+  c->add_flag("--load-in-4bit", a->load_in_4bit, "QLoRA: the decoder projections in NF4 (kept in NF4 on the GPU)");
   c->callback([a] { run_bench(*a); });
 }
 

@@ -1,0 +1,176 @@
+// The QLoRA CUDA decoder (model/cuda_decoder.h with ModelWeights::nf4: the projections kept in NF4 on
+// the device and dequantized per layer into a bf16 scratch) against the bf16 CUDA decoder fed the
+// dequantized weights (ModelWeights without nf4: the same values uploaded as bf16). The dequantized
+// bf16 values are identical (test_cuda_nf4), and everything after them is the same kernels in the
+// same order, so the two must agree BIT FOR BIT: loss, logits, LoRA gradients and the masters after
+// AdamW steps, over two steps of two micro-batches with LoRA dropout. Cases: dense Qwen2 (biases)
+// with quant-state dtypes bf16, f16 and f32, and a Qwen3-MoE with one dense and one MoE layer (the
+// scratch shared by layers of both kinds; one NF4 tensor per expert). Also the random-weight
+// (benchmark) constructor with load_in_4bit: a finite loss and less device memory than bf16.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "cuda_parity.h"
+#include "io/hf_config.h"
+#include "model/cuda_decoder.h"
+#include "model/weights_4bit.h"
+
+namespace qt {
+namespace {
+
+ModelConfig qlora_config(bool moe) {
+  const char* dense = R"({"model_type":"qwen2","vocab_size":256,"hidden_size":64,"intermediate_size":96,
+    "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-6,
+    "rope_theta":10000.0,"tie_word_embeddings":true})";
+  const char* mixed = R"({"model_type":"qwen3_moe","vocab_size":256,"hidden_size":64,"intermediate_size":160,
+    "moe_intermediate_size":32,"num_experts":4,"num_experts_per_tok":2,"num_hidden_layers":2,
+    "mlp_only_layers":[1],"num_attention_heads":4,"num_key_value_heads":2,"head_dim":32,"rms_norm_eps":1e-6,
+    "rope_theta":1000000.0,"tie_word_embeddings":false,"norm_topk_prob":true})";
+  return parse_hf_config_json(moe ? mixed : dense, moe ? "tiny-moe" : "tiny");
+}
+
+Batch qlora_batch(std::mt19937_64& rng) {
+  Batch b;
+  b.B = 2, b.S = 20;
+  std::uniform_int_distribution<int32_t> tok(0, 255);
+  for (int64_t i = 0; i < b.B * b.S; ++i) b.input_ids.push_back(tok(rng));
+  b.labels = b.input_ids;
+  b.labels[3] = -100;
+  return b;
+}
+
+bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.numel() == b.numel() && a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+// Every A and B of two adapters bit for bit.
+void expect_same_adapter(const LoraAdapter& a, const LoraAdapter& b, const std::string& what) {
+  ASSERT_EQ(a.layers.size(), b.layers.size());
+  for (size_t l = 0; l < a.layers.size(); ++l)
+    for (int s = 0; s < kNumLoraSlots; ++s) {
+      const auto& x = a.layers[l].slot[s];
+      const auto& y = b.layers[l].slot[s];
+      if (!x.present()) continue;
+      EXPECT_TRUE(same_bits(x.A, y.A)) << what << " layer " << l << " " << lora_slot_module(LoraSlot(s)) << " A";
+      EXPECT_TRUE(same_bits(x.B, y.B)) << what << " layer " << l << " " << lora_slot_module(LoraSlot(s)) << " B";
+    }
+}
+
+void check_nf4_equals_bf16(bool moe, DType storage) {
+  QT_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(moe ? 41 : 43);
+  const ModelConfig cfg = qlora_config(moe);
+  ModelWeights w = random_model_weights(cfg, DType::F32, 3, 0.08);
+  const int64_t nq = nf4_round_trip_weights(w, storage);
+  ASSERT_TRUE(w.nf4);
+  EXPECT_EQ(nq, int64_t(w.nf4->tensors.size()));
+  ModelWeights plain = w;  // the same dequantized floats, no NF4 data: the bf16 path
+  plain.nf4 = nullptr;
+  LoraConfig lc;
+  lc.r = 4, lc.alpha = 8;
+  lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  LoraAdapter lora = init_lora(cfg, lc, DType::F32, 5);
+  std::normal_distribution<float> nd(0.f, 0.05f);
+  for (auto& l : lora.layers)
+    for (auto& p : l.slot)
+      for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<float>()[i] = nd(rng);
+  const Batch b1 = qlora_batch(rng), b2 = qlora_batch(rng);
+
+  cuda::Context ctx;
+  CudaDecoder q4(ctx, w, lora), bf(ctx, plain, lora);
+  for (CudaDecoder* d : {&q4, &bf}) {  // forward only
+    d->set_batch(b1);
+    d->forward();
+  }
+  EXPECT_EQ(q4.loss_sum(), bf.loss_sum()) << "forward loss";
+  EXPECT_TRUE(same_bits(q4.logits(), bf.logits())) << "logits";
+  for (int64_t step = 1; step <= 2; ++step) {
+    for (CudaDecoder* d : {&q4, &bf}) {
+      d->zero_grads();
+      int mb = 0;
+      for (const Batch* b : {&b1, &b2}) {
+        d->set_batch(*b);
+        d->forward_backward(1.0 / 64.0, LoraDropout{0.1, 9, step, mb++});
+      }
+    }
+    expect_same_adapter(q4.download_grads(), bf.download_grads(), "grads of step " + std::to_string(step));
+    for (CudaDecoder* d : {&q4, &bf}) d->optimizer_step(step, 1e-3, 0.01, 1.0);
+    const CudaDecoder::StepStats s4 = q4.read_step_stats(), sb = bf.read_step_stats();
+    EXPECT_EQ(s4.loss_total, sb.loss_total) << "step " << step;
+    EXPECT_EQ(s4.grad_norm, sb.grad_norm) << "step " << step;
+    EXPECT_FALSE(s4.skipped);
+    std::printf("[qlora] %s %s step %lld: loss total %.9g (both), grad norm %.9g\n", moe ? "moe" : "dense",
+                std::string(dtype_name(storage)).c_str(), static_cast<long long>(step), s4.loss_total, s4.grad_norm);
+  }
+  expect_same_adapter(q4.download_lora(), bf.download_lora(), "masters after two steps");
+  std::printf("[qlora] device bytes: nf4 %zu, bf16 %zu\n", q4.device_bytes(), bf.device_bytes());
+}
+
+TEST(CudaQlora, DenseNf4EqualsBf16OfDequantizedWeights) { check_nf4_equals_bf16(false, DType::BF16); }
+TEST(CudaQlora, DenseF16QuantStateEqualsBf16OfDequantizedWeights) { check_nf4_equals_bf16(false, DType::F16); }
+TEST(CudaQlora, DenseF32QuantStateEqualsBf16OfDequantizedWeights) { check_nf4_equals_bf16(false, DType::F32); }
+TEST(CudaQlora, MoeNf4EqualsBf16OfDequantizedWeights) { check_nf4_equals_bf16(true, DType::BF16); }
+
+// A base whose NF4 data misses a projection is refused with the tensor's name.
+TEST(CudaQlora, MissingNf4TensorIsRefused) {
+  QT_SKIP_WITHOUT_GPU();
+  const ModelConfig cfg = qlora_config(true);
+  ModelWeights w = random_model_weights(cfg, DType::F32, 3, 0.08);
+  nf4_round_trip_weights(w, DType::BF16);
+  auto partial = std::make_shared<Nf4Base>(*w.nf4);
+  partial->tensors.erase("model.layers.0.mlp.experts.2.up_proj.weight");
+  w.nf4 = partial;
+  LoraConfig lc;
+  lc.target_modules = {"q_proj"};
+  const LoraAdapter lora = init_lora(cfg, lc, DType::F32, 1);
+  cuda::Context ctx;
+  try {
+    CudaDecoder d(ctx, w, lora);
+    ADD_FAILURE() << "accepted a base without experts.2.up_proj";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.mlp.experts.2.up_proj.weight"), std::string::npos) << e.what();
+  }
+}
+
+// The benchmark constructor: random weights quantized on the device. The NF4 projections take about
+// a quarter of their bf16 bytes (plus one layer's scratch), and a step runs to a finite loss near ln V.
+TEST(CudaQlora, RandomWeightsIn4bit) {
+  QT_SKIP_WITHOUT_GPU();
+  const ModelConfig cfg = parse_hf_config_json(R"({"model_type":"qwen3","vocab_size":512,"hidden_size":512,
+    "intermediate_size":1536,"num_hidden_layers":8,"num_attention_heads":8,"num_key_value_heads":4,"head_dim":64,
+    "rms_norm_eps":1e-6,"rope_theta":1000000.0,"tie_word_embeddings":true})", "bench");
+  LoraConfig lc;
+  lc.r = 8, lc.alpha = 16;
+  lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  cuda::Context ctx;
+  std::mt19937_64 rng(2);
+  const Batch b = qlora_batch(rng);
+  double loss[2] = {0, 0};
+  size_t bytes[2] = {0, 0};
+  for (int q = 0; q < 2; ++q) {
+    CudaDecoder d(ctx, cfg, lc, 7, q == 1);
+    d.set_batch(b);
+    d.zero_grads();
+    d.forward_backward();
+    d.optimizer_step(1, 1e-4, 0.0, 1.0);
+    const CudaDecoder::StepStats st = d.read_step_stats();
+    loss[q] = st.loss_total / double(d.count());
+    bytes[q] = d.device_bytes();
+    EXPECT_TRUE(std::isfinite(st.grad_norm));
+    EXPECT_FALSE(st.skipped);
+  }
+  std::printf("[qlora] random 8x512: loss bf16 %.5f nf4 %.5f; device bytes bf16 %zu nf4 %zu\n", loss[0], loss[1],
+              bytes[0], bytes[1]);
+  EXPECT_NEAR(loss[1], std::log(512.0), 0.5);
+  // projections: 8 layers * (q 512x512 + k,v 256x512 + o 512x512 + 3 * 1536x512) elements
+  const double proj = 8.0 * (2 * 512 * 512 + 2 * 256 * 512 + 3 * 1536 * 512);
+  const double saved = double(bytes[0]) - double(bytes[1]);
+  const double expect = proj * 2.0 - proj * (0.5 + 1.0 / 64 + 1.0 / 4096) - proj / 8.0 * 2.0;  // minus one layer's scratch
+  EXPECT_NEAR(saved, expect, 0.01 * proj) << "device_bytes does not show the NF4 saving";
+}
+
+}  // namespace
+}  // namespace qt
