@@ -15,7 +15,9 @@ ctest --test-dir build --output-on-failure -j"$jobs"
 
 if [ "${QT_SKIP_SANITIZE:-0}" != 1 ]; then
   echo "== tests under AddressSanitizer + UBSan"
-  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQT_WERROR=ON -DQT_SANITIZE=ON >/dev/null
+  # -O1 -g1 (line tables: file:line in the reports) instead of -O2 -g: a third cheaper to compile.
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" \
+    -DQT_WERROR=ON -DQT_SANITIZE=ON >/dev/null
   ninja -C build-asan -j"$jobs"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     ctest --test-dir build-asan --output-on-failure -j"$jobs" -LE slow

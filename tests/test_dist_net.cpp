@@ -372,7 +372,7 @@ TEST(Launch, GpusOptionIsNotPassedOn) {
   EXPECT_EQ(without_gpus_option({"train", "--gpus=2", "c.yaml"}), (std::vector<std::string>{"train", "c.yaml"}));
   const auto self = own_command_line();
   ASSERT_FALSE(self.empty());
-  EXPECT_NE(self[0].find("test_dist_net"), std::string::npos);
+  EXPECT_NE(self[0].find("qwentune_tests"), std::string::npos);
 }
 
 // Runs `qwentune ARGS` with extra environment assignments; returns the exit code and stderr.

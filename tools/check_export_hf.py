@@ -4,7 +4,7 @@
 Inputs: the golden fixtures (tests/golden/<case>: base model F32, PEFT adapter, batch.json,
 expected.safetensors with HF+PEFT float64 logits) and the exports qwentune wrote from them, made here by
 
-    QT_EXPORT_FIXTURES=$PWD/.carry/export build-merge/test_merge --gtest_filter=ExportFixtures.*
+    QT_EXPORT_FIXTURES=$PWD/.carry/export build-merge/qwentune_tests --gtest_filter=ExportFixtures.*
 
 which holds, per case: adapter/ (written by qwentune's save_peft_adapter; hub-layout cases only),
 merged_f32/ (qwentune merge --dtype f32) and merged_bf16/ (default bf16, sharded with a tiny shard size);
