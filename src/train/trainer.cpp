@@ -1,4 +1,4 @@
-// The CPU LoRA training loop (see trainer.h for the step math and the outputs).
+// The LoRA training loop (see trainer.h for the step math, the outputs and data parallelism).
 #include "train/trainer.h"
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// The CPU LoRA training loop behind `qwentune train`.
+// The LoRA training loop behind `qwentune train` (any engine: train_engine.h; one process or a data-parallel rank).
 //
 // Model: base_model is a local HF folder (config.json + safetensors; tokenizer files optional) or a
 // bare config.json (random base weights from `seed`, as random_model_weights). The tokenizer is the
