@@ -10,6 +10,7 @@
 # LoRA r=16 alpha=16, S=2048, random weights. Prints one JSON line per run and a table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source bench/bench_common.sh
 Q=${QWENTUNE:-build-cuda/qwentune}
 OUTDIR=${1:-${OUT:-/tmp}}
 CASES=${CASES:-"qwen2.5-7b qwen3-30b-a3b-experts"}
@@ -22,10 +23,7 @@ for c in $CASES; do
     *) echo "unknown case $c"; exit 2 ;;
   esac
   for q in "" "--load-in-4bit"; do
-    line=$(timeout 280 "$Q" bench $args --seq 2048 --lora-r 16 --lora-alpha 16 --device cuda --warmup 2 --steps 5 $q | grep '^{')
-    echo "$line"
-    [ -n "$line" ] && python3 -c 'import json,sys; d=json.loads(sys.argv[2]); d["case"]=sys.argv[1]; print(json.dumps(d))' \
-      "$c" "$line" >> "$OUTDIR/qlora.jsonl"
+    bench_case "$Q" "$c" "$OUTDIR/qlora.jsonl" $args --seq 2048 --lora-r 16 --lora-alpha 16 --device cuda --warmup 2 --steps 5 $q
   done
 done
 python3 - "$OUTDIR/qlora.jsonl" <<'PY'

@@ -90,5 +90,9 @@ std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter&
                                              const DataParallel& dp = {});
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt,
                                               const DataParallel& dp = {});
+// `qwentune bench`: the CUDA engine on random weights of cfg's shape made on the device (CudaDecoder's
+// random constructor; load_in_4bit: NF4 on the device), AdamW with torch's defaults.
+std::unique_ptr<TrainEngine> make_cuda_bench_engine(const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
+                                                    bool load_in_4bit, const DataParallel& dp = {});
 
 }  // namespace qt

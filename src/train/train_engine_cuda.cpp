@@ -59,12 +59,12 @@ class CudaEngine final : public TrainEngine {
       : device_(select_device(dp)), comm_(join_comm(dp, device_)), cfg_(opt.config()), dec_(ctx_, w, lora),
         steps_(opt.step_count()), nf4_(w.nf4 != nullptr), aux_coef_(w.cfg.output_router_logits ? w.cfg.router_aux_loss_coef : 0.0) {
     if (steps_ > 0) load_from_host(lora, opt);  // a resumed run: AdamW's moments too
-    if (comm_) {
-      std::vector<dist::GradTensor> tensors;
-      for (const auto& g : dec_.grad_layout()) tensors.push_back({g.offset, g.size, int(g.layer)});
-      reducer_ = std::make_unique<dist::GradAllReducer>(*comm_, dec_.grad_data(),
-                                                        dist::plan_grad_buckets(tensors, dp.bucket_bytes));
-    }
+    plan_buckets(dp);
+  }
+  CudaEngine(const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed, bool load_in_4bit, const DataParallel& dp)
+      : device_(select_device(dp)), comm_(join_comm(dp, device_)), dec_(ctx_, cfg, lcfg, seed, load_in_4bit),
+        nf4_(load_in_4bit), aux_coef_(cfg.output_router_logits ? cfg.router_aux_loss_coef : 0.0) {
+    plan_buckets(dp);
   }
   std::string describe() const override {
     return "cuda (" + gpu_name() + (nf4_ ? ", NF4 base weights on the device" : "") +
@@ -137,6 +137,13 @@ class CudaEngine final : public TrainEngine {
   std::vector<std::vector<int64_t>> take_expert_load() override { return dec_.take_expert_load(); }
 
  private:
+  void plan_buckets(const DataParallel& dp) {
+    if (!comm_) return;
+    std::vector<dist::GradTensor> tensors;
+    for (const auto& g : dec_.grad_layout()) tensors.push_back({g.offset, g.size, int(g.layer)});
+    reducer_ = std::make_unique<dist::GradAllReducer>(*comm_, dec_.grad_data(),
+                                                      dist::plan_grad_buckets(tensors, dp.bucket_bytes));
+  }
   int device_ = 0;
   std::unique_ptr<dist::NcclComm> comm_;  // before the context: joining selects the device
   AdamWConfig cfg_;
@@ -152,6 +159,11 @@ class CudaEngine final : public TrainEngine {
 
 }  // namespace
 
+std::unique_ptr<TrainEngine> make_cuda_bench_engine(const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
+                                                    bool load_in_4bit, const DataParallel& dp) {
+  return std::make_unique<CudaEngine>(cfg, lcfg, seed, load_in_4bit, dp);
+}
+
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt,
                                               const DataParallel& dp) {
   return std::make_unique<CudaEngine>(w, lora, opt, dp);
@@ -162,6 +174,10 @@ std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraA
 #else
 
 namespace qt {
+std::unique_ptr<TrainEngine> make_cuda_bench_engine(const ModelConfig&, const LoraConfig&, uint64_t, bool,
+                                                    const DataParallel&) {
+  fail("bench", "device cuda: this build has no CUDA backend (configure with -DQT_CUDA=ON)");
+}
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights&, const LoraAdapter&, const AdamW&,
                                               const DataParallel&) {
   fail("train", "device cuda: this build has no CUDA backend (configure with -DQT_CUDA=ON)");

@@ -9,7 +9,15 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include <unistd.h>
+
+#include <filesystem>
+
 #include "cli/commands/commands.h"
+#include "cli/commands/launch.h"
+#include "dist/dist_env.h"
+#include "dist/rendezvous.h"
+#include "train/train_engine.h"
 #include "core/error.h"
 #include "model/decoder.h"
 #include "model/weights_4bit.h"
@@ -29,6 +37,7 @@ struct BenchArgs {
   std::string targets = "all", device = "cpu";
   uint64_t seed = 0;
   bool load_in_4bit = false;
+  int gpus = 0;  // 0: the single-process benchmark; N >= 1: N data-parallel ranks through the engine
 };
 
 double peak_rss_gib() {
@@ -109,10 +118,87 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
 }
 #endif
 
+// Data parallelism (`--gpus N`, or one rank of a torchrun-style job): every rank trains its own
+// random micro-batch through the CUDA training engine (gradients all-reduced over NCCL in buckets
+// during the backward); the step time (host clock around begin_step .. finish_step, which ends with
+// the step's one synchronisation) is the same on every rank. Rank 0 prints the JSON line; weak
+// scaling efficiency = tokens_per_s(N) / (N * tokens_per_s(1)) with `--gpus 1` as the baseline
+// (the same code path with one rank).
+void run_bench_ranks(const BenchArgs& a, const ModelConfig& cfg, const dist::DistEnv& de) {
+  std::unique_ptr<dist::Rendezvous> rv;
+  if (de.distributed()) {
+    dist::RendezvousOptions ro;
+    ro.rank = de.rank, ro.world_size = de.world_size, ro.master_addr = de.master_addr, ro.master_port = de.master_port;
+    ro.op_timeout_s = 3600;
+    rv = std::make_unique<dist::Rendezvous>(ro);
+  }
+  DataParallel dp;
+  dp.rank = de.rank, dp.world_size = de.world_size, dp.local_rank = de.local_rank, dp.rv = rv.get();
+#ifdef QT_HAVE_CUDA
+  if (cuda::device_count() <= de.local_rank)
+    fail("bench", "local rank {} needs {} visible CUDA device(s), {} visible", de.local_rank, de.local_rank + 1,
+         cuda::device_count());
+  QT_CUDA_CHECK(cudaSetDevice(de.local_rank));
+  size_t free0 = 0, total = 0, min_free = 0;
+  QT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+  min_free = free0;
+#endif
+  auto engine = make_cuda_bench_engine(cfg, bench_lora_config(a), a.seed, a.load_in_4bit, dp);
+  std::mt19937_64 rng(a.seed + 2 + uint64_t(de.rank));  // each rank its own tokens
+  const Batch b = random_batch(a, cfg.vocab_size, rng);
+  const double scale = 1.0 / double(b.predicted_tokens() * de.world_size);
+  std::vector<double> times;
+  double loss = 0;
+  for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    engine->begin_step(1);
+    engine->accumulate(b, scale, {});
+    loss = engine->finish_step(1e-4, 1.0).loss_sum * scale;
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+#ifdef QT_HAVE_CUDA
+    size_t f = 0;
+    QT_CUDA_CHECK(cudaMemGetInfo(&f, &total));
+    min_free = std::min(min_free, f);
+#endif
+    if (s >= a.warmup) times.push_back(dt);
+  }
+  const double med = median(times);
+  double peak = 0;
+#ifdef QT_HAVE_CUDA
+  peak = double(free0 - min_free) / (1024.0 * 1024.0 * 1024.0);
+#endif
+  if (de.is_rank0()) {
+    const double tps = double(de.world_size * a.batch * a.seq) / med;
+    nlohmann::json out = {{"config", a.config},       {"device", "cuda"},
+                          {"world_size", de.world_size}, {"batch_per_gpu", a.batch},
+                          {"seq", a.seq},             {"lora_targets", a.targets},
+                          {"lora_r", a.lora_r},       {"load_in_4bit", a.load_in_4bit},
+                          {"step", "engine: forward+backward(recompute)+all-reduce+clip+adamw"},
+                          {"median_step_s", med},     {"tokens_per_s", tps},
+                          {"tokens_per_s_per_gpu", tps / double(de.world_size)},
+                          {"peak_gpu_gib_rank0", peak}, {"loss", loss}};
+    fmt::print("{}\n", out.dump());
+  }
+  if (rv) rv->shutdown();
+}
+
 void run_bench(const BenchArgs& a) {
   if (a.device != "cpu" && a.device != "cuda") fail("bench", "unknown --device '{}' (cpu or cuda)", a.device);
   if (a.batch <= 0 || a.seq <= 0 || a.steps <= 0) fail("bench", "--batch, --seq and --steps must be positive");
   ModelConfig cfg = load_hf_config(a.config);
+  if (a.gpus != 0 || dist::read_dist_env().distributed()) {
+    if (a.device != "cuda") fail("bench", "--gpus / a multi-process job: needs --device cuda");
+    if (a.gpus < 0) fail("bench", "--gpus {}: must be at least 1", a.gpus);
+    const dist::DistEnv de = dist::read_dist_env();
+    if (a.gpus > 1 && !de.distributed()) {  // start the ranks (this command without --gpus, as torchrun would)
+      // the ranks take the data-parallel path (--gpus again; the world from the environment)
+      std::exit(launch_self_as_ranks(
+          a.gpus, (std::filesystem::temp_directory_path() / ("qwentune-bench-" + std::to_string(::getpid()))).string(),
+          {"--gpus", std::to_string(a.gpus)}));
+    }
+    run_bench_ranks(a, cfg, de);
+    return;
+  }
   if (a.device == "cuda") {
 #ifdef QT_HAVE_CUDA
     run_bench_cuda(a, cfg);
@@ -171,6 +257,9 @@ void register_bench_command(CLI::App& app) {
   c->add_option("--warmup", a->warmup, "Untimed first steps")->capture_default_str();
   c->add_option("--device", a->device, "cpu or cuda (cuda: builds with -DQT_CUDA=ON)")->capture_default_str();
   c->add_option("--seed", a->seed, "Seed for weights and tokens")->capture_default_str();
+  c->add_option("--gpus", a->gpus,
+                "Data-parallel benchmark on N local GPUs through the training engine (N = 1: the same path, one "
+                "rank: the weak-scaling baseline); prints global and per-GPU tokens/s");
   c->add_flag("--load-in-4bit", a->load_in_4bit, "QLoRA: the decoder projections in NF4 (kept in NF4 on the GPU)");
   c->callback([a] { run_bench(*a); });
 }

@@ -228,15 +228,20 @@ int launch_train_ranks(int gpus, const std::string& device, const std::string& o
   if (device == "cpu")
     fail("train", "--gpus {}: runs one rank per GPU, but this run has device: cpu (start CPU ranks with torchrun or "
                   "RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; see docs/distributed.md)", gpus);
+  return launch_self_as_ranks(gpus, output_dir);
+}
+
+int launch_self_as_ranks(int nprocs, const std::string& log_dir, const std::vector<std::string>& extra_args) {
   const std::vector<std::string> cmd = own_command_line();
   LaunchOptions o;
-  o.nprocs = gpus;
+  o.nprocs = nprocs;
   std::error_code ec;
   o.exe = std::filesystem::read_symlink("/proc/self/exe", ec).string();
   if (ec) fail("launch", "cannot find this program's path (/proc/self/exe): {}", ec.message());
   o.argv0 = cmd[0];
   o.args = without_gpus_option(std::vector<std::string>(cmd.begin() + 1, cmd.end()));
-  o.log_dir = output_dir;
+  o.args.insert(o.args.end(), extra_args.begin(), extra_args.end());
+  o.log_dir = log_dir;
   return launch_local_ranks(o);
 }
 

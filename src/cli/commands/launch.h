@@ -44,4 +44,8 @@ std::vector<std::string> without_gpus_option(const std::vector<std::string>& arg
 // >= 1 in output_dir). Returns the exit code for the launcher process.
 int launch_train_ranks(int gpus, const std::string& device, const std::string& output_dir);
 
+// This process's own command line without --gpus (plus extra_args) as `nprocs` local ranks
+// (launch_local_ranks; logs of ranks >= 1 in log_dir). Used by `train --gpus` and `bench --gpus`.
+int launch_self_as_ranks(int nprocs, const std::string& log_dir, const std::vector<std::string>& extra_args = {});
+
 }  // namespace qt::cli
