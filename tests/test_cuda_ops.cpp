@@ -50,6 +50,11 @@ TEST(CudaOps, Elementwise) {
     cuda::swiglu_forward(ctx, h_d.get(), dg_d.get(), du_d.get(), int64_t(n));
     cuda::swiglu_backward(ctx, dgo.get(), duo.get(), dh_d.get(), dg_d.get(), du_d.get(), int64_t(n));
     cuda::add_inplace(ctx, y_d.get(), du_d.get(), int64_t(n));
+    // in place: g, u overwritten by dg, du (equal to the accumulating kernel onto zeros, bit for bit)
+    auto gi_d = dev_bf16(g), ui_d = dev_bf16(u), dgz = dev_bf16(std::vector<float>(n, 0.f)),
+         duz = dev_bf16(std::vector<float>(n, 0.f));
+    cuda::swiglu_backward(ctx, dgz.get(), duz.get(), dh_d.get(), dg_d.get(), du_d.get(), int64_t(n));
+    cuda::swiglu_backward_inplace(ctx, gi_d.get(), ui_d.get(), dh_d.get(), int64_t(n));
     std::vector<float> h(n), dg = dg0, du = du0, y = y0;
     cpu::swiglu_forward(h.data(), g.data(), u.data(), int64_t(n));
     cpu::swiglu_backward(dg.data(), du.data(), dh.data(), g.data(), u.data(), int64_t(n));
@@ -58,6 +63,12 @@ TEST(CudaOps, Elementwise) {
     expect_close(tag("swiglu_backward dg", {int64_t(n)}), host_f32(dgo), dg, kBf16Rtol, kAtolElementwise);
     expect_close(tag("swiglu_backward du", {int64_t(n)}), host_f32(duo), du, kBf16Rtol, kAtolElementwise);
     expect_close(tag("add_inplace", {int64_t(n)}), host_f32(y_d), y, kBf16Rtol, kAtolElementwise);
+    std::vector<float> dgr(n, 0.f), dur(n, 0.f);
+    cpu::swiglu_backward(dgr.data(), dur.data(), dh.data(), g.data(), u.data(), int64_t(n));
+    expect_close(tag("swiglu_backward_inplace dg", {int64_t(n)}), host_f32(gi_d), dgr, kBf16Rtol, kAtolElementwise);
+    expect_close(tag("swiglu_backward_inplace du", {int64_t(n)}), host_f32(ui_d), dur, kBf16Rtol, kAtolElementwise);
+    EXPECT_EQ(host_f32(gi_d), host_f32(dgz)) << "in place dg differs from the accumulating kernel onto zeros";
+    EXPECT_EQ(host_f32(ui_d), host_f32(duz)) << "in place du differs from the accumulating kernel onto zeros";
   }
 }
 

@@ -7,6 +7,8 @@
 // with quant-state dtypes bf16, f16 and f32, and a Qwen3-MoE with one dense and one MoE layer (the
 // scratch shared by layers of both kinds; one NF4 tensor per expert). Also the random-weight
 // (benchmark) constructor with load_in_4bit: a finite loss and less device memory than bf16.
+// The untied MoE case also keeps the NF4 decoder's input embeddings in host memory (QLoRA's
+// default): the gather reads the same bf16 rows, so the results stay bit for bit the same.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -80,7 +82,9 @@ void check_nf4_equals_bf16(bool moe, DType storage) {
   const Batch b1 = qlora_batch(rng), b2 = qlora_batch(rng);
 
   cuda::Context ctx;
-  CudaDecoder q4(ctx, w, lora), bf(ctx, plain, lora);
+  CudaDecoder q4(ctx, w, lora, /*embeddings_on_host=*/moe), bf(ctx, plain, lora);
+  EXPECT_EQ(q4.embeddings_on_host(), moe);
+  EXPECT_FALSE(bf.embeddings_on_host());
   for (CudaDecoder* d : {&q4, &bf}) {  // forward only
     d->set_batch(b1);
     d->forward();
@@ -168,8 +172,38 @@ TEST(CudaQlora, RandomWeightsIn4bit) {
   // projections: 8 layers * (q 512x512 + k,v 256x512 + o 512x512 + 3 * 1536x512) elements
   const double proj = 8.0 * (2 * 512 * 512 + 2 * 256 * 512 + 3 * 1536 * 512);
   const double saved = double(bytes[0]) - double(bytes[1]);
-  const double expect = proj * 2.0 - proj * (0.5 + 1.0 / 64 + 1.0 / 4096) - proj / 8.0 * 2.0;  // minus one layer's scratch
+  // minus the scratch, which holds one projection at a time (the largest, 1536x512)
+  const double expect = proj * 2.0 - proj * (0.5 + 1.0 / 64 + 1.0 / 4096) - 1536.0 * 512.0 * 2.0;
   EXPECT_NEAR(saved, expect, 0.01 * proj) << "device_bytes does not show the NF4 saving";
+}
+
+// Input embeddings in host memory: the same loss and gradients bit for bit as on the device, V x H
+// bf16 fewer device bytes; tied embeddings (the lm_head too) stay on the device whatever is asked.
+TEST(CudaQlora, EmbeddingsOnHostEqualDevice) {
+  QT_SKIP_WITHOUT_GPU();
+  const ModelConfig cfg = qlora_config(true);  // untied
+  const ModelWeights w = random_model_weights(cfg, DType::F32, 4, 0.08);
+  LoraConfig lc;
+  lc.r = 4, lc.alpha = 8;
+  lc.target_modules = {"q_proj", "v_proj", "gate_proj", "down_proj"};
+  const LoraAdapter lora = init_lora(cfg, lc, DType::F32, 6);
+  std::mt19937_64 rng(8);
+  const Batch b = qlora_batch(rng);
+  cuda::Context ctx;
+  CudaDecoder host(ctx, w, lora, true), dev(ctx, w, lora, false);
+  ASSERT_TRUE(host.embeddings_on_host());
+  for (CudaDecoder* d : {&host, &dev}) {
+    d->set_batch(b);
+    d->zero_grads();
+    d->forward_backward();
+  }
+  EXPECT_EQ(host.read_step_stats().loss_total, dev.read_step_stats().loss_total);
+  expect_same_adapter(host.download_grads(), dev.download_grads(), "grads");
+  EXPECT_EQ(dev.device_bytes() - host.device_bytes(), size_t(cfg.vocab_size * cfg.hidden_size) * 2);
+  const ModelConfig tied = qlora_config(false);
+  const ModelWeights wt = random_model_weights(tied, DType::F32, 4, 0.08);
+  CudaDecoder t(ctx, wt, init_lora(tied, lc, DType::F32, 6), true);
+  EXPECT_FALSE(t.embeddings_on_host());
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "train/train_config.h"
+#include "train/train_engine.h"
 
 using namespace qt;
 
@@ -70,6 +71,23 @@ TEST(TrainConfig, MinimalUsesDocumentedDefaults) {
   EXPECT_EQ(c.device, "auto");
   EXPECT_EQ(c.warmup_steps_for(1000), 0);
   EXPECT_EQ(c.scheduler_kind(), LrSchedulerKind::Cosine);
+}
+
+// Where the CUDA engine keeps the input embeddings: host memory by default only for a 4-bit base,
+// never when they are tied to the lm_head; the key overrides the default.
+TEST(TrainConfig, OffloadEmbeddings) {
+  const TrainConfig unset = parse_train_config(kMinimal, "c");
+  EXPECT_FALSE(unset.offload_embeddings.has_value());
+  ModelConfig untied, tied;
+  untied.tie_word_embeddings = false, tied.tie_word_embeddings = true;
+  EXPECT_TRUE(resolve_embeddings_on_host(unset.offload_embeddings, untied, /*four_bit=*/true));
+  EXPECT_FALSE(resolve_embeddings_on_host(unset.offload_embeddings, untied, /*four_bit=*/false));
+  EXPECT_FALSE(resolve_embeddings_on_host(unset.offload_embeddings, tied, /*four_bit=*/true));
+  const TrainConfig off = parse_train_config(std::string(kMinimal) + "offload_embeddings: false\n", "c");
+  EXPECT_FALSE(resolve_embeddings_on_host(off.offload_embeddings, untied, /*four_bit=*/true));
+  const TrainConfig on = parse_train_config(std::string(kMinimal) + "offload_embeddings: true\n", "c");
+  EXPECT_TRUE(resolve_embeddings_on_host(on.offload_embeddings, untied, /*four_bit=*/false));
+  EXPECT_FALSE(resolve_embeddings_on_host(on.offload_embeddings, tied, /*four_bit=*/false));
 }
 
 TEST(TrainConfig, AxolotlStyleFile) {
@@ -256,6 +274,7 @@ TEST(TrainConfig, YamlRoundTrip) {
   c.use_rslora = true;
   c.adapter = "qlora";
   c.load_in_4bit = true;
+  c.offload_embeddings = false;
   c.output_dir = "out/\"quoted\"";
   c.adam_epsilon = 1e-6;
   c.val_set_size = 100;
@@ -288,7 +307,7 @@ TEST(TrainConfig, HelpDocumentsEveryKey) {
     const std::string line = help.substr(at, help.find('\n', at) - at);
     EXPECT_TRUE(line.find("; default: ") != std::string::npos || line.find("; required") != std::string::npos) << line;
   }
-  EXPECT_EQ(n, 36u);
+  EXPECT_EQ(n, 37u);
   EXPECT_NE(help.find("peft_use_rslora"), std::string::npos);
   EXPECT_NE(help.find("Usage: qwentune train CONFIG.yaml"), std::string::npos);
 }

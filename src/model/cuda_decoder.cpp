@@ -77,6 +77,10 @@ struct CudaDecoder::Impl {
   int64_t L = 0, H = 0, V = 0, I = 0, nh = 0, nkv = 0, hd = 0, qd = 0, kvd = 0, r = 0;
   float scale = 0;
   Buffer<bf16> embed, final_norm, lm_head_own;
+  // embeddings_on_host (untied only): the input embedding table (V,H) in pinned, mapped host memory,
+  // read by the gather kernel over the bus (N rows per forward); embed_table = where the table is.
+  cuda::PinnedBuffer<bf16> embed_host;
+  bf16* embed_table = nullptr;
   const bf16* lm_head = nullptr;
   std::vector<DeviceLayer> layers;
   std::vector<std::array<SlotRef, kNumLoraSlots>> slots;
@@ -100,14 +104,18 @@ struct CudaDecoder::Impl {
   // activations: saved layer inputs (L+1, N, H) and one layer's work buffers
   Buffer<bf16> saved, a, q_raw, k_raw, q, k, v, attn, o, h, m, g, u, act, xa, xf;
   Buffer<float> rstd1, rstd_q, rstd_k, lse, rstd2, rstdf;
-  Buffer<bf16> dx, dm, da, dattn, dq, dk, dv, dq_raw, dk_raw, dact, dg, du, dxf;
-  // NF4 base (QLoRA): every layer's projections dequantized into `wscratch` (sized for the largest
-  // layer) right before its forward, and again before its recompute + backward (the last layer's
-  // forward dequantization serves its backward too); woff[l][s] = slot s's offset in the scratch.
+  Buffer<bf16> dx, dm, da, dattn, dq, dk, dv, dq_raw, dk_raw, dact, dxf;  // the MLP's dg, du overwrite g, u
+  // NF4 base (QLoRA): projections are dequantized into `wscratch` right before the product that
+  // needs them. Two regions: [0, single) holds one attention or dense-MLP projection at a time
+  // (sized for the largest); [single, ...) holds one MoE layer's experts (gate, up, down together,
+  // as the grouped MoE layer needs them). woff[l][s] = slot s's offset in the scratch. A dense
+  // layer's projection is dequantized for its forward, its recompute and (all but the last one
+  // recomputed) its backward; the experts once for the forward and once for recompute + backward.
   bool nf4 = false;
   Buffer<bf16> wscratch;
   std::vector<std::array<int64_t, kNumLoraSlots>> woff;
-  int64_t scratch_layer = -1;  // the layer whose weights the scratch holds (-1: none)
+  int64_t scratch_single = -1;   // l * kNumLoraSlots + s of the projection in the first region (-1: none)
+  int64_t scratch_experts = -1;  // the MoE layer whose experts the second region holds (-1: none)
   PhaseProfile prof;
   std::function<void(int64_t)> layer_backward_hook;
   // MoE: the router load-balancing loss (output_router_logits) and the expert-load statistics.
@@ -121,7 +129,7 @@ struct CudaDecoder::Impl {
   CudaMoeAux aux_grad;  // of the current backward
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
-  Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base)
+  Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base, bool embeddings_on_host)
       : ctx(c), cfg(mc), lcfg(lc), nf4(nf4_base) {
     L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size;
     bool any_dense = false;
@@ -133,14 +141,20 @@ struct CudaDecoder::Impl {
     qd = cfg.q_dim(), kvd = cfg.kv_dim(), r = lc.r;
     scale = float(lc.scale());
     if (hd > 256) fail("cuda", "head_dim {} > 256 is not supported by the CUDA attention", hd);
-    embed = Buffer<bf16>(size_t(V * H));
+    if (embeddings_on_host && !cfg.tie_word_embeddings) {
+      embed_host = cuda::PinnedBuffer<bf16>(size_t(V * H), /*mapped=*/true);
+      embed_table = embed_host.device_ptr();
+    } else {
+      embed = Buffer<bf16>(size_t(V * H));
+      embed_table = embed.get();
+    }
     final_norm = Buffer<bf16>(size_t(H));
     if (!cfg.tie_word_embeddings) lm_head_own = Buffer<bf16>(size_t(V * H));
     lm_head = cfg.tie_word_embeddings ? embed.get() : lm_head_own.get();
     layers.resize(size_t(L));
     slots.resize(size_t(L));
     woff.resize(size_t(L));
-    int64_t scratch_elems = 0;
+    int64_t single_elems = 0, expert_elems = 0;
     for (int64_t l = 0; l < L; ++l) {
       DeviceLayer& d = layers[l];
       d.input_norm = Buffer<bf16>(size_t(H));
@@ -150,12 +164,17 @@ struct CudaDecoder::Impl {
         d.q_b = Buffer<bf16>(size_t(qd)), d.k_b = Buffer<bf16>(size_t(kvd)), d.v_b = Buffer<bf16>(size_t(kvd));
       d.moe = cfg.is_moe_layer(l);
       if (d.moe) d.router = Buffer<bf16>(size_t(cfg.num_experts * H));
-      int64_t off = 0;
+      int64_t expert_off = 0;  // within the experts' region
       for (int s = 0; s < kNumLoraSlots; ++s) {
         LoraSlotShape sh = lora_slot_shape(cfg, l, LoraSlot(s));
         SlotRef& ref = slots[l][s];
         ref.E = sh.experts, ref.in = sh.in, ref.out = sh.out;
-        woff[l][s] = off, off += ref.copies() * sh.in * sh.out;
+        const int64_t elems = ref.copies() * sh.in * sh.out;
+        if (ref.E > 0) {
+          woff[l][s] = expert_off, expert_off += elems;
+        } else {
+          woff[l][s] = 0, single_elems = std::max(single_elems, elems);
+        }
         if (!nf4) d.w[s] = Buffer<bf16>(size_t(ref.copies() * sh.in * sh.out));
         if (!lc.targets(LoraSlot(s))) continue;
         ref.present = true;
@@ -163,9 +182,12 @@ struct CudaDecoder::Impl {
         ref.b_off = n_lora, n_lora += ref.copies() * sh.out * r;
         if (sh.experts == 0) max_in = std::max(max_in, sh.in);
       }
-      scratch_elems = std::max(scratch_elems, off);
+      expert_elems = std::max(expert_elems, expert_off);
     }
-    if (nf4) wscratch = Buffer<bf16>(size_t(scratch_elems));
+    for (int64_t l = 0; l < L; ++l)
+      for (int s = 0; s < kNumLoraSlots; ++s)
+        if (slots[l][s].E > 0) woff[l][s] += single_elems;
+    if (nf4) wscratch = Buffer<bf16>(size_t(single_elems + expert_elems));
     lora = Buffer<float>(size_t(n_lora)), grad = Buffer<float>(size_t(n_lora));
     m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
     m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
@@ -185,7 +207,7 @@ struct CudaDecoder::Impl {
   // Every base tensor with its role, for upload / random init.
   template <typename F>
   void for_each_weight(F&& f) {
-    f(embed.get(), V * H, 'w');
+    f(embed_table, V * H, 'w');
     if (!cfg.tie_word_embeddings) f(lm_head_own.get(), V * H, 'w');
     f(final_norm.get(), H, 'n');
     for (auto& d : layers) {
@@ -219,7 +241,7 @@ struct CudaDecoder::Impl {
     dx = Buffer<bf16>(NH), dm = Buffer<bf16>(NH), da = Buffer<bf16>(NH), dxf = Buffer<bf16>(NH);
     dattn = Buffer<bf16>(Nq), dq = Buffer<bf16>(Nq), dq_raw = Buffer<bf16>(Nq);
     dk = Buffer<bf16>(Nkv), dv = Buffer<bf16>(Nkv), dk_raw = Buffer<bf16>(Nkv);
-    dact = Buffer<bf16>(NI), dg = Buffer<bf16>(NI), du = Buffer<bf16>(NI);
+    dact = Buffer<bf16>(NI);
     cos = Buffer<float>(size_t(N * hd)), sin = Buffer<float>(size_t(N * hd));
     ids = Buffer<int32_t>(size_t(N)), labels = Buffer<int32_t>(size_t(N)), pos = Buffer<int32_t>(size_t(N));
     seg = Buffer<int32_t>(size_t(N));
@@ -228,16 +250,22 @@ struct CudaDecoder::Impl {
       moe_work.alloc(N, H, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, r);
   }
   // The base weight of slot s of layer l: its own buffer, or its part of the NF4 scratch.
-  const bf16* wt(int64_t l, int s) const { return nf4 ? wscratch.get() + woff[l][s] : layers[l].w[s].get(); }
-  CudaMoeWeights moe_weights(int64_t l) const {
-    return {layers[l].router.get(), wt(l, kLoraGate), wt(l, kLoraUp), wt(l, kLoraDown)};
+  // With NF4, dequantized into the scratch first unless it already holds it (stream ordered: the
+  // products that read the previous occupant were enqueued before).
+  const bf16* wt(int64_t l, int s) {
+    if (!nf4) return layers[l].w[s].get();
+    if (slots[l][s].E > 0) {
+      if (scratch_experts != l)
+        for (int e = kLoraGate; e <= kLoraDown; ++e) layers[l].nf4[e].dequantize(ctx, wscratch.get() + woff[l][e]);
+      scratch_experts = l;
+    } else if (scratch_single != l * kNumLoraSlots + s) {
+      layers[l].nf4[s].dequantize(ctx, wscratch.get() + woff[l][s]);
+      scratch_single = l * kNumLoraSlots + s;
+    }
+    return wscratch.get() + woff[l][s];
   }
-  // NF4: dequantizes layer l's projections into the scratch (nothing when it already holds them).
-  void ensure_layer_weights(int64_t l) {
-    if (!nf4 || scratch_layer == l) return;
-    for (int s = 0; s < kNumLoraSlots; ++s) layers[l].nf4[s].dequantize(ctx, wscratch.get() + woff[l][s]);
-    scratch_layer = l;
-    prof.mark(ctx, "nf4.dequantize");
+  CudaMoeWeights moe_weights(int64_t l) {
+    return {layers[l].router.get(), wt(l, kLoraGate), wt(l, kLoraUp), wt(l, kLoraDown)};
   }
   // The expert LoRA of MoE layer l in the flat buffers, and the layer's dims and dropout.
   CudaMoeLora moe_lora(int64_t l) const {
@@ -344,11 +372,11 @@ struct CudaDecoder::Impl {
       cuda_moe_backward(ctx, moe_weights(l), moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), dx.get(), dm.get(),
                         aux_grad);
     } else {
-      zero(dact), zero(dg), zero(du);
+      zero(dact);
       proj_bwd(l, kLoraDown, dact.get(), dx.get(), act.get());
-      cuda::swiglu_backward(ctx, dg.get(), du.get(), dact.get(), g.get(), u.get(), N * I);
-      proj_bwd(l, kLoraGate, dm.get(), dg.get(), m.get());
-      proj_bwd(l, kLoraUp, dm.get(), du.get(), m.get());
+      cuda::swiglu_backward_inplace(ctx, g.get(), u.get(), dact.get(), N * I);  // g <- dg, u <- du
+      proj_bwd(l, kLoraGate, dm.get(), g.get(), m.get());
+      proj_bwd(l, kLoraUp, dm.get(), u.get(), m.get());
     }
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dm.get(), h.get(), d.post_norm.get(), rstd2.get(), N, H);
     zero(dattn);
@@ -380,11 +408,8 @@ struct CudaDecoder::Impl {
       QT_CUDA_CHECK(cudaMemsetAsync(aux_psum.get(), 0, aux_psum.bytes(), ctx.stream()));
       QT_CUDA_CHECK(cudaMemsetAsync(aux_counts.get(), 0, aux_counts.bytes(), ctx.stream()));
     }
-    cuda::embedding_forward(ctx, saved_at(0), ids.get(), embed.get(), N, V, H);
-    for (int64_t l = 0; l < L; ++l) {
-      ensure_layer_weights(l);
-      layer_forward(l, saved_at(l), saved_at(l + 1));
-    }
+    cuda::embedding_forward(ctx, saved_at(0), ids.get(), embed_table, N, V, H);
+    for (int64_t l = 0; l < L; ++l) layer_forward(l, saved_at(l), saved_at(l + 1));
     cuda::rmsnorm_forward(ctx, xf.get(), rstdf.get(), saved_at(L), final_norm.get(), N, H, cfg.rms_norm_eps);
     if (backward) zero(dxf);
     cuda::fused_linear_cross_entropy(ctx, loss.get(), count_dev.get(), backward ? dxf.get() : nullptr, xf.get(),
@@ -406,7 +431,6 @@ struct CudaDecoder::Impl {
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dxf.get(), saved_at(L), final_norm.get(), rstdf.get(), N, H);
     for (int64_t l = L - 1; l >= 0; --l) {
       prof.mark(ctx, "bwd.other");
-      ensure_layer_weights(l);  // shared by the recompute and the backward
       recomputing = true;  // x_out goes to `o` (free by then): x_{l+1} stays as saved
       layer_forward(l, saved_at(l), o.get());
       recomputing = false;
@@ -444,7 +468,7 @@ struct CudaDecoder::Impl {
         cuda::fill_normal(ctx, x, sr.copies() * sr.in * sr.out, 0.f, 0.02f, seed * 7919ull + ++k);
         layers[l].nf4[s].quantize(ctx, x, sr.copies(), {sr.out, sr.in});
       }
-    scratch_layer = -1;
+    scratch_single = scratch_experts = -1;
   }
 
   // Calls f(slot ref, A tensor, B tensor) for every present slot of an adapter of this structure.
@@ -501,11 +525,11 @@ void upload_as_bf16(cuda::Context& ctx, bf16* dst, const Tensor& t) {
 }
 }  // namespace
 
-CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora)
-    : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr)) {
+CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora, bool embeddings_on_host)
+    : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr, embeddings_on_host)) {
   std::unique_ptr<Impl> guard(p_);  // frees the device buffers when an upload fails (bad NF4 data)
   Impl& p = *p_;
-  upload_as_bf16(ctx, p.embed.get(), w.embed);
+  upload_as_bf16(ctx, p.embed_table, w.embed);
   if (!w.cfg.tie_word_embeddings) upload_as_bf16(ctx, p.lm_head_own.get(), w.lm_head);
   upload_as_bf16(ctx, p.final_norm.get(), w.final_norm);
   const Tensor* wt[kNumLoraSlots];
@@ -530,8 +554,8 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
 }
 
 CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
-                         bool load_in_4bit)
-    : p_(new Impl(ctx, cfg, lcfg, load_in_4bit)) {
+                         bool load_in_4bit, bool embeddings_on_host)
+    : p_(new Impl(ctx, cfg, lcfg, load_in_4bit, embeddings_on_host)) {
   std::unique_ptr<Impl> guard(p_);
   Impl& p = *p_;
   uint64_t k = 0;
@@ -685,6 +709,8 @@ void CudaDecoder::set_layer_backward_hook(std::function<void(int64_t)> hook) { p
 LoraAdapter CudaDecoder::download_grads() const { return p_->download(p_->grad); }
 LoraAdapter CudaDecoder::download_lora() const { return p_->download(p_->lora); }
 
+bool CudaDecoder::embeddings_on_host() const { return p_->embed_host.size() > 0; }
+
 size_t CudaDecoder::device_bytes() const {
   const Impl& p = *p_;
   size_t n = p.embed.bytes() + p.lm_head_own.bytes() + p.final_norm.bytes() + 4 * p.lora.bytes();
@@ -698,7 +724,7 @@ size_t CudaDecoder::device_bytes() const {
   n += p.wscratch.bytes();
   for (const auto* b : {&p.xd, &p.dxd, &p.saved, &p.a, &p.q_raw, &p.k_raw, &p.q, &p.k, &p.v, &p.attn, &p.o, &p.h, &p.m, &p.g, &p.u,
                         &p.act, &p.xa, &p.xf, &p.dx, &p.dm, &p.da, &p.dattn, &p.dq, &p.dk, &p.dv, &p.dq_raw, &p.dk_raw,
-                        &p.dact, &p.dg, &p.du, &p.dxf})
+                        &p.dact, &p.dxf})
     n += b->bytes();
   n += p.moe_work.bytes();
   for (const auto* b : {&p.rstd1, &p.rstd_q, &p.rstd_k, &p.lse, &p.rstd2, &p.rstdf, &p.cos, &p.sin}) n += b->bytes();

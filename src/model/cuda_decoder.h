@@ -1,9 +1,10 @@
 // The Qwen2 / Qwen3 / Qwen3-MoE decoder on CUDA (built only with QT_CUDA): the math of model/decoder.h
 // with the ops of ops/cuda/ops.h, LoRA training only (base weights frozen, bf16 or NF4 on the device).
 //
-// Memory: bf16 base weights (QLoRA: NF4 projections, model/cuda_nf4_weights.h, dequantized per layer
-// into one bf16 scratch sized for the largest layer, before the layer's forward and before its
-// recompute, which the backward then shares: two dequantizations per layer and step); fp32 LoRA
+// Memory: bf16 base weights (QLoRA: NF4 projections, model/cuda_nf4_weights.h, dequantized into a
+// bf16 scratch right before the product that needs them: one attention / dense-MLP projection at a
+// time, or one MoE layer's experts together; see Impl::wt); optionally the untied input embedding
+// table in pinned host memory (embeddings_on_host: only the N looked-up rows cross the bus); fp32 LoRA
 // masters, their gradients and AdamW moments in four flat buffers (one sum of squares, one clip and
 // one AdamW launch per step). Per-layer activation checkpointing: the forward keeps only each layer's
 // input x_l (N,H) bf16; the backward recomputes layer l from x_l into one set of per-layer work
@@ -33,12 +34,13 @@ class CudaDecoder {
  public:
   // Weights uploaded from a host model (any float dtype; rounded once to bf16) and an adapter
   // (copied as fp32 masters). With w.nf4 (QLoRA) the projections are uploaded as NF4 instead of bf16.
-  CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora);
+  // embeddings_on_host: see the top of the file; ignored when the embeddings are tied to lm_head.
+  CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora, bool embeddings_on_host = false);
   // Random weights of cfg's shape made on the device (normal(0, 0.02), norms 1, biases 0) and an
   // adapter with A ~ normal(0, 1/sqrt(in)) and B ~ normal(0, 0.01) (benchmarks: every LoRA path live).
   // load_in_4bit: the projections are quantized to NF4 on the device and kept so.
   CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
-              bool load_in_4bit = false);
+              bool load_in_4bit = false, bool embeddings_on_host = false);
   ~CudaDecoder();
   CudaDecoder(const CudaDecoder&) = delete;
   CudaDecoder& operator=(const CudaDecoder&) = delete;
@@ -92,6 +94,8 @@ class CudaDecoder {
   void upload_state(const LoraAdapter& lora, const LoraAdapter& exp_avg, const LoraAdapter& exp_avg_sq);
   // Bytes of device memory owned by the decoder (weights, adapter, states, activations).
   size_t device_bytes() const;
+  // Whether the input embedding table is in host memory (embeddings_on_host and untied).
+  bool embeddings_on_host() const;
 
   // Data parallelism (train/train_engine_cuda.cpp): the flat fp32 gradient buffer on the device,
   // one range per LoRA matrix in buffer order (layers ascending), the step's loss total (one double

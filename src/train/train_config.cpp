@@ -85,6 +85,9 @@ const std::vector<KeySpec>& keys() {
        "lora (unquantized base weights) or qlora (base weights quantized to 4-bit NF4).", {"lora", "qlora"}, "Adapter"},
       {"load_in_4bit", &C::load_in_4bit, "bool", "(unset: true for qlora)",
        "Quantize the base model to NF4; must agree with adapter (qlora needs it, lora forbids it)."},
+      {"offload_embeddings", &C::offload_embeddings, "bool", "(unset: true with load_in_4bit)",
+       "CUDA: keep the input embedding table in pinned host memory (only the looked-up rows cross the bus); "
+       "ignored for tied embeddings, which are also the lm_head."},
       {"lora_r", &C::lora_r, "int", "8", "LoRA rank r (PEFT default)."},
       {"lora_alpha", &C::lora_alpha, "float", "8", "LoRA alpha; the update is scaled by alpha / r (PEFT default)."},
       {"lora_dropout", &C::lora_dropout, "float", "0.0", "Dropout on the LoRA input, in [0, 1) (PEFT default)."},

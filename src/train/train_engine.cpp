@@ -142,4 +142,8 @@ std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter&
   return std::make_unique<CpuEngine>(w, lora, opt, dp);
 }
 
+bool resolve_embeddings_on_host(std::optional<bool> requested, const ModelConfig& cfg, bool four_bit) {
+  return requested.value_or(four_bit) && !cfg.tie_word_embeddings;
+}
+
 }  // namespace qt

@@ -23,6 +23,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -88,11 +89,19 @@ std::string resolve_device(const std::string& device, const ModelConfig& cfg, co
 // keeps its own optimizer states (AdamW's settings from `opt`).
 std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt,
                                              const DataParallel& dp = {});
+// embeddings_on_host: the CUDA engine keeps the input embedding table in pinned host memory
+// (model/cuda_decoder.h); see resolve_embeddings_on_host.
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt,
-                                              const DataParallel& dp = {});
+                                              const DataParallel& dp = {}, bool embeddings_on_host = false);
 // `qwentune bench`: the CUDA engine on random weights of cfg's shape made on the device (CudaDecoder's
 // random constructor; load_in_4bit: NF4 on the device), AdamW with torch's defaults.
 std::unique_ptr<TrainEngine> make_cuda_bench_engine(const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
-                                                    bool load_in_4bit, const DataParallel& dp = {});
+                                                    bool load_in_4bit, const DataParallel& dp = {},
+                                                    bool embeddings_on_host = false);
+// Where the CUDA engine keeps the input embedding table: the user's choice (offload_embeddings),
+// else in host memory for a 4-bit base (QLoRA: memory first; only the looked-up rows cross the bus,
+// N x H x 2 bytes per forward). Never for tied embeddings: they are also the lm_head, which the
+// GPU multiplies with.
+bool resolve_embeddings_on_host(std::optional<bool> requested, const ModelConfig& cfg, bool four_bit);
 
 }  // namespace qt

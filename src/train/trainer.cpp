@@ -243,8 +243,10 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   if (rv) rv->barrier();  // every rank has read the checkpoint before rank 0 may save (and prune) one
   DataParallel dp;
   dp.rank = de.rank, dp.world_size = de.world_size, dp.local_rank = de.local_rank, dp.rv = rv.get();
-  std::unique_ptr<TrainEngine> engine = device == "cuda" ? make_cuda_engine(model.weights, lora, opt, dp)
-                                                         : make_cpu_engine(model.weights, lora, opt, dp);
+  std::unique_ptr<TrainEngine> engine =
+      device == "cuda" ? make_cuda_engine(model.weights, lora, opt, dp,
+                                          resolve_embeddings_on_host(tc.offload_embeddings, model.cfg, model.base_4bit))
+                       : make_cpu_engine(model.weights, lora, opt, dp);
   if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 copy
   fmt::print("device: {}{}\n", engine->describe(), device_note.empty() ? "" : " (" + device_note + ")");
   int64_t n_params = 0;

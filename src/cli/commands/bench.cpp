@@ -7,6 +7,7 @@
 #include <chrono>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 
 #include <unistd.h>
@@ -37,6 +38,7 @@ struct BenchArgs {
   std::string targets = "all", device = "cpu";
   uint64_t seed = 0;
   bool load_in_4bit = false;
+  std::optional<bool> offload_embeddings;  // unset: train's default (resolve_embeddings_on_host)
   int gpus = 0;  // 0: the single-process benchmark; N >= 1: N data-parallel ranks through the engine
 };
 
@@ -81,7 +83,8 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
   size_t free0 = 0, total = 0;
   QT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   cuda::Context ctx;
-  CudaDecoder dec(ctx, cfg, bench_lora_config(a), a.seed, a.load_in_4bit);
+  CudaDecoder dec(ctx, cfg, bench_lora_config(a), a.seed, a.load_in_4bit,
+                  resolve_embeddings_on_host(a.offload_embeddings, cfg, a.load_in_4bit));
   std::mt19937_64 rng(a.seed + 2);
   dec.set_batch(random_batch(a, cfg.vocab_size, rng));
   cuda::Event t0, t1;
@@ -108,6 +111,7 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
                         {"lora_targets", a.targets},
                         {"lora_r", a.lora_r},
                         {"load_in_4bit", a.load_in_4bit},
+                        {"embeddings_on_host", dec.embeddings_on_host()},
                         {"step", "forward+backward(recompute)+clip+adamw"},
                         {"median_step_s", med},
                         {"tokens_per_s", double(a.batch * a.seq) / med},
@@ -143,7 +147,8 @@ void run_bench_ranks(const BenchArgs& a, const ModelConfig& cfg, const dist::Dis
   QT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   min_free = free0;
 #endif
-  auto engine = make_cuda_bench_engine(cfg, bench_lora_config(a), a.seed, a.load_in_4bit, dp);
+  auto engine = make_cuda_bench_engine(cfg, bench_lora_config(a), a.seed, a.load_in_4bit, dp,
+                                       resolve_embeddings_on_host(a.offload_embeddings, cfg, a.load_in_4bit));
   std::mt19937_64 rng(a.seed + 2 + uint64_t(de.rank));  // each rank its own tokens
   const Batch b = random_batch(a, cfg.vocab_size, rng);
   const double scale = 1.0 / double(b.predicted_tokens() * de.world_size);
@@ -261,6 +266,9 @@ void register_bench_command(CLI::App& app) {
                 "Data-parallel benchmark on N local GPUs through the training engine (N = 1: the same path, one "
                 "rank: the weak-scaling baseline); prints global and per-GPU tokens/s");
   c->add_flag("--load-in-4bit", a->load_in_4bit, "QLoRA: the decoder projections in NF4 (kept in NF4 on the GPU)");
+  c->add_option("--offload-embeddings", a->offload_embeddings,
+                "true|false: the input embedding table in pinned host memory (default: true with --load-in-4bit, "
+                "never for tied embeddings)");
   c->callback([a] { run_bench(*a); });
 }
 

@@ -48,6 +48,16 @@ __global__ void swiglu_bwd_kernel(bf16* dg, bf16* du, const bf16* dh, const bf16
   }
 }
 
+// In place: g <- dg, u <- du (each element read before it is overwritten, by the same thread).
+__global__ void swiglu_bwd_inplace_kernel(bf16* g, bf16* u, const bf16* dh, int64_t n) {
+  QT_GRID_STRIDE(i, n) {
+    const float gi = to_f(g[i]), ui = to_f(u[i]), dhi = to_f(dh[i]);
+    const float sg = sigmoidf_(gi);
+    g[i] = to_bf(dhi * ui * sg * (1.0f + gi * (1.0f - sg)));
+    u[i] = to_bf(dhi * gi * sg);
+  }
+}
+
 __global__ void add_kernel(bf16* y, const bf16* x, int64_t n) {
   QT_GRID_STRIDE(i, n) y[i] = to_bf(to_f(y[i]) + to_f(x[i]));
 }
@@ -167,6 +177,12 @@ void swiglu_forward(Context& ctx, bf16* h, const bf16* g, const bf16* u, int64_t
 void swiglu_backward(Context& ctx, bf16* dg, bf16* du, const bf16* dh, const bf16* g, const bf16* u, int64_t n) {
   if (n <= 0 || (!dg && !du)) return;
   swiglu_bwd_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(dg, du, dh, g, u, n);
+  QT_CUDA_LAUNCH_CHECK();
+}
+
+void swiglu_backward_inplace(Context& ctx, bf16* g, bf16* u, const bf16* dh, int64_t n) {
+  if (n <= 0) return;
+  swiglu_bwd_inplace_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(g, u, dh, n);
   QT_CUDA_LAUNCH_CHECK();
 }
 

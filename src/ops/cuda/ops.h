@@ -67,7 +67,11 @@ void qk_norm_rope_backward(Context& ctx, bf16* dx, const bf16* dy, const bf16* x
 // ---- elementwise -------------------------------------------------------------------------
 // h (n) = silu(g) * u
 void swiglu_forward(Context& ctx, bf16* h, const bf16* g, const bf16* u, int64_t n);
+// dg (n) += dh * d(silu(g) u)/dg, du (n) += dh * silu(g); either may be nullptr.
 void swiglu_backward(Context& ctx, bf16* dg, bf16* du, const bf16* dh, const bf16* g, const bf16* u, int64_t n);
+// The same gradients written over their inputs (g <- dg, u <- du; no accumulation): the dense
+// MLP's backward needs no separate (N, I) dg and du buffers.
+void swiglu_backward_inplace(Context& ctx, bf16* g, bf16* u, const bf16* dh, int64_t n);
 // y (n) += x
 void add_inplace(Context& ctx, bf16* y, const bf16* x, int64_t n);
 

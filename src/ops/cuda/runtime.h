@@ -91,8 +91,20 @@ template <typename T>
 class PinnedBuffer {
  public:
   PinnedBuffer() = default;
-  explicit PinnedBuffer(size_t n) : n_(n) {
-    if (n > 0) QT_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(T)));
+  // mapped: also readable and writable by kernels through device_ptr() (zero-copy over the bus).
+  explicit PinnedBuffer(size_t n, bool mapped = false) : n_(n) {
+    if (n == 0) return;
+    if (mapped)
+      QT_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&p_), n * sizeof(T), cudaHostAllocMapped | cudaHostAllocPortable));
+    else
+      QT_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(T)));
+  }
+  // The address kernels use for a mapped buffer.
+  T* device_ptr() const {
+    if (!p_) return nullptr;
+    void* d = nullptr;
+    QT_CUDA_CHECK(cudaHostGetDevicePointer(&d, p_, 0));
+    return static_cast<T*>(d);
   }
   PinnedBuffer(PinnedBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
   PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
