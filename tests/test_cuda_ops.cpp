@@ -282,6 +282,42 @@ TEST(CudaOps, LinearAndLora) {
   }
 }
 
+// The rank-r update of LoRA's activations (Y = bf16(Y + alpha P Q)), both layouts of Q: the fused
+// kernel and the cuBLASLt composition against the CPU GEMM, many ranks (odd ones, more than one
+// 16-wide chunk) and widths (odd, below and above a block's 256 columns, rows past a 32-row block).
+// Also linear_backward without accumulation: dx = dy W over a poisoned dx.
+TEST(CudaOps, RankUpdateAndOverwritingLinearBackward) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(61);
+  struct Case { int64_t N, M, r; };
+  std::vector<Case> cases = {{1, 1, 1}, {3, 5, 3}, {33, 257, 16}, {70, 600, 17}, {64, 896, 8}};
+  if (!quick()) cases.insert(cases.end(), {{513, 4864, 16}, {1000, 130, 64}, {257, 513, 40}});
+  for (const Case& c : cases)
+    for (bool q_rows_m : {true, false}) {
+      auto P = randn_bf16(size_t(c.N * c.r), rng), Q = randn_bf16(size_t(c.M * c.r), rng, 0.1f),
+           Y0 = randn_bf16(size_t(c.N * c.M), rng);
+      auto P_d = dev_bf16(P), Q_d = dev_bf16(Q), Yf_d = dev_bf16(Y0), Yg_d = dev_bf16(Y0);
+      cuda::rank_update_fused(ctx, Yf_d.get(), P_d.get(), Q_d.get(), q_rows_m, c.N, c.M, c.r, 1.5f);
+      cuda::rank_update_via_gemm(ctx, Yg_d.get(), P_d.get(), Q_d.get(), q_rows_m, c.N, c.M, c.r, 1.5f);
+      std::vector<float> Y = Y0;
+      cpu::gemm<float>(false, q_rows_m, c.N, c.M, c.r, 1.5f, P.data(), Q.data(), 1.0f, Y.data());
+      const std::string t = q_rows_m ? "P Q^T" : "P Q";
+      expect_close(tag(("rank_update fused " + t).c_str(), {c.N, c.M, c.r}), host_f32(Yf_d), Y, kBf16Rtol,
+                   kAtolReduction);
+      expect_close(tag(("rank_update via gemm " + t).c_str(), {c.N, c.M, c.r}), host_f32(Yg_d), Y, kBf16Rtol,
+                   kAtolReduction);
+    }
+  for (const MatShape& s : mat_shapes()) {
+    auto dy = randn_bf16(size_t(s.N * s.out), rng), W = randn_bf16(size_t(s.out * s.in), rng, 0.05f);
+    auto dy_d = dev_bf16(dy), W_d = dev_bf16(W), dx_d = dev_poison_bf16(size_t(s.N * s.in));
+    cuda::linear_backward(ctx, dx_d.get(), dy_d.get(), W_d.get(), s.N, s.in, s.out, /*accumulate=*/false);
+    std::vector<float> dx(size_t(s.N * s.in), 0.f);
+    cpu::gemm<float>(false, false, s.N, s.in, s.out, 1.0f, dy.data(), W.data(), 0.0f, dx.data());
+    expect_close(tag("linear_backward overwrite", {s.N, s.in, s.out}), host_f32(dx_d), dx, kBf16Rtol, kAtolReduction);
+  }
+}
+
 TEST(CudaOps, CrossEntropy) {
   QT_SKIP_WITHOUT_GPU();
   cuda::Context ctx;

@@ -313,10 +313,11 @@ struct CudaDecoder::Impl {
       cuda::lora_forward(ctx, y, xa_of(s), lora_input(l, s, x), lora.get() + sr.a_off, lora.get() + sr.b_off, scale, N,
                          sr.in, sr.out, r);
   }
-  // dx += dy W (+ the LoRA path, through the dropout mask); dA, dB accumulate
-  void proj_bwd(int64_t l, int s, bf16* dxp, const bf16* dy, const bf16* x) {
+  // dx (+)= dy W (+ the LoRA path, through the dropout mask); dA, dB accumulate. accumulate false:
+  // dx's old contents are ignored (the first product into a buffer: no zeroing, no staging pass).
+  void proj_bwd(int64_t l, int s, bf16* dxp, const bf16* dy, const bf16* x, bool accumulate) {
     const SlotRef& sr = slots[l][s];
-    cuda::linear_backward(ctx, dxp, dy, wt(l, s), N, sr.in, sr.out);
+    cuda::linear_backward(ctx, dxp, dy, wt(l, s), N, sr.in, sr.out, accumulate);
     if (!sr.present) return;
     const bf16* xin = lora_input(l, s, x);
     bf16* dlora_x = dxp;
@@ -367,33 +368,31 @@ struct CudaDecoder::Impl {
   // dx holds d(x_out) on entry and d(x_in) on exit; the work buffers hold layer l's recompute.
   void layer_backward(int64_t l, const bf16* x_in) {
     const DeviceLayer& d = layers[l];
-    zero(dm);
     if (d.moe) {
+      zero(dm);
       cuda_moe_backward(ctx, moe_weights(l), moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), dx.get(), dm.get(),
                         aux_grad);
     } else {
-      zero(dact);
-      proj_bwd(l, kLoraDown, dact.get(), dx.get(), act.get());
+      proj_bwd(l, kLoraDown, dact.get(), dx.get(), act.get(), false);
       cuda::swiglu_backward_inplace(ctx, g.get(), u.get(), dact.get(), N * I);  // g <- dg, u <- du
-      proj_bwd(l, kLoraGate, dm.get(), g.get(), m.get());
-      proj_bwd(l, kLoraUp, dm.get(), u.get(), m.get());
+      proj_bwd(l, kLoraGate, dm.get(), g.get(), m.get(), false);
+      proj_bwd(l, kLoraUp, dm.get(), u.get(), m.get(), true);
     }
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dm.get(), h.get(), d.post_norm.get(), rstd2.get(), N, H);
-    zero(dattn);
-    proj_bwd(l, kLoraO, dattn.get(), dx.get(), attn.get());
+    proj_bwd(l, kLoraO, dattn.get(), dx.get(), attn.get(), false);
     prof.mark(ctx, "bwd.mlp+o");
     zero(dq), zero(dk), zero(dv);
     cuda::attention_backward(ctx, dq.get(), dk.get(), dv.get(), dattn.get(), attn.get(), lse.get(), q.get(), k.get(),
                              v.get(), has_seg ? seg.get() : nullptr, B, S, nh, nkv, hd);
     prof.mark(ctx, "bwd.attention");
-    zero(dq_raw), zero(dk_raw), zero(da);
+    zero(dq_raw), zero(dk_raw);
     cuda::qk_norm_rope_backward(ctx, dq_raw.get(), dq.get(), q_raw.get(), d.q_norm.get(), rstd_q.get(), cos.get(),
                                 sin.get(), N, nh, hd);
     cuda::qk_norm_rope_backward(ctx, dk_raw.get(), dk.get(), k_raw.get(), d.k_norm.get(), rstd_k.get(), cos.get(),
                                 sin.get(), N, nkv, hd);
-    proj_bwd(l, kLoraQ, da.get(), dq_raw.get(), a.get());
-    proj_bwd(l, kLoraK, da.get(), dk_raw.get(), a.get());
-    proj_bwd(l, kLoraV, da.get(), dv.get(), a.get());
+    proj_bwd(l, kLoraQ, da.get(), dq_raw.get(), a.get(), false);
+    proj_bwd(l, kLoraK, da.get(), dk_raw.get(), a.get(), true);
+    proj_bwd(l, kLoraV, da.get(), dv.get(), a.get(), true);
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, da.get(), x_in, d.input_norm.get(), rstd1.get(), N, H);
     prof.mark(ctx, "bwd.qkv");
   }

@@ -79,8 +79,10 @@ void add_inplace(Context& ctx, bf16* y, const bf16* x, int64_t n);
 // y (N,out) = x (N,in) W^T + b; W (out,in) bf16, b (out) bf16 or nullptr.
 void linear_forward(Context& ctx, bf16* y, const bf16* x, const bf16* W, const bf16* b, int64_t N, int64_t in,
                     int64_t out);
-// dx (N,in) += dy W. The base W and b are frozen: no dW, db.
-void linear_backward(Context& ctx, bf16* dx, const bf16* dy, const bf16* W, int64_t N, int64_t in, int64_t out);
+// dx (N,in) += dy W (accumulate false: dx = dy W, one rounding, no fp32 staging pass; dx may hold
+// anything before). The base W and b are frozen: no dW, db.
+void linear_backward(Context& ctx, bf16* dx, const bf16* dy, const bf16* W, int64_t N, int64_t in, int64_t out,
+                     bool accumulate = true);
 // LoRA with fp32 masters A (r,in), B (out,r), never forming W + BA: the GEMMs run on bf16 copies
 // of A and B with fp32 accumulation. xa (N,r) = x A^T (bf16, saved); y (N,out) += scale xa B^T.
 void lora_forward(Context& ctx, bf16* y, bf16* xa, const bf16* x, const float* A, const float* B, float scale,
@@ -88,6 +90,14 @@ void lora_forward(Context& ctx, bf16* y, bf16* xa, const bf16* x, const float* A
 // t = dy B (bf16 scratch): dx += scale t A; dA (fp32) += scale t^T x; dB (fp32) += scale dy^T xa.
 void lora_backward(Context& ctx, bf16* dx, float* dA, float* dB, const bf16* dy, const bf16* x, const bf16* xa,
                    const float* A, const float* B, float scale, int64_t N, int64_t in, int64_t out, int64_t r);
+// The rank-r update of the two functions above: Y (N,M) = bf16(Y + alpha P Q), P (N,r) bf16, Q (M,r)
+// when q_rows_m (Y += alpha P Q^T) else (r,M). `fused`: one kernel, fp32 sums, Y read and written
+// once (what lora_forward / lora_backward use); `via_gemm`: the reference composition (cuBLASLt
+// with beta = 1 and the fp32 staging pass of gemm()).
+void rank_update_fused(Context& ctx, bf16* Y, const bf16* P, const bf16* Q, bool q_rows_m, int64_t N, int64_t M,
+                       int64_t r, float alpha);
+void rank_update_via_gemm(Context& ctx, bf16* Y, const bf16* P, const bf16* Q, bool q_rows_m, int64_t N, int64_t M,
+                          int64_t r, float alpha);
 
 // ---- loss --------------------------------------------------------------------------------
 // HF causal-LM loss over logits (B,S,V) bf16 and labels (B,S) (shift inside, -100 ignored), as
