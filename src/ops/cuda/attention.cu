@@ -321,9 +321,11 @@ void with_dpl(int64_t hd, Fn&& fn) {
   else fn(std::integral_constant<int, 8>{});
 }
 
-// Drow (B,nh,S) = dO . O per query row, in the context's scratch.
-const float* row_dot(Context& ctx, const bf16* dout, const bf16* out, const Shape& a) {
-  float* Drow = static_cast<float*>(ctx.scratch(size_t(a.B * a.nh * a.S) * sizeof(float)));
+// Drow (B,nh,S) = dO . O per query row, in the context's scratch, followed by extra_floats more
+// (from drow_floats(a) on, 16-byte aligned) for the caller.
+size_t drow_floats(const Shape& a) { return (size_t(a.B * a.nh * a.S) + 63) / 64 * 64; }
+float* row_dot(Context& ctx, const bf16* dout, const bf16* out, const Shape& a, size_t extra_floats = 0) {
+  float* Drow = static_cast<float*>(ctx.scratch((drow_floats(a) + extra_floats) * sizeof(float)));
   const int64_t rows = a.B * a.S * a.nh;
   attn_rowdot_kernel<<<unsigned((rows + 7) / 8), 256, 0, ctx.stream()>>>(Drow, dout, out, a);
   QT_CUDA_LAUNCH_CHECK();
@@ -399,8 +401,8 @@ void attention_backward(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const bf16* 
     return attention_backward_simt(ctx, dq, dk, dv, dout, out, lse, q, k, v, segment, B, S, nh, nkv, hd);
   const Shape a = make_shape(B, S, nh, nkv, hd);
   if (B * S == 0 || (!dq && !dk && !dv)) return;
-  const float* Drow = row_dot(ctx, dout, out, a);
-  attention_tc_backward(ctx, Drow, dq, dk, dv, dout, lse, q, k, v, segment, B, S, nh, nkv, hd);
+  float* Drow = row_dot(ctx, dout, out, a, attention_tc_backward_scratch_floats(B, S, nh, nkv, hd));
+  attention_tc_backward(ctx, Drow, Drow + drow_floats(a), dq, dk, dv, dout, lse, q, k, v, segment, B, S, nh, nkv, hd);
 }
 
 }  // namespace qt::cuda

@@ -5,10 +5,11 @@
 // Fragments (PTX ISA, m16n8k16 .bf16): lane = 4g + t. A (16x16, row-major): a0 = (g, 2t..2t+1),
 // a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..). B (16x8): b0 = (k 2t..2t+1, n g), b1 =
 // (k 2t+8.., n g). C (16x8 fp32): c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..). Every operand sits
-// in shared memory with the contracted dimension contiguous (rows padded by 8 bf16: the 8 rows g
-// of a fragment fall in distinct banks); the products that contract over rows use a transposed
-// copy made while loading. C fragments of two neighbouring 8-column tiles are the A fragment of
-// the next product (P or dS rounded to bf16: the one intermediate rounding of this kernel).
+// in shared memory row-major as loaded (rows padded by 8 bf16: the 8 rows g of a fragment, and the
+// 8 row addresses of an ldmatrix, fall in distinct banks); the products that contract over a
+// tile's rows (P V, dS K, P^T dO, dS^T Q) take their B fragments transposed by ldmatrix.trans.
+// C fragments of two neighbouring 8-column tiles are the A fragment of the next product (P or dS
+// rounded to bf16: the one intermediate rounding of this kernel).
 //
 // Forward (grid: 64 query rows x (b, h); 4 warps of 16 rows): per key tile of 64, S = Q K^T,
 // online softmax in base 2 (fp32), O += P V. Backward (P recomputed from q, k and lse; D = dO.O
@@ -16,7 +17,11 @@
 //   dQ kernel, the forward's layout: dP = dO V^T, dS = P (dP - D), dQ += scale dS K;
 //   dKV kernel (grid: 64 keys x (b, kv head); 4 warps of 16 keys): every query tile (QT rows) of
 //   the group's heads at or after the keys: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
-//   dK += scale dS^T Q.
+//   dK += scale dS^T Q. With GQA (nh / nkv > 1 query heads per kv head) the heads are split over
+//   blocks instead (grid: 64 keys x (b, query head)): each block writes its head's fp32 partial dK,
+//   dV to a scratch (2, B, S, nh, HD), and dkv_reduce_kernel sums a group's heads in head order
+//   (deterministic) into dk, dv. A block per kv head looping over its 7 or 8 query heads left most
+//   of the H100 idle (7B: 256 blocks, the first key tile doing 64 x 7 query tiles alone).
 // A block does not even load a tile in which none of its (query, key) pairs is visible (another
 // packed document; checked on the segment ids), and a warp skips the products of a tile invisible
 // to its 16 rows (causal or other documents), so packed documents cost about their own blocks.
@@ -81,20 +86,27 @@ __device__ __forceinline__ void mma_abt(float (&c)[NT][4], const bf16* As, int l
   }
 }
 
-// c (16 x 8*NT) += W (16 x KW, the fp32 C fragments w, rounded to bf16) times Yt^T, where Yt
-// (8*NT rows, KW contiguous columns) is the transposed right operand.
+// c (16 x 8*NT) += W (16 x KW, the fp32 C fragments w, rounded to bf16) times Y, Y (KW rows x 8*NT
+// columns) a row-major shared-memory tile (row stride ldy, 16-byte aligned rows) contracted over
+// its rows: each ldmatrix.x4.trans gives the B fragments (b0, b1) of two 8-column tiles, matrix i
+// = rows kc*16 + 8*(i & 1).., columns 16*np + 8*(i >> 1).. (lanes 8i..8i+7 address its rows).
 template <int NT, int KW>
-__device__ __forceinline__ void mma_frag_bt(float (&c)[NT][4], const float (&w)[KW / 8][4], const bf16* Yt, int ldy,
-                                            int g, int t) {
+__device__ __forceinline__ void mma_frag_b(float (&c)[NT][4], const float (&w)[KW / 8][4], const bf16* Y, int ldy,
+                                           int lane) {
+  static_assert(NT % 2 == 0, "mma_frag_b: pairs of 8-column tiles");
+  const int mi = lane >> 3, mr = lane & 7;
 #pragma unroll
   for (int kc = 0; kc < KW / 16; ++kc) {
     const uint32_t a[4] = {pack_bf16(w[2 * kc][0], w[2 * kc][1]), pack_bf16(w[2 * kc][2], w[2 * kc][3]),
                            pack_bf16(w[2 * kc + 1][0], w[2 * kc + 1][1]),
                            pack_bf16(w[2 * kc + 1][2], w[2 * kc + 1][3])};
+    const bf16* row = Y + (kc * 16 + (mi & 1) * 8 + mr) * ldy + (mi >> 1) * 8;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const bf16* y = Yt + (nt * 8 + g) * ldy + kc * 16 + 2 * t;
-      mma_bf16(c[nt], a, ld32(y), ld32(y + 8));
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, row + np * 16);
+      mma_bf16(c[2 * np], a, b[0], b[1]);
+      mma_bf16(c[2 * np + 1], a, b[2], b[3]);
     }
   }
 }
@@ -117,22 +129,16 @@ __device__ __forceinline__ void zero(float (&c)[N][M]) {
     for (int j = 0; j < M; ++j) c[i][j] = 0.0f;
 }
 
-// dst (rows x HD, stride HD+8; when not null) = rows row0.. of src (row stride `stride`, bf16),
-// zero past S; dstT (when not null) its transpose (HD x rows, stride rows+8). Block-cooperative,
-// 16-byte loads.
+// dst (rows x HD, stride HD+8) = rows row0.. of src (row stride `stride`, bf16), zero past S.
+// Block-cooperative, 16-byte loads.
 template <int HD>
-__device__ void load_tile(bf16* dst, bf16* dstT, int rows, const bf16* src, int64_t stride, int64_t row0, int64_t S) {
+__device__ void load_tile(bf16* dst, int rows, const bf16* src, int64_t stride, int64_t row0, int64_t S) {
   constexpr int V = HD / 8;
   for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
     const int r = idx / V, c = (idx % V) * 8;
     uint4 x = make_uint4(0, 0, 0, 0);
     if (row0 + r < S) x = *reinterpret_cast<const uint4*>(src + (row0 + r) * stride + c);
-    if (dst) *reinterpret_cast<uint4*>(dst + r * (HD + 8) + c) = x;
-    if (dstT) {
-      const bf16* e = reinterpret_cast<const bf16*>(&x);
-#pragma unroll
-      for (int u = 0; u < 8; ++u) dstT[(c + u) * (rows + 8) + r] = e[u];
-    }
+    *reinterpret_cast<uint4*>(dst + r * (HD + 8) + c) = x;
   }
 }
 
@@ -175,12 +181,12 @@ __device__ __forceinline__ bool block_any_visible(const int* rseg, int64_t r_fir
 template <int HD>
 __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float* lse, const bf16* q, const bf16* k,
                                                                const bf16* v, const int32_t* segment, TcShape a) {
-  constexpr int LD = HD + 8, LDT = kTile + 8;
+  constexpr int LD = HD + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
   bf16* Ks = Qs + kTile * LD;                     // kTile x LD
-  bf16* Vt = Ks + kTile * LD;                     // HD x LDT
-  int* qseg = reinterpret_cast<int*>(Vt + HD * LDT);
+  bf16* Vs = Ks + kTile * LD;                     // kTile x LD
+  int* qseg = reinterpret_cast<int*>(Vs + kTile * LD);
   int* kseg = qseg + kTile;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const RowBlock blk(a, HD);
@@ -188,7 +194,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float*
   const int r0 = warp * 16;
   const float sl2 = a.scale * kLog2e;
 
-  load_tile<HD>(Qs, nullptr, kTile, q + blk.q_base, qstride, row0, S);
+  load_tile<HD>(Qs, kTile, q + blk.q_base, qstride, row0, S);
   load_segs(qseg, kTile, segment, b, S, row0, -1);
   float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   zero(o);
@@ -197,8 +203,8 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float*
     __syncthreads();  // previous tile consumed
     load_segs(kseg, kTile, segment, b, S, j0, -2);
     if (segment && !block_any_visible(qseg, row0, kseg, j0, kTile, true)) continue;  // other documents: not loaded
-    load_tile<HD>(Ks, nullptr, kTile, k + blk.kv_base, kstride, j0, S);
-    load_tile<HD>(nullptr, Vt, kTile, v + blk.kv_base, kstride, j0, S);
+    load_tile<HD>(Ks, kTile, k + blk.kv_base, kstride, j0, S);
+    load_tile<HD>(Vs, kTile, v + blk.kv_base, kstride, j0, S);
     __syncthreads();
     if (segment ? !warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 > row0 + r0 + 15) continue;
     float s[kTile / 8][4];
@@ -230,7 +236,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float*
       x = exp2f(x - mx[hr]);
       l[hr] += x;
     });
-    mma_frag_bt<HD / 8, kTile>(o, s, Vt, LDT, g, t);
+    mma_frag_b<HD / 8, kTile>(o, s, Vs, LD, lane);
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
@@ -252,14 +258,13 @@ template <int HD>
 __global__ void __launch_bounds__(kTcWarps * 32)
     tc_dq_kernel(bf16* dq, const bf16* dout, const float* lse, const float* Drow, const bf16* q, const bf16* k,
                  const bf16* v, const int32_t* segment, TcShape a) {
-  constexpr int LD = HD + 8, LDT = kTile + 8;
+  constexpr int LD = HD + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
   bf16* dOs = Qs + kTile * LD;                    // kTile x LD
   bf16* Ks = dOs + kTile * LD;                    // kTile x LD
   bf16* Vs = Ks + kTile * LD;                     // kTile x LD
-  bf16* Kt = Vs + kTile * LD;                     // HD x LDT
-  int* qseg = reinterpret_cast<int*>(Kt + HD * LDT);
+  int* qseg = reinterpret_cast<int*>(Vs + kTile * LD);
   int* kseg = qseg + kTile;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const RowBlock blk(a, HD);
@@ -267,8 +272,8 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   const int r0 = warp * 16;
   const float sl2 = a.scale * kLog2e;
 
-  load_tile<HD>(Qs, nullptr, kTile, q + blk.q_base, qstride, row0, S);
-  load_tile<HD>(dOs, nullptr, kTile, dout + blk.q_base, qstride, row0, S);
+  load_tile<HD>(Qs, kTile, q + blk.q_base, qstride, row0, S);
+  load_tile<HD>(dOs, kTile, dout + blk.q_base, qstride, row0, S);
   load_segs(qseg, kTile, segment, b, S, row0, -1);
   float lse2[2], Dr[2];
 #pragma unroll
@@ -284,8 +289,8 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     __syncthreads();
     load_segs(kseg, kTile, segment, b, S, j0, -2);
     if (segment && !block_any_visible(qseg, row0, kseg, j0, kTile, true)) continue;
-    load_tile<HD>(Ks, Kt, kTile, k + blk.kv_base, kstride, j0, S);
-    load_tile<HD>(Vs, nullptr, kTile, v + blk.kv_base, kstride, j0, S);
+    load_tile<HD>(Ks, kTile, k + blk.kv_base, kstride, j0, S);
+    load_tile<HD>(Vs, kTile, v + blk.kv_base, kstride, j0, S);
     __syncthreads();
     if (segment ? !warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 > row0 + r0 + 15) continue;
     float p[kTile / 8][4], dp[kTile / 8][4];
@@ -301,7 +306,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     for (int nt = 0; nt < kTile / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - Dr[e >> 1];  // dS
-    mma_frag_bt<HD / 8, kTile>(acc, p, Kt, LDT, g, t);
+    mma_frag_b<HD / 8, kTile>(acc, p, Ks, LD, lane);
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
@@ -322,42 +327,44 @@ constexpr int dkv_query_tile() {
   return HD > 64 ? 32 : 64;  // keeps dK, dV (16 x HD each) and the S, dP tiles in registers
 }
 
-template <int HD>
+// kPerHead: blockIdx.y = (b, query head) and the fp32 partials go to part (dK then dV, each
+// (B,S,nh,HD), unscaled); else blockIdx.y = (b, kv head) and dk, dv are accumulated directly.
+template <int HD, bool kPerHead>
 __global__ void __launch_bounds__(kTcWarps * 32)
-    tc_dkv_kernel(bf16* dk, bf16* dv, const bf16* dout, const float* lse, const float* Drow, const bf16* q,
-                  const bf16* k, const bf16* v, const int32_t* segment, TcShape a) {
-  constexpr int QT = dkv_query_tile<HD>(), LD = HD + 8, LDT = QT + 8;
+    tc_dkv_kernel(bf16* dk, bf16* dv, float* part, const bf16* dout, const float* lse, const float* Drow,
+                  const bf16* q, const bf16* k, const bf16* v, const int32_t* segment, TcShape a) {
+  constexpr int QT = dkv_query_tile<HD>(), LD = HD + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Ks = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
   bf16* Vs = Ks + kTile * LD;                     // kTile x LD
   bf16* Qs = Vs + kTile * LD;                     // QT x LD
   bf16* dOs = Qs + QT * LD;                       // QT x LD
-  bf16* Qt = dOs + QT * LD;                       // HD x LDT
-  bf16* dOt = Qt + HD * LDT;                      // HD x LDT
-  float* lse2 = reinterpret_cast<float*>(dOt + HD * LDT);  // QT (times log2 e)
+  float* lse2 = reinterpret_cast<float*>(dOs + QT * LD);  // QT (times log2 e)
   float* Dq = lse2 + QT;                                   // QT
   int* qseg = reinterpret_cast<int*>(Dq + QT);             // QT
   int* kseg = qseg + QT;                                   // kTile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int64_t S = a.S, bg = blockIdx.y, b = bg / a.nkv, kvh = bg % a.nkv, grp = a.nh / a.nkv;
+  const int64_t S = a.S, bg = blockIdx.y, grp = a.nh / a.nkv;
+  const int64_t b = kPerHead ? bg / a.nh : bg / a.nkv, kvh = kPerHead ? (bg % a.nh) / grp : bg % a.nkv;
+  const int64_t h_begin = kPerHead ? bg % a.nh : kvh * grp, h_end = kPerHead ? h_begin + 1 : h_begin + grp;
   const int64_t j0 = int64_t(blockIdx.x) * kTile, qstride = a.nh * HD, kstride = a.nkv * HD;
   const int k0 = warp * 16;
   const float sl2 = a.scale * kLog2e;
 
-  load_tile<HD>(Ks, nullptr, kTile, k + (b * S * a.nkv + kvh) * HD, kstride, j0, S);
-  load_tile<HD>(Vs, nullptr, kTile, v + (b * S * a.nkv + kvh) * HD, kstride, j0, S);
+  load_tile<HD>(Ks, kTile, k + (b * S * a.nkv + kvh) * HD, kstride, j0, S);
+  load_tile<HD>(Vs, kTile, v + (b * S * a.nkv + kvh) * HD, kstride, j0, S);
   load_segs(kseg, kTile, segment, b, S, j0, -2);
   float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
   zero(dk_acc);
   zero(dv_acc);
-  for (int64_t h = kvh * grp; h < (kvh + 1) * grp; ++h) {
+  for (int64_t h = h_begin; h < h_end; ++h) {
     const int64_t bh = b * a.nh + h;
     for (int64_t i0 = (j0 / QT) * QT; i0 < S; i0 += QT) {
       __syncthreads();
       load_segs(qseg, QT, segment, b, S, i0, -1);
       if (segment && !block_any_visible(kseg, j0, qseg, i0, QT, false)) continue;
-      load_tile<HD>(Qs, Qt, QT, q + (b * S * a.nh + h) * HD, qstride, i0, S);
-      load_tile<HD>(dOs, dOt, QT, dout + (b * S * a.nh + h) * HD, qstride, i0, S);
+      load_tile<HD>(Qs, QT, q + (b * S * a.nh + h) * HD, qstride, i0, S);
+      load_tile<HD>(dOs, QT, dout + (b * S * a.nh + h) * HD, qstride, i0, S);
       for (int r = threadIdx.x; r < QT; r += blockDim.x) {
         lse2[r] = i0 + r < S ? lse[bh * S + i0 + r] * kLog2e : 0.0f;
         Dq[r] = i0 + r < S ? Drow[bh * S + i0 + r] : 0.0f;
@@ -371,20 +378,30 @@ __global__ void __launch_bounds__(kTcWarps * 32)
         const bool vis = j0 + r <= i0 + c && i0 + c < S && qseg[c] == kseg[r];
         x = vis ? exp2f(x * sl2 - lse2[c]) : 0.0f;
       });
-      mma_frag_bt<HD / 8, QT>(dv_acc, p, dOt, LDT, g, t);
+      mma_frag_b<HD / 8, QT>(dv_acc, p, dOs, LD, lane);
       zero(dp);
       mma_abt<QT / 8, HD>(dp, Vs, LD, k0, dOs, LD, 0, g, t);  // dP^T
 #pragma unroll
       for (int nt = 0; nt < QT / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - Dq[nt * 8 + 2 * t + (e & 1)];  // dS^T
-      mma_frag_bt<HD / 8, QT>(dk_acc, p, Qt, LDT, g, t);
+      mma_frag_b<HD / 8, QT>(dk_acc, p, Qs, LD, lane);
     }
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int64_t j = j0 + k0 + g + 8 * hr;
     if (j >= S) continue;
+    if constexpr (kPerHead) {
+      float* pk = part + ((b * S + j) * a.nh + h_begin) * HD;
+      float* pv = pk + a.B * S * a.nh * HD;
+#pragma unroll
+      for (int dn = 0; dn < HD / 8; ++dn) {
+        *reinterpret_cast<float2*>(pk + dn * 8 + 2 * t) = make_float2(dk_acc[dn][2 * hr], dk_acc[dn][2 * hr + 1]);
+        *reinterpret_cast<float2*>(pv + dn * 8 + 2 * t) = make_float2(dv_acc[dn][2 * hr], dv_acc[dn][2 * hr + 1]);
+      }
+      continue;
+    }
     const int64_t off = ((b * S + j) * a.nkv + kvh) * HD;
 #pragma unroll
     for (int dn = 0; dn < HD / 8; ++dn) {
@@ -399,6 +416,19 @@ __global__ void __launch_bounds__(kTcWarps * 32)
         *p2 = __floats2bfloat162_rn(old.x + dv_acc[dn][2 * hr], old.y + dv_acc[dn][2 * hr + 1]);
       }
     }
+  }
+}
+
+// dk, dv (B,S,nkv,HD) += (scale *) the sum over each kv head's grp query heads of the partials.
+__global__ void dkv_reduce_kernel(bf16* dk, bf16* dv, const float* part, TcShape a, int hd) {
+  const int64_t grp = a.nh / a.nkv, n = a.B * a.S * a.nkv * hd, half = a.B * a.S * a.nh * hd;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = i % hd, kvh = (i / hd) % a.nkv, bj = i / (hd * a.nkv);
+    const float* p = part + (bj * a.nh + kvh * grp) * hd + d;
+    float sk = 0.f, sv = 0.f;
+    for (int64_t g = 0; g < grp; ++g) sk += p[g * hd], sv += p[g * hd + half];
+    if (dk) dk[i] = to_bf(to_f(dk[i]) + a.scale * sk);
+    if (dv) dv[i] = to_bf(to_f(dv[i]) + sv);
   }
 }
 
@@ -426,13 +456,17 @@ TcShape tc_shape(int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
 
 bool attention_tc_supported(int64_t hd) { return hd == 64 || hd == 128; }
 
+size_t attention_tc_backward_scratch_floats(int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
+  return nkv > 0 && nh / nkv > 1 ? size_t(2 * B * S * nh * hd) : 0;
+}
+
 void attention_tc_forward(Context& ctx, bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                           const int32_t* segment, int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
   const TcShape a = tc_shape(B, S, nh, nkv, hd);
   if (B * S == 0) return;
   with_hd(hd, [&](auto hdc) {
     constexpr int HD = decltype(hdc)::value;
-    const size_t smem = size_t(2 * kTile * (HD + 8) + HD * (kTile + 8)) * 2 + 2 * kTile * 4;
+    const size_t smem = size_t(3 * kTile * (HD + 8)) * 2 + 2 * kTile * 4;
     auto kernel = tc_fwd_kernel<HD>;
     set_smem(ctx, kernel, smem);
     const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * nh));
@@ -441,15 +475,15 @@ void attention_tc_forward(Context& ctx, bf16* out, float* lse, const bf16* q, co
   });
 }
 
-void attention_tc_backward(Context& ctx, const float* Drow, bf16* dq, bf16* dk, bf16* dv, const bf16* dout,
-                           const float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* segment,
-                           int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
+void attention_tc_backward(Context& ctx, const float* Drow, float* part, bf16* dq, bf16* dk, bf16* dv,
+                           const bf16* dout, const float* lse, const bf16* q, const bf16* k, const bf16* v,
+                           const int32_t* segment, int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd) {
   const TcShape a = tc_shape(B, S, nh, nkv, hd);
   if (B * S == 0) return;
   with_hd(hd, [&](auto hdc) {
     constexpr int HD = decltype(hdc)::value;
     if (dq) {
-      const size_t smem = size_t(4 * kTile * (HD + 8) + HD * (kTile + 8)) * 2 + 2 * kTile * 4;
+      const size_t smem = size_t(4 * kTile * (HD + 8)) * 2 + 2 * kTile * 4;
       auto kernel = tc_dq_kernel<HD>;
       set_smem(ctx, kernel, smem);
       const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * nh));
@@ -458,13 +492,18 @@ void attention_tc_backward(Context& ctx, const float* Drow, bf16* dq, bf16* dk, 
     }
     if (dk || dv) {
       constexpr int QT = dkv_query_tile<HD>();
-      const size_t smem =
-          size_t(2 * kTile * (HD + 8) + 2 * QT * (HD + 8) + 2 * HD * (QT + 8)) * 2 + size_t(3 * QT + kTile) * 4;
-      auto kernel = tc_dkv_kernel<HD>;
+      const size_t smem = size_t(2 * kTile * (HD + 8) + 2 * QT * (HD + 8)) * 2 + size_t(3 * QT + kTile) * 4;
+      const bool per_head = attention_tc_backward_scratch_floats(B, S, nh, nkv, hd) > 0;
+      QT_CUDA_ASSERT(!per_head || part, "attention (tensor cores): the GQA backward needs its partials scratch");
+      auto kernel = per_head ? tc_dkv_kernel<HD, true> : tc_dkv_kernel<HD, false>;
       set_smem(ctx, kernel, smem);
-      const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * nkv));
-      kernel<<<grid, kTcWarps * 32, smem, ctx.stream()>>>(dk, dv, dout, lse, Drow, q, k, v, segment, a);
+      const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * (per_head ? nh : nkv)));
+      kernel<<<grid, kTcWarps * 32, smem, ctx.stream()>>>(dk, dv, part, dout, lse, Drow, q, k, v, segment, a);
       QT_CUDA_LAUNCH_CHECK();
+      if (per_head) {
+        dkv_reduce_kernel<<<grid_for(B * S * nkv * HD), kThreads, 0, ctx.stream()>>>(dk, dv, part, a, HD);
+        QT_CUDA_LAUNCH_CHECK();
+      }
     }
   });
 }
