@@ -142,6 +142,17 @@ __device__ void load_tile(bf16* dst, int rows, const bf16* src, int64_t stride, 
   }
 }
 
+// load_tile's copy through cp.async (the caller commits and waits): rows past S zero-filled.
+template <int HD>
+__device__ void load_tile_async(bf16* dst, int rows, const bf16* src, int64_t stride, int64_t row0, int64_t S) {
+  constexpr int V = HD / 8;
+  for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
+    const int r = idx / V, c = (idx % V) * 8;
+    const bool ok = row0 + r < S;
+    cp_async16(dst + r * (HD + 8) + c, ok ? src + (row0 + r) * stride + c : src, ok);
+  }
+}
+
 // segs[r] = segment id of row row0 + r (0 when no segments; -1 past S, never equal to a key's).
 __device__ void load_segs(int* segs, int rows, const int32_t* segment, int64_t b, int64_t S, int64_t row0, int past) {
   for (int r = threadIdx.x; r < rows; r += blockDim.x) {
@@ -178,16 +189,80 @@ __device__ __forceinline__ bool block_any_visible(const int* rseg, int64_t r_fir
   return __syncthreads_or(row_sees_any(rseg, r_first, cseg, c_first, n, rows_are_queries, r, half)) != 0;
 }
 
+// The key tiles (K and V, kTile rows each) a forward or dQ block of query rows row0.. visits, in
+// order, double-buffered: while tile n is multiplied (buffer n % 2), the next tile that any of the
+// block's rows sees is copied in by cp.async. Tiles seen by none (other packed documents) are
+// skipped without being loaded. start() fetches the first visible tile into buffer 0 and returns
+// its first key (end: none); advance(j0, buf) finds and fetches the next one into buf ^ 1, waits
+// for buffer buf and synchronises the block, and returns the next tile's first key (or end).
+// for_each_tile(body) runs the loop: body(j0, Ks, Vs, kseg) for every tile that the calling
+// warp's 16 query rows see part of, a barrier after each tile.
+template <int HD>
+struct KeyTileStream {
+  const bf16 *k, *v;
+  int64_t kstride, S, end;  // end: one past the last key any query row of the block may see
+  const int32_t* segment;
+  int64_t b;
+  const int* qseg;
+  int64_t row0;
+  bf16 *Ks0, *Vs0;
+  int* kseg0;
+
+  __device__ int64_t next_visible(int64_t j0, int buf) const {
+    for (; j0 < end; j0 += kTile) {
+      load_segs(kseg0 + buf * kTile, kTile, segment, b, S, j0, -2);
+      if (!segment || block_any_visible(qseg, row0, kseg0 + buf * kTile, j0, kTile, true)) return j0;
+    }
+    return end;
+  }
+  __device__ void fetch(int64_t j0, int buf) const {
+    load_tile_async<HD>(Ks0 + buf * kTile * (HD + 8), kTile, k, kstride, j0, S);
+    load_tile_async<HD>(Vs0 + buf * kTile * (HD + 8), kTile, v, kstride, j0, S);
+    cp_async_commit();
+  }
+  __device__ int64_t start() const {
+    __syncthreads();  // the query tile's segment ids
+    const int64_t j0 = next_visible(0, 0);
+    if (j0 < end) fetch(j0, 0);
+    return j0;
+  }
+  template <typename F>
+  __device__ void for_each_tile(F&& body) const {
+    const int lane = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * 16;
+    int buf = 0;
+    for (int64_t j0 = start(); j0 < end;) {
+      const int64_t j_next = advance(j0, buf);
+      const int* kseg = kseg0 + buf * kTile;
+      if (segment ? warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 <= row0 + r0 + 15)
+        body(j0, Ks0 + buf * kTile * (HD + 8), Vs0 + buf * kTile * (HD + 8), kseg);
+      __syncthreads();  // buffer buf is refilled two tiles on
+      j0 = j_next;
+      buf ^= 1;
+    }
+  }
+  __device__ int64_t advance(int64_t j0, int buf) const {
+    const int64_t j_next = next_visible(j0 + kTile, buf ^ 1);
+    if (j_next < end) {
+      fetch(j_next, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    return j_next;
+  }
+};
+
 template <int HD>
 __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float* lse, const bf16* q, const bf16* k,
                                                                const bf16* v, const int32_t* segment, TcShape a) {
   constexpr int LD = HD + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
-  bf16* Ks = Qs + kTile * LD;                     // kTile x LD
-  bf16* Vs = Ks + kTile * LD;                     // kTile x LD
-  int* qseg = reinterpret_cast<int*>(Vs + kTile * LD);
-  int* kseg = qseg + kTile;
+  bf16* Ks0 = Qs + kTile * LD;                    // 2 x kTile x LD (double-buffered key tiles)
+  bf16* Vs0 = Ks0 + 2 * kTile * LD;               // 2 x kTile x LD
+  int* qseg = reinterpret_cast<int*>(Vs0 + 2 * kTile * LD);
+  int* kseg0 = qseg + kTile;                      // 2 x kTile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const RowBlock blk(a, HD);
   const int64_t S = a.S, bh = blk.bh, b = blk.b, row0 = blk.row0, qstride = a.nh * HD, kstride = a.nkv * HD;
@@ -198,15 +273,9 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float*
   load_segs(qseg, kTile, segment, b, S, row0, -1);
   float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   zero(o);
-  const int64_t last_row = min(S - 1, row0 + kTile - 1);
-  for (int64_t j0 = 0; j0 <= last_row; j0 += kTile) {
-    __syncthreads();  // previous tile consumed
-    load_segs(kseg, kTile, segment, b, S, j0, -2);
-    if (segment && !block_any_visible(qseg, row0, kseg, j0, kTile, true)) continue;  // other documents: not loaded
-    load_tile<HD>(Ks, kTile, k + blk.kv_base, kstride, j0, S);
-    load_tile<HD>(Vs, kTile, v + blk.kv_base, kstride, j0, S);
-    __syncthreads();
-    if (segment ? !warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 > row0 + r0 + 15) continue;
+  const KeyTileStream<HD> stream{k + blk.kv_base, v + blk.kv_base, kstride, S, min(S - 1, row0 + kTile - 1) + 1,
+                                 segment, b, qseg, row0, Ks0, Vs0, kseg0};
+  stream.for_each_tile([&](int64_t j0, const bf16* Ks, const bf16* Vs, const int* kseg) {
     float s[kTile / 8][4];
     zero(s);
     mma_abt<kTile / 8, HD>(s, Qs, LD, r0, Ks, LD, 0, g, t);
@@ -237,7 +306,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float*
       l[hr] += x;
     });
     mma_frag_b<HD / 8, kTile>(o, s, Vs, LD, lane);
-  }
+  });
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     l[hr] += __shfl_xor_sync(0xffffffffu, l[hr], 1);
@@ -262,10 +331,10 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
   bf16* dOs = Qs + kTile * LD;                    // kTile x LD
-  bf16* Ks = dOs + kTile * LD;                    // kTile x LD
-  bf16* Vs = Ks + kTile * LD;                     // kTile x LD
-  int* qseg = reinterpret_cast<int*>(Vs + kTile * LD);
-  int* kseg = qseg + kTile;
+  bf16* Ks0 = dOs + kTile * LD;                   // 2 x kTile x LD (double-buffered key tiles)
+  bf16* Vs0 = Ks0 + 2 * kTile * LD;               // 2 x kTile x LD
+  int* qseg = reinterpret_cast<int*>(Vs0 + 2 * kTile * LD);
+  int* kseg0 = qseg + kTile;                      // 2 x kTile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const RowBlock blk(a, HD);
   const int64_t S = a.S, bh = blk.bh, b = blk.b, row0 = blk.row0, qstride = a.nh * HD, kstride = a.nkv * HD;
@@ -284,15 +353,9 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   }
   float acc[HD / 8][4];
   zero(acc);
-  const int64_t last_row = min(S - 1, row0 + kTile - 1);
-  for (int64_t j0 = 0; j0 <= last_row; j0 += kTile) {
-    __syncthreads();
-    load_segs(kseg, kTile, segment, b, S, j0, -2);
-    if (segment && !block_any_visible(qseg, row0, kseg, j0, kTile, true)) continue;
-    load_tile<HD>(Ks, kTile, k + blk.kv_base, kstride, j0, S);
-    load_tile<HD>(Vs, kTile, v + blk.kv_base, kstride, j0, S);
-    __syncthreads();
-    if (segment ? !warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 > row0 + r0 + 15) continue;
+  const KeyTileStream<HD> stream{k + blk.kv_base, v + blk.kv_base, kstride, S, min(S - 1, row0 + kTile - 1) + 1,
+                                 segment, b, qseg, row0, Ks0, Vs0, kseg0};
+  stream.for_each_tile([&](int64_t j0, const bf16* Ks, const bf16* Vs, const int* kseg) {
     float p[kTile / 8][4], dp[kTile / 8][4];
     zero(p);
     zero(dp);
@@ -307,7 +370,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
 #pragma unroll
       for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - Dr[e >> 1];  // dS
     mma_frag_b<HD / 8, kTile>(acc, p, Ks, LD, lane);
-  }
+  });
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int64_t i = row0 + r0 + g + 8 * hr;
@@ -335,21 +398,26 @@ __global__ void __launch_bounds__(kTcWarps * 32)
                   const bf16* q, const bf16* k, const bf16* v, const int32_t* segment, TcShape a) {
   constexpr int QT = dkv_query_tile<HD>(), LD = HD + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Two buffers of the streamed query tile (Q, dO, lse, D, segments): tile n+1 is copied in
+  // (cp.async) while tile n is multiplied.
   bf16* Ks = reinterpret_cast<bf16*>(smem_raw);  // kTile x LD
   bf16* Vs = Ks + kTile * LD;                     // kTile x LD
-  bf16* Qs = Vs + kTile * LD;                     // QT x LD
-  bf16* dOs = Qs + QT * LD;                       // QT x LD
-  float* lse2 = reinterpret_cast<float*>(dOs + QT * LD);  // QT (times log2 e)
-  float* Dq = lse2 + QT;                                   // QT
-  int* qseg = reinterpret_cast<int*>(Dq + QT);             // QT
-  int* kseg = qseg + QT;                                   // kTile
+  bf16* Qs0 = Vs + kTile * LD;                    // 2 x QT x LD
+  bf16* dOs0 = Qs0 + 2 * QT * LD;                 // 2 x QT x LD
+  float* lse20 = reinterpret_cast<float*>(dOs0 + 2 * QT * LD);  // 2 x QT (times log2 e)
+  float* Dq0 = lse20 + 2 * QT;                                   // 2 x QT
+  int* qseg0 = reinterpret_cast<int*>(Dq0 + 2 * QT);             // 2 x QT
+  int* kseg = qseg0 + 2 * QT;                                    // kTile
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int64_t S = a.S, bg = blockIdx.y, grp = a.nh / a.nkv;
+  // One query head per block: its own (kPerHead), or the kv head's only one (grp = 1).
   const int64_t b = kPerHead ? bg / a.nh : bg / a.nkv, kvh = kPerHead ? (bg % a.nh) / grp : bg % a.nkv;
-  const int64_t h_begin = kPerHead ? bg % a.nh : kvh * grp, h_end = kPerHead ? h_begin + 1 : h_begin + grp;
+  const int64_t h = kPerHead ? bg % a.nh : kvh, bh = b * a.nh + h;
   const int64_t j0 = int64_t(blockIdx.x) * kTile, qstride = a.nh * HD, kstride = a.nkv * HD;
   const int k0 = warp * 16;
   const float sl2 = a.scale * kLog2e;
+  const bf16* qh = q + (b * S * a.nh + h) * HD;
+  const bf16* doh = dout + (b * S * a.nh + h) * HD;
 
   load_tile<HD>(Ks, kTile, k + (b * S * a.nkv + kvh) * HD, kstride, j0, S);
   load_tile<HD>(Vs, kTile, v + (b * S * a.nkv + kvh) * HD, kstride, j0, S);
@@ -357,20 +425,43 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
   zero(dk_acc);
   zero(dv_acc);
-  for (int64_t h = h_begin; h < h_end; ++h) {
-    const int64_t bh = b * a.nh + h;
-    for (int64_t i0 = (j0 / QT) * QT; i0 < S; i0 += QT) {
-      __syncthreads();
-      load_segs(qseg, QT, segment, b, S, i0, -1);
-      if (segment && !block_any_visible(kseg, j0, qseg, i0, QT, false)) continue;
-      load_tile<HD>(Qs, QT, q + (b * S * a.nh + h) * HD, qstride, i0, S);
-      load_tile<HD>(dOs, QT, dout + (b * S * a.nh + h) * HD, qstride, i0, S);
-      for (int r = threadIdx.x; r < QT; r += blockDim.x) {
-        lse2[r] = i0 + r < S ? lse[bh * S + i0 + r] * kLog2e : 0.0f;
-        Dq[r] = i0 + r < S ? Drow[bh * S + i0 + r] : 0.0f;
-      }
-      __syncthreads();
-      if (segment ? !warp_any_visible(kseg + k0, j0 + k0, qseg, i0, QT, false, lane) : j0 + k0 > i0 + QT - 1) continue;
+  // The first query tile at or after the block's keys that any of them sees, from i0 on (S: none);
+  // its segment ids are left in buffer buf.
+  auto next_visible = [&](int64_t i0, int buf) {
+    for (; i0 < S; i0 += QT) {
+      load_segs(qseg0 + buf * QT, QT, segment, b, S, i0, -1);
+      if (!segment || block_any_visible(kseg, j0, qseg0 + buf * QT, i0, QT, false)) return i0;
+    }
+    return S;
+  };
+  auto fetch = [&](int64_t i0, int buf) {
+    load_tile_async<HD>(Qs0 + buf * QT * LD, QT, qh, qstride, i0, S);
+    load_tile_async<HD>(dOs0 + buf * QT * LD, QT, doh, qstride, i0, S);
+    cp_async_commit();
+    for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+      lse20[buf * QT + r] = i0 + r < S ? lse[bh * S + i0 + r] * kLog2e : 0.0f;
+      Dq0[buf * QT + r] = i0 + r < S ? Drow[bh * S + i0 + r] : 0.0f;
+    }
+  };
+  __syncthreads();  // kseg
+  int buf = 0;
+  int64_t i0 = next_visible((j0 / QT) * QT, 0);
+  if (i0 < S) fetch(i0, 0);
+  while (i0 < S) {
+    const int64_t i_next = next_visible(i0 + QT, buf ^ 1);
+    if (i_next < S) {
+      fetch(i_next, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16* Qs = Qs0 + buf * QT * LD;
+    const bf16* dOs = dOs0 + buf * QT * LD;
+    const float* lse2 = lse20 + buf * QT;
+    const float* Dq = Dq0 + buf * QT;
+    const int* qseg = qseg0 + buf * QT;
+    if (segment ? warp_any_visible(kseg + k0, j0 + k0, qseg, i0, QT, false, lane) : j0 + k0 <= i0 + QT - 1) {
       float p[QT / 8][4], dp[QT / 8][4];
       zero(p);
       mma_abt<QT / 8, HD>(p, Ks, LD, k0, Qs, LD, 0, g, t);  // S^T (16 keys x QT queries)
@@ -387,13 +478,16 @@ __global__ void __launch_bounds__(kTcWarps * 32)
         for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - Dq[nt * 8 + 2 * t + (e & 1)];  // dS^T
       mma_frag_b<HD / 8, QT>(dk_acc, p, Qs, LD, lane);
     }
+    __syncthreads();  // buffer buf is refilled two tiles on
+    i0 = i_next;
+    buf ^= 1;
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int64_t j = j0 + k0 + g + 8 * hr;
     if (j >= S) continue;
     if constexpr (kPerHead) {
-      float* pk = part + ((b * S + j) * a.nh + h_begin) * HD;
+      float* pk = part + ((b * S + j) * a.nh + h) * HD;
       float* pv = pk + a.B * S * a.nh * HD;
 #pragma unroll
       for (int dn = 0; dn < HD / 8; ++dn) {
@@ -466,7 +560,7 @@ void attention_tc_forward(Context& ctx, bf16* out, float* lse, const bf16* q, co
   if (B * S == 0) return;
   with_hd(hd, [&](auto hdc) {
     constexpr int HD = decltype(hdc)::value;
-    const size_t smem = size_t(3 * kTile * (HD + 8)) * 2 + 2 * kTile * 4;
+    const size_t smem = size_t(5 * kTile * (HD + 8)) * 2 + 3 * kTile * 4;
     auto kernel = tc_fwd_kernel<HD>;
     set_smem(ctx, kernel, smem);
     const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * nh));
@@ -483,7 +577,7 @@ void attention_tc_backward(Context& ctx, const float* Drow, float* part, bf16* d
   with_hd(hd, [&](auto hdc) {
     constexpr int HD = decltype(hdc)::value;
     if (dq) {
-      const size_t smem = size_t(4 * kTile * (HD + 8)) * 2 + 2 * kTile * 4;
+      const size_t smem = size_t(6 * kTile * (HD + 8)) * 2 + 3 * kTile * 4;
       auto kernel = tc_dq_kernel<HD>;
       set_smem(ctx, kernel, smem);
       const dim3 grid(unsigned((S + kTile - 1) / kTile), unsigned(B * nh));
@@ -492,7 +586,7 @@ void attention_tc_backward(Context& ctx, const float* Drow, float* part, bf16* d
     }
     if (dk || dv) {
       constexpr int QT = dkv_query_tile<HD>();
-      const size_t smem = size_t(2 * kTile * (HD + 8) + 2 * QT * (HD + 8)) * 2 + size_t(3 * QT + kTile) * 4;
+      const size_t smem = size_t(2 * kTile * (HD + 8) + 4 * QT * (HD + 8)) * 2 + size_t(6 * QT + kTile) * 4;
       const bool per_head = attention_tc_backward_scratch_floats(B, S, nh, nkv, hd) > 0;
       QT_CUDA_ASSERT(!per_head || part, "attention (tensor cores): the GQA backward needs its partials scratch");
       auto kernel = per_head ? tc_dkv_kernel<HD, true> : tc_dkv_kernel<HD, false>;
