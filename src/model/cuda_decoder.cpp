@@ -121,7 +121,7 @@ struct CudaDecoder::Impl {
   CudaMoeAux aux_grad;  // of the current backward
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
-  Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base)
+  Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base, bool training = true)
       : ctx(c), cfg(mc), lcfg(lc), nf4(nf4_base) {
     L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size;
     bool any_dense = false;
@@ -166,9 +166,11 @@ struct CudaDecoder::Impl {
       scratch_elems = std::max(scratch_elems, off);
     }
     if (nf4) wscratch = Buffer<bf16>(size_t(scratch_elems));
-    lora = Buffer<float>(size_t(n_lora)), grad = Buffer<float>(size_t(n_lora));
-    m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
-    m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
+    lora = Buffer<float>(size_t(n_lora));
+    if (training) {
+      grad = Buffer<float>(size_t(n_lora)), m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
+      m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
+    }
     sum_sq = Buffer<double>(1), loss = Buffer<double>(1), loss_total = Buffer<double>(1);
     count_dev = Buffer<int64_t>(1), skip = Buffer<int>(1);
     loss.fill_bytes(0), loss_total.fill_bytes(0), sum_sq.fill_bytes(0), skip.fill_bytes(0);
@@ -501,8 +503,8 @@ void upload_as_bf16(cuda::Context& ctx, bf16* dst, const Tensor& t) {
 }
 }  // namespace
 
-CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora)
-    : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr)) {
+CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora, bool training)
+    : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr, training)) {
   std::unique_ptr<Impl> guard(p_);  // frees the device buffers when an upload fails (bad NF4 data)
   Impl& p = *p_;
   upload_as_bf16(ctx, p.embed.get(), w.embed);
@@ -591,6 +593,7 @@ void CudaDecoder::zero_grads() {
 void CudaDecoder::forward_backward(double grad_scale, const LoraDropout& dropout) {
   const double gs = grad_scale > 0 ? grad_scale : (p_->count ? 1.0 / double(p_->count) : 0.0);
   QT_ASSERT(dropout.p >= 0 && dropout.p < 1, "dropout probability {}", dropout.p);
+  QT_ASSERT(p_->grad.size() == p_->lora.size(), "forward_backward on an inference-only CudaDecoder");
   p_->drop = dropout;
   p_->run(true, float(gs));
   p_->drop = {};
@@ -602,6 +605,7 @@ void CudaDecoder::optimizer_step(int64_t step, double lr, double weight_decay, d
                                  double beta2, double eps) {
   Impl& p = *p_;
   QT_ASSERT(step >= 1, "optimizer step {} must be >= 1", step);
+  QT_ASSERT(p.m1.size() == p.lora.size(), "optimizer_step on an inference-only CudaDecoder");
   QT_CUDA_CHECK(cudaMemsetAsync(p.sum_sq.get(), 0, sizeof(double), p.ctx.stream()));
   cuda::sum_squares(p.ctx, p.sum_sq.get(), p.grad.get(), p.n_lora);
   cuda::step_guard(p.ctx, p.skip.get(), p.sum_sq.get(), p.loss_total.get());
@@ -682,12 +686,35 @@ std::vector<std::vector<int64_t>> CudaDecoder::take_expert_load() {
 double* CudaDecoder::loss_total_data() { return p_->loss_total.get(); }
 void CudaDecoder::set_layer_backward_hook(std::function<void(int64_t)> hook) { p_->layer_backward_hook = std::move(hook); }
 
+CudaDecoder::LayerView CudaDecoder::layer_view(int64_t l) {
+  Impl& p = *p_;
+  QT_ASSERT(l >= 0 && l < p.L, "layer {} of {}", l, p.L);
+  p.ensure_layer_weights(l);
+  const DeviceLayer& d = p.layers[size_t(l)];
+  LayerView v;
+  v.moe = d.moe;
+  v.input_norm = d.input_norm.get(), v.post_norm = d.post_norm.get(), v.q_norm = d.q_norm.get();
+  v.k_norm = d.k_norm.get(), v.q_b = d.q_b.get(), v.k_b = d.k_b.get(), v.v_b = d.v_b.get(), v.router = d.router.get();
+  for (int s = 0; s < kNumLoraSlots; ++s) {
+    v.w[size_t(s)] = p.wt(l, s);
+    const SlotRef& sr = p.slots[size_t(l)][size_t(s)];
+    if (sr.present) v.A[size_t(s)] = p.lora.get() + sr.a_off, v.B[size_t(s)] = p.lora.get() + sr.b_off;
+  }
+  return v;
+}
+const cuda::bf16* CudaDecoder::embed() const { return p_->embed.get(); }
+const cuda::bf16* CudaDecoder::final_norm() const { return p_->final_norm.get(); }
+const cuda::bf16* CudaDecoder::lm_head() const { return p_->lm_head; }
+int64_t CudaDecoder::lora_rank() const { return p_->r; }
+float CudaDecoder::lora_scale() const { return p_->scale; }
+
 LoraAdapter CudaDecoder::download_grads() const { return p_->download(p_->grad); }
 LoraAdapter CudaDecoder::download_lora() const { return p_->download(p_->lora); }
 
 size_t CudaDecoder::device_bytes() const {
   const Impl& p = *p_;
-  size_t n = p.embed.bytes() + p.lm_head_own.bytes() + p.final_norm.bytes() + 4 * p.lora.bytes();
+  size_t n = p.embed.bytes() + p.lm_head_own.bytes() + p.final_norm.bytes() + p.lora.bytes() + p.grad.bytes() +
+             p.m1.bytes() + p.m2.bytes();
   for (auto& d : p.layers) {
     n += d.input_norm.bytes() + d.post_norm.bytes() + d.q_norm.bytes() + d.k_norm.bytes() + d.q_b.bytes() +
          d.k_b.bytes() + d.v_b.bytes();

@@ -25,14 +25,6 @@ namespace qt {
 
 namespace {
 
-std::string gpu_name() {
-  int dev = 0;
-  cudaDeviceProp prop{};
-  QT_CUDA_CHECK(cudaGetDevice(&dev));
-  QT_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-  return prop.name;
-}
-
 // How long a rank waits for a collective: rank 0 may be evaluating or saving a checkpoint meanwhile.
 constexpr double kCollectiveTimeoutS = 3600;
 
@@ -67,7 +59,7 @@ class CudaEngine final : public TrainEngine {
     plan_buckets(dp);
   }
   std::string describe() const override {
-    return "cuda (" + gpu_name() + (nf4_ ? ", NF4 base weights on the device" : "") +
+    return "cuda (" + cuda::current_device_name() + (nf4_ ? ", NF4 base weights on the device" : "") +
            (comm_ ? fmt::format(", GPU {}, NCCL rank {} of {}, {} gradient buckets", device_, comm_->rank(),
                                 comm_->world_size(), reducer_->plan().size())
                   : std::string()) +
