@@ -462,6 +462,7 @@ struct CudaDecoder::Impl {
       }
   }
   LoraAdapter download(const Buffer<float>& src) const {
+    QT_ASSERT(src.size() == lora.size(), "gradients or moments of an inference-only CudaDecoder");
     ctx.synchronize();
     std::vector<float> host = src.download();
     LoraAdapter out;
