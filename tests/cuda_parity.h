@@ -21,6 +21,8 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "model/lora.h"
+#include "model/weights.h"
 #include "ops/cuda/ops.h"
 
 namespace qt::testing {
@@ -84,6 +86,41 @@ inline Buffer<float> dev_poison_f32(size_t n) {
   Buffer<float> b(n);
   b.fill_bytes(0xFF);
   return b;
+}
+
+// An f32 model's tensors rounded to bf16 (what the GPU engine uploads), so both engines read the same
+// weights; norms and biases perturbed first so they matter. MoE routers are left to the caller.
+inline void randomise_and_round(ModelWeights& w, std::mt19937_64& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto round_all = [&](Tensor& t, float jitter) {
+    if (!t.defined()) return;
+    float* p = t.data<float>();
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] = round_bf16(p[i] + jitter * nd(rng));
+  };
+  round_all(w.embed, 0.f);
+  if (!w.cfg.tie_word_embeddings) round_all(w.lm_head, 0.f);
+  round_all(w.final_norm, 0.1f);
+  for (auto& l : w.layers) {
+    round_all(l.input_norm, 0.1f), round_all(l.post_norm, 0.1f);
+    round_all(l.attn.q_norm, 0.1f), round_all(l.attn.k_norm, 0.1f);
+    round_all(l.attn.q_b, 0.05f), round_all(l.attn.k_b, 0.05f), round_all(l.attn.v_b, 0.05f);
+    for (Tensor* t : {&l.attn.q_w, &l.attn.k_w, &l.attn.v_w, &l.attn.o_w, &l.mlp.gate, &l.mlp.up, &l.mlp.down})
+      round_all(*t, 0.f);
+  }
+}
+
+// An fp32 adapter with r = 4, alpha = 8 on all seven modules: A as PEFT initialises it (seed 5), B
+// normal(0, b_std) from rng (non-zero, so every LoRA path counts).
+inline LoraAdapter random_lora_all_modules(const ModelConfig& cfg, std::mt19937_64& rng, float b_std) {
+  LoraConfig lc;
+  lc.r = 4, lc.alpha = 8;
+  lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  LoraAdapter a = init_lora(cfg, lc, DType::F32, 5);
+  std::normal_distribution<float> nd(0.f, b_std);
+  for (auto& l : a.layers)
+    for (auto& p : l.slot)
+      for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<float>()[i] = nd(rng);
+  return a;
 }
 
 // Checks |got - ref| <= rtol |ref| + atol * max|ref| elementwise; prints the measured worst

@@ -96,7 +96,7 @@ TEST(CliEndToEnd, TrainGenerateMergeEval) {
   ASSERT_TRUE(fs::exists(adapter / "adapter_model.safetensors"));
 
   // generate with the adapter on the bare config (random base weights of seed 7, as in training)
-  const std::string prompt = " --prompt " + quoted("What is the boiling point of water?") + " --greedy --max-new-tokens 8";
+  const std::string prompt = " --prompt " + quoted("What is the boiling point of water?") + " --greedy --max-new-tokens 8 --device cpu";
   const std::string on_config = "--model " + quoted(kConfig) + " --model-seed 7";
   const RunResult g1 = run(tmp.path, "generate " + on_config + " --adapter " + quoted(adapter) + prompt);
   ASSERT_EQ(g1.status, 0) << g1.err;
@@ -141,7 +141,7 @@ TEST(CliEndToEnd, TrainGenerateMergeEval) {
 
   // interactive chat with piped input: two turns, history kept, /exit ends it
   const RunResult chat = run(tmp.path, "generate --model " + quoted(base) + " --adapter " + quoted(adapter) +
-                                           " --chat --greedy --max-new-tokens 4 --system " + quoted("Be brief."),
+                                           " --chat --greedy --max-new-tokens 4 --device cpu --system " + quoted("Be brief."),
                              "Hello!\nWhat is two plus two?\n/exit\nnot read\n");
   ASSERT_EQ(chat.status, 0) << chat.err;
   size_t speed_lines = 0;
@@ -169,6 +169,10 @@ TEST(CliEndToEnd, ErrorsAreOneClearLine) {
   expect_one_line(run(tmp.path, "init-random --config " + quoted(tmp.path / "missing.json") + " --out " +
                                     quoted(tmp.path / "o")),
                   "[init-random] --config");
+  // --device cuda where it cannot run: a CPU-only build, or no visible GPU (test_cuda_generate covers a GPU)
+  if (const char* why = qt::test::cuda_device_refusal())
+    expect_one_line(run(tmp.path, "generate --model " + quoted(kConfig) + " --prompt hi --device cuda"),
+                    std::string("[generate] device cuda: ") + why);
   std::ofstream(tmp.path / "bad.jsonl") << "{\"messages\": 3}\n";
   const RunResult bad = run(tmp.path, "eval --model " + quoted(kConfig) + " --data " + quoted(tmp.path / "bad.jsonl"));
   EXPECT_EQ(bad.status, 1);
@@ -181,7 +185,7 @@ TEST(CliEndToEnd, HelpDocumentsEveryFlag) {
   EXPECT_EQ(g.status, 0);
   for (const char* flag : {"--model", "--adapter", "--prompt", "--chat", "--system", "--raw", "--chat-template",
                            "--no-thinking", "--max-new-tokens", "--greedy", "--temperature", "--top-k", "--top-p",
-                           "--seed", "--model-seed", "--load-in-4bit"})
+                           "--seed", "--model-seed", "--load-in-4bit", "--device"})
     EXPECT_NE(g.out.find(flag), std::string::npos) << flag;
   const RunResult e = run(tmp.path, "eval --help");
   EXPECT_EQ(e.status, 0);

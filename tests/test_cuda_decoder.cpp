@@ -37,26 +37,6 @@ ModelConfig tiny_config(bool qwen3) {
   return parse_hf_config_json(qwen3 ? q3 : q2, "tiny");
 }
 
-// Every tensor rounded to bf16; norms and biases perturbed so they matter.
-void randomise_and_round(ModelWeights& w, std::mt19937_64& rng) {
-  std::normal_distribution<float> nd(0.f, 1.f);
-  auto round_all = [&](Tensor& t, float jitter) {
-    if (!t.defined()) return;
-    float* p = t.data<float>();
-    for (int64_t i = 0; i < t.numel(); ++i) p[i] = testing::round_bf16(p[i] + jitter * nd(rng));
-  };
-  round_all(w.embed, 0.f);
-  if (!w.cfg.tie_word_embeddings) round_all(w.lm_head, 0.f);
-  round_all(w.final_norm, 0.1f);
-  for (auto& l : w.layers) {
-    round_all(l.input_norm, 0.1f), round_all(l.post_norm, 0.1f);
-    round_all(l.attn.q_norm, 0.1f), round_all(l.attn.k_norm, 0.1f);
-    round_all(l.attn.q_b, 0.05f), round_all(l.attn.k_b, 0.05f), round_all(l.attn.v_b, 0.05f);
-    for (Tensor* t : {&l.attn.q_w, &l.attn.k_w, &l.attn.v_w, &l.attn.o_w, &l.mlp.gate, &l.mlp.up, &l.mlp.down})
-      round_all(*t, 0.f);
-  }
-}
-
 Batch tiny_batch(std::mt19937_64& rng) {
   Batch b;
   b.B = 2, b.S = 24;
@@ -84,15 +64,8 @@ TinySetup tiny_setup(bool qwen3, std::mt19937_64& rng) {
   TinySetup t;
   t.cfg = tiny_config(qwen3);
   t.w = random_model_weights(t.cfg, DType::F32, 11, 0.08);
-  randomise_and_round(t.w, rng);
-  LoraConfig lc;
-  lc.r = 4, lc.alpha = 8;
-  lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  t.lora = init_lora(t.cfg, lc, DType::F32, 5);
-  std::normal_distribution<float> nd(0.f, 0.05f);
-  for (auto& l : t.lora.layers)
-    for (auto& p : l.slot)
-      for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<float>()[i] = nd(rng);
+  testing::randomise_and_round(t.w, rng);
+  t.lora = testing::random_lora_all_modules(t.cfg, rng, 0.05f);
   return t;
 }
 
@@ -298,7 +271,7 @@ TEST(CudaDecoder, RouterAuxLossMatchesCpu) {
   };
   std::mt19937_64 rng(17);
   ModelWeights w = random_model_weights(config(0.5), DType::F32, 13, 0.08);
-  randomise_and_round(w, rng);
+  testing::randomise_and_round(w, rng);
   for (auto& l : w.layers)
     for (int64_t i = 0; i < l.mlp.router.numel(); ++i)
       l.mlp.router.data<float>()[i] = testing::round_bf16(l.mlp.router.data<float>()[i] * 3.f);  // decisive routing

@@ -82,7 +82,7 @@ void check_nf4_equals_bf16(bool moe, DType storage) {
   const Batch b1 = qlora_batch(rng), b2 = qlora_batch(rng);
 
   cuda::Context ctx;
-  CudaDecoder q4(ctx, w, lora, /*embeddings_on_host=*/moe), bf(ctx, plain, lora);
+  CudaDecoder q4(ctx, w, lora, {.embeddings_on_host = moe}), bf(ctx, plain, lora);
   EXPECT_EQ(q4.embeddings_on_host(), moe);
   EXPECT_FALSE(bf.embeddings_on_host());
   for (CudaDecoder* d : {&q4, &bf}) {  // forward only
@@ -190,7 +190,7 @@ TEST(CudaQlora, EmbeddingsOnHostEqualDevice) {
   std::mt19937_64 rng(8);
   const Batch b = qlora_batch(rng);
   cuda::Context ctx;
-  CudaDecoder host(ctx, w, lora, true), dev(ctx, w, lora, false);
+  CudaDecoder host(ctx, w, lora, {.embeddings_on_host = true}), dev(ctx, w, lora);
   ASSERT_TRUE(host.embeddings_on_host());
   for (CudaDecoder* d : {&host, &dev}) {
     d->set_batch(b);
@@ -202,7 +202,7 @@ TEST(CudaQlora, EmbeddingsOnHostEqualDevice) {
   EXPECT_EQ(dev.device_bytes() - host.device_bytes(), size_t(cfg.vocab_size * cfg.hidden_size) * 2);
   const ModelConfig tied = qlora_config(false);
   const ModelWeights wt = random_model_weights(tied, DType::F32, 4, 0.08);
-  CudaDecoder t(ctx, wt, init_lora(tied, lc, DType::F32, 6), true);
+  CudaDecoder t(ctx, wt, init_lora(tied, lc, DType::F32, 6), {.embeddings_on_host = true});
   EXPECT_FALSE(t.embeddings_on_host());
 }
 

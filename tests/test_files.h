@@ -11,7 +11,21 @@
 #include <sstream>
 #include <string>
 
+#ifdef QT_HAVE_CUDA
+#include "ops/cuda/runtime.h"
+#endif
+
 namespace qt::test {
+
+// What `--device cuda` fails with where it cannot run (a CPU-only build, or no visible GPU); null
+// where it can (the test_cuda_* tests cover the device there).
+inline const char* cuda_device_refusal() {
+#ifdef QT_HAVE_CUDA
+  return qt::cuda::device_count() == 0 ? "no CUDA device is visible" : nullptr;
+#else
+  return "this build has no CUDA backend";
+#endif
+}
 
 // A fresh folder under the system temp dir, named qt_test_<tag>_XXXXXX (mkdtemp: unique across the
 // parallel test processes), removed with everything in it when the object goes out of scope.

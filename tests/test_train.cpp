@@ -15,9 +15,6 @@
 
 #include "io/hf_config.h"
 #include "model/lora.h"
-#ifdef QT_HAVE_CUDA
-#include "ops/cuda/runtime.h"
-#endif
 #include "test_files.h"
 
 namespace fs = std::filesystem;
@@ -226,14 +223,7 @@ TEST(Train, UnsupportedSettingsFailClearly) {
   const std::string cfg = write_config(tmp.path);
   const std::string out = " --output_dir " + quoted((tmp.path / "o").string());
   // --device cuda without a usable GPU (with one, test_cuda_train covers the device).
-#ifdef QT_HAVE_CUDA
-  const bool check_cuda = qt::cuda::device_count() == 0;
-  const char* want = "no CUDA device is visible";
-#else
-  const bool check_cuda = true;
-  const char* want = "this build has no CUDA backend";
-#endif
-  if (check_cuda) {
+  if (const char* want = qt::test::cuda_device_refusal()) {
     const RunResult cuda = run("train " + quoted(cfg) + out + " --device cuda");
     EXPECT_NE(cuda.status, 0);
     EXPECT_NE(cuda.output.find(want), std::string::npos) << cuda.output;

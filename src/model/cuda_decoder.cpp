@@ -116,6 +116,10 @@ struct CudaDecoder::Impl {
   std::vector<std::array<int64_t, kNumLoraSlots>> woff;
   int64_t scratch_single = -1;   // l * kNumLoraSlots + s of the projection in the first region (-1: none)
   int64_t scratch_experts = -1;  // the MoE layer whose experts the second region holds (-1: none)
+  // Inference only (CudaDecoderOptions::training false): one layer's projections all at once in the
+  // second region (layer_view needs them together); scratch_layer = the layer it holds.
+  bool layer_scratch = false;
+  int64_t scratch_layer = -1;
   PhaseProfile prof;
   std::function<void(int64_t)> layer_backward_hook;
   // MoE: the router load-balancing loss (output_router_logits) and the expert-load statistics.
@@ -129,8 +133,9 @@ struct CudaDecoder::Impl {
   CudaMoeAux aux_grad;  // of the current backward
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
-  Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base, bool embeddings_on_host)
-      : ctx(c), cfg(mc), lcfg(lc), nf4(nf4_base) {
+  Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base, const CudaDecoderOptions& opt)
+      : ctx(c), cfg(mc), lcfg(lc), nf4(nf4_base), layer_scratch(!opt.training) {
+    const bool embeddings_on_host = opt.embeddings_on_host, training = opt.training;
     L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size;
     bool any_dense = false;
     for (int64_t i = 0; i < L; ++i) any_moe = any_moe || cfg.is_moe_layer(i), any_dense = any_dense || !cfg.is_moe_layer(i);
@@ -170,7 +175,7 @@ struct CudaDecoder::Impl {
         SlotRef& ref = slots[l][s];
         ref.E = sh.experts, ref.in = sh.in, ref.out = sh.out;
         const int64_t elems = ref.copies() * sh.in * sh.out;
-        if (ref.E > 0) {
+        if (ref.E > 0 || layer_scratch) {
           woff[l][s] = expert_off, expert_off += elems;
         } else {
           woff[l][s] = 0, single_elems = std::max(single_elems, elems);
@@ -186,11 +191,13 @@ struct CudaDecoder::Impl {
     }
     for (int64_t l = 0; l < L; ++l)
       for (int s = 0; s < kNumLoraSlots; ++s)
-        if (slots[l][s].E > 0) woff[l][s] += single_elems;
+        if (slots[l][s].E > 0 || layer_scratch) woff[l][s] += single_elems;
     if (nf4) wscratch = Buffer<bf16>(size_t(single_elems + expert_elems));
-    lora = Buffer<float>(size_t(n_lora)), grad = Buffer<float>(size_t(n_lora));
-    m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
-    m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
+    lora = Buffer<float>(size_t(n_lora));
+    if (training) {
+      grad = Buffer<float>(size_t(n_lora)), m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
+      m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
+    }
     sum_sq = Buffer<double>(1), loss = Buffer<double>(1), loss_total = Buffer<double>(1);
     count_dev = Buffer<int64_t>(1), skip = Buffer<int>(1);
     loss.fill_bytes(0), loss_total.fill_bytes(0), sum_sq.fill_bytes(0), skip.fill_bytes(0);
@@ -254,7 +261,9 @@ struct CudaDecoder::Impl {
   // products that read the previous occupant were enqueued before).
   const bf16* wt(int64_t l, int s) {
     if (!nf4) return layers[l].w[s].get();
-    if (slots[l][s].E > 0) {
+    if (layer_scratch) {
+      ensure_layer_weights(l);
+    } else if (slots[l][s].E > 0) {
       if (scratch_experts != l)
         for (int e = kLoraGate; e <= kLoraDown; ++e) layers[l].nf4[e].dequantize(ctx, wscratch.get() + woff[l][e]);
       scratch_experts = l;
@@ -263,6 +272,11 @@ struct CudaDecoder::Impl {
       scratch_single = l * kNumLoraSlots + s;
     }
     return wscratch.get() + woff[l][s];
+  }
+  void ensure_layer_weights(int64_t l) {
+    if (!nf4 || scratch_layer == l) return;
+    for (int s = 0; s < kNumLoraSlots; ++s) layers[l].nf4[s].dequantize(ctx, wscratch.get() + woff[l][s]);
+    scratch_layer = l;
   }
   CudaMoeWeights moe_weights(int64_t l) {
     return {layers[l].router.get(), wt(l, kLoraGate), wt(l, kLoraUp), wt(l, kLoraDown)};
@@ -467,7 +481,7 @@ struct CudaDecoder::Impl {
         cuda::fill_normal(ctx, x, sr.copies() * sr.in * sr.out, 0.f, 0.02f, seed * 7919ull + ++k);
         layers[l].nf4[s].quantize(ctx, x, sr.copies(), {sr.out, sr.in});
       }
-    scratch_single = scratch_experts = -1;
+    scratch_single = scratch_experts = scratch_layer = -1;
   }
 
   // Calls f(slot ref, A tensor, B tensor) for every present slot of an adapter of this structure.
@@ -483,6 +497,7 @@ struct CudaDecoder::Impl {
       }
   }
   LoraAdapter download(const Buffer<float>& src) const {
+    QT_ASSERT(src.size() == lora.size(), "gradients or moments of an inference-only CudaDecoder");
     ctx.synchronize();
     std::vector<float> host = src.download();
     LoraAdapter out;
@@ -524,8 +539,9 @@ void upload_as_bf16(cuda::Context& ctx, bf16* dst, const Tensor& t) {
 }
 }  // namespace
 
-CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora, bool embeddings_on_host)
-    : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr, embeddings_on_host)) {
+CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora,
+                         const CudaDecoderOptions& opt)
+    : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr, opt)) {
   std::unique_ptr<Impl> guard(p_);  // frees the device buffers when an upload fails (bad NF4 data)
   Impl& p = *p_;
   upload_as_bf16(ctx, p.embed_table, w.embed);
@@ -554,7 +570,7 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
 
 CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
                          bool load_in_4bit, bool embeddings_on_host)
-    : p_(new Impl(ctx, cfg, lcfg, load_in_4bit, embeddings_on_host)) {
+    : p_(new Impl(ctx, cfg, lcfg, load_in_4bit, CudaDecoderOptions{true, embeddings_on_host})) {
   std::unique_ptr<Impl> guard(p_);
   Impl& p = *p_;
   uint64_t k = 0;
@@ -614,6 +630,7 @@ void CudaDecoder::zero_grads() {
 void CudaDecoder::forward_backward(double grad_scale, const LoraDropout& dropout) {
   const double gs = grad_scale > 0 ? grad_scale : (p_->count ? 1.0 / double(p_->count) : 0.0);
   QT_ASSERT(dropout.p >= 0 && dropout.p < 1, "dropout probability {}", dropout.p);
+  QT_ASSERT(p_->grad.size() == p_->lora.size(), "forward_backward on an inference-only CudaDecoder");
   p_->drop = dropout;
   p_->run(true, float(gs));
   p_->drop = {};
@@ -625,6 +642,7 @@ void CudaDecoder::optimizer_step(int64_t step, double lr, double weight_decay, d
                                  double beta2, double eps) {
   Impl& p = *p_;
   QT_ASSERT(step >= 1, "optimizer step {} must be >= 1", step);
+  QT_ASSERT(p.m1.size() == p.lora.size(), "optimizer_step on an inference-only CudaDecoder");
   QT_CUDA_CHECK(cudaMemsetAsync(p.sum_sq.get(), 0, sizeof(double), p.ctx.stream()));
   cuda::sum_squares(p.ctx, p.sum_sq.get(), p.grad.get(), p.n_lora);
   cuda::step_guard(p.ctx, p.skip.get(), p.sum_sq.get(), p.loss_total.get());
@@ -705,6 +723,28 @@ std::vector<std::vector<int64_t>> CudaDecoder::take_expert_load() {
 double* CudaDecoder::loss_total_data() { return p_->loss_total.get(); }
 void CudaDecoder::set_layer_backward_hook(std::function<void(int64_t)> hook) { p_->layer_backward_hook = std::move(hook); }
 
+CudaDecoder::LayerView CudaDecoder::layer_view(int64_t l) {
+  Impl& p = *p_;
+  QT_ASSERT(l >= 0 && l < p.L, "layer {} of {}", l, p.L);
+  p.ensure_layer_weights(l);
+  const DeviceLayer& d = p.layers[size_t(l)];
+  LayerView v;
+  v.moe = d.moe;
+  v.input_norm = d.input_norm.get(), v.post_norm = d.post_norm.get(), v.q_norm = d.q_norm.get();
+  v.k_norm = d.k_norm.get(), v.q_b = d.q_b.get(), v.k_b = d.k_b.get(), v.v_b = d.v_b.get(), v.router = d.router.get();
+  for (int s = 0; s < kNumLoraSlots; ++s) {
+    v.w[size_t(s)] = p.wt(l, s);
+    const SlotRef& sr = p.slots[size_t(l)][size_t(s)];
+    if (sr.present) v.A[size_t(s)] = p.lora.get() + sr.a_off, v.B[size_t(s)] = p.lora.get() + sr.b_off;
+  }
+  return v;
+}
+const cuda::bf16* CudaDecoder::embed() const { return p_->embed_table; }
+const cuda::bf16* CudaDecoder::final_norm() const { return p_->final_norm.get(); }
+const cuda::bf16* CudaDecoder::lm_head() const { return p_->lm_head; }
+int64_t CudaDecoder::lora_rank() const { return p_->r; }
+float CudaDecoder::lora_scale() const { return p_->scale; }
+
 LoraAdapter CudaDecoder::download_grads() const { return p_->download(p_->grad); }
 LoraAdapter CudaDecoder::download_lora() const { return p_->download(p_->lora); }
 
@@ -712,7 +752,8 @@ bool CudaDecoder::embeddings_on_host() const { return p_->embed_host.size() > 0;
 
 size_t CudaDecoder::device_bytes() const {
   const Impl& p = *p_;
-  size_t n = p.embed.bytes() + p.lm_head_own.bytes() + p.final_norm.bytes() + 4 * p.lora.bytes();
+  size_t n = p.embed.bytes() + p.lm_head_own.bytes() + p.final_norm.bytes() + p.lora.bytes() + p.grad.bytes() +
+             p.m1.bytes() + p.m2.bytes();
   for (auto& d : p.layers) {
     n += d.input_norm.bytes() + d.post_norm.bytes() + d.q_norm.bytes() + d.k_norm.bytes() + d.q_b.bytes() +
          d.k_b.bytes() + d.v_b.bytes();

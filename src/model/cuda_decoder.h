@@ -18,6 +18,7 @@
 // load-balancing loss when output_router_logits is set, and count the tokens each expert receives.
 #pragma once
 #ifdef QT_HAVE_CUDA
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -30,12 +31,21 @@
 
 namespace qt {
 
+struct CudaDecoderOptions {
+  // false: inference only (model/cuda_kv_decoder.h): no gradient or AdamW buffers, so the training
+  // calls (forward_backward, optimizer_step, download_grads/moments) are not available; an NF4
+  // layer's projections are dequantized together (layer_view).
+  bool training = true;
+  // The input embedding table in pinned host memory (see the top of the file); ignored when the
+  // embeddings are tied to lm_head.
+  bool embeddings_on_host = false;
+};
+
 class CudaDecoder {
  public:
   // Weights uploaded from a host model (any float dtype; rounded once to bf16) and an adapter
   // (copied as fp32 masters). With w.nf4 (QLoRA) the projections are uploaded as NF4 instead of bf16.
-  // embeddings_on_host: see the top of the file; ignored when the embeddings are tied to lm_head.
-  CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora, bool embeddings_on_host = false);
+  CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora, const CudaDecoderOptions& opt = {});
   // Random weights of cfg's shape made on the device (normal(0, 0.02), norms 1, biases 0) and an
   // adapter with A ~ normal(0, 1/sqrt(in)) and B ~ normal(0, 0.01) (benchmarks: every LoRA path live).
   // load_in_4bit: the projections are quantized to NF4 on the device and kept so.
@@ -110,6 +120,24 @@ class CudaDecoder {
   float* grad_data();
   double* loss_total_data();
   void set_layer_backward_hook(std::function<void(int64_t layer)> hook);  // empty: none
+
+  // The device weights, for inference with a KV cache (model/cuda_kv_decoder.h). layer_view(l) first
+  // queues the dequantization of layer l's projections with an NF4 base (into the scratch shared by
+  // all layers, so the pointers are valid for work queued before the next layer_view of another layer).
+  struct LayerView {
+    bool moe = false;
+    // (H) norms, (hd) q/k head norms, (qd / kvd) biases, (E,H) router; null when the model has none
+    const cuda::bf16 *input_norm = nullptr, *post_norm = nullptr, *q_norm = nullptr, *k_norm = nullptr;
+    const cuda::bf16 *q_b = nullptr, *k_b = nullptr, *v_b = nullptr, *router = nullptr;
+    std::array<const cuda::bf16*, kNumLoraSlots> w{};   // (out,in); MoE experts (E,out,in)
+    std::array<const float*, kNumLoraSlots> A{}, B{};   // fp32 LoRA masters; null without an adapter
+  };
+  LayerView layer_view(int64_t l);
+  const cuda::bf16* embed() const;       // (V,H)
+  const cuda::bf16* final_norm() const;  // (H)
+  const cuda::bf16* lm_head() const;     // (V,H) (the embedding when tied)
+  int64_t lora_rank() const;
+  float lora_scale() const;
 
   struct Impl;
 

@@ -86,7 +86,7 @@ std::vector<int32_t> stop_token_ids(const std::vector<int32_t>& eos_ids, const T
   return ids;
 }
 
-GenerationStats generate(KvDecoder<float>& dec, const std::vector<int32_t>& prompt, Sampler& sampler,
+GenerationStats generate(TokenDecoder& dec, const std::vector<int32_t>& prompt, Sampler& sampler,
                          int64_t max_new_tokens, const std::vector<int32_t>& stop_ids,
                          const std::function<void(int32_t)>& on_token) {
   QT_ASSERT(!prompt.empty(), "generate with an empty prompt");
@@ -111,7 +111,7 @@ GenerationStats generate(KvDecoder<float>& dec, const std::vector<int32_t>& prom
   return st;
 }
 
-std::vector<int32_t> uncached_suffix(KvDecoder<float>& dec, const std::vector<int32_t>& full) {
+std::vector<int32_t> uncached_suffix(TokenDecoder& dec, const std::vector<int32_t>& full) {
   QT_ASSERT(!full.empty(), "empty conversation");
   const std::vector<int32_t>& cached = dec.tokens();
   size_t common = 0;

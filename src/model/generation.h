@@ -1,5 +1,6 @@
-// Text generation on top of KvDecoder: the model's generation defaults, stop tokens and the
-// prefill + token-by-token decoding loop.
+// Text generation on top of a TokenDecoder (model/inference.h: KvDecoder<float> on the CPU,
+// CudaKvDecoder on the GPU): the model's generation defaults, stop tokens and the prefill +
+// token-by-token decoding loop.
 //
 // Defaults (HF GenerationConfig): do_sample false, temperature 1, top_k 50, top_p 1; then the
 // keys of generation_config.json beside config.json when present (do_sample, temperature, top_k,
@@ -42,13 +43,13 @@ struct GenerationStats {
 // Runs `prompt` (>= 1 token) after what dec holds, then picks up to max_new_tokens tokens with
 // `sampler`, calling on_token for each (not for the stop token). The generated tokens are in the
 // cache afterwards, except the last one when max_new_tokens was reached.
-GenerationStats generate(KvDecoder<float>& dec, const std::vector<int32_t>& prompt, Sampler& sampler,
+GenerationStats generate(TokenDecoder& dec, const std::vector<int32_t>& prompt, Sampler& sampler,
                          int64_t max_new_tokens, const std::vector<int32_t>& stop_ids,
                          const std::function<void(int32_t)>& on_token);
 
 // For a conversation re-rendered in full each turn: keeps the longest cached prefix of `full`
 // (truncating the cache after it, at least one token short of `full`) and returns the tokens still
 // to run.
-std::vector<int32_t> uncached_suffix(KvDecoder<float>& dec, const std::vector<int32_t>& full);
+std::vector<int32_t> uncached_suffix(TokenDecoder& dec, const std::vector<int32_t>& full);
 
 }  // namespace qt

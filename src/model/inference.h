@@ -8,8 +8,12 @@
 // unmerged (y = x W^T + scale * (x A^T) B^T). Nothing but the cache is kept between calls.
 // Prefill = append(prompt); decode = append({token}). Logits equal QwenDecoder's full forward on
 // the whole sequence up to floating-point summation order in the matrix products.
+//
+// TokenDecoder is what generation (model/generation.h) needs from a decoder with a KV cache; the CPU
+// KvDecoder<float> and the GPU CudaKvDecoder (model/cuda_kv_decoder.h) implement it.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "model/lora.h"
@@ -17,8 +21,26 @@
 
 namespace qt {
 
+class TokenDecoder {
+ public:
+  virtual ~TokenDecoder() = default;
+  // Runs `ids` (n >= 1) after the cached tokens at positions length()..length()+n-1 and keeps their
+  // keys and values. Returns fp32 logits on the host: (n,V) row-major when all_logits, else (V) of
+  // the last token. Throws "[generate] ..." on ids outside the vocabulary.
+  virtual std::vector<float> append(const std::vector<int32_t>& ids, bool all_logits = false) = 0;
+  virtual int64_t length() const = 0;                     // tokens in the cache
+  virtual const std::vector<int32_t>& tokens() const = 0;  // (length) the cached tokens
+  virtual void truncate(int64_t len) = 0;                 // forget positions >= len (0: empty the cache)
+};
+
+namespace detail {
+struct NotATokenDecoder {};
+}  // namespace detail
+
+// KvDecoder<float> is a TokenDecoder; KvDecoder<double> (float64 checks) has the same members with
+// double logits.
 template <typename T>
-class KvDecoder {
+class KvDecoder : public std::conditional_t<std::is_same_v<T, float>, TokenDecoder, detail::NotATokenDecoder> {
  public:
   // Weights (and the adapter, nullable) must be of dtype T and outlive this.
   KvDecoder(const ModelWeights& weights, const LoraAdapter* lora);

@@ -25,14 +25,6 @@ namespace qt {
 
 namespace {
 
-std::string gpu_name() {
-  int dev = 0;
-  cudaDeviceProp prop{};
-  QT_CUDA_CHECK(cudaGetDevice(&dev));
-  QT_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-  return prop.name;
-}
-
 // How long a rank waits for a collective: rank 0 may be evaluating or saving a checkpoint meanwhile.
 constexpr double kCollectiveTimeoutS = 3600;
 
@@ -56,7 +48,7 @@ std::unique_ptr<dist::NcclComm> join_comm(const DataParallel& dp, int device) {
 class CudaEngine final : public TrainEngine {
  public:
   CudaEngine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt, const DataParallel& dp, bool embed_host)
-      : device_(select_device(dp)), comm_(join_comm(dp, device_)), cfg_(opt.config()), dec_(ctx_, w, lora, embed_host),
+      : device_(select_device(dp)), comm_(join_comm(dp, device_)), cfg_(opt.config()), dec_(ctx_, w, lora, {.training = true, .embeddings_on_host = embed_host}),
         steps_(opt.step_count()), nf4_(w.nf4 != nullptr), aux_coef_(w.cfg.output_router_logits ? w.cfg.router_aux_loss_coef : 0.0) {
     if (steps_ > 0) load_from_host(lora, opt);  // a resumed run: AdamW's moments too
     plan_buckets(dp);
@@ -68,7 +60,7 @@ class CudaEngine final : public TrainEngine {
     plan_buckets(dp);
   }
   std::string describe() const override {
-    return "cuda (" + gpu_name() + (nf4_ ? ", NF4 base weights on the device" : "") +
+    return "cuda (" + cuda::current_device_name() + (nf4_ ? ", NF4 base weights on the device" : "") +
            (dec_.embeddings_on_host() ? ", input embeddings in host memory" : "") +
            (comm_ ? fmt::format(", GPU {}, NCCL rank {} of {}, {} gradient buckets", device_, comm_->rank(),
                                 comm_->world_size(), reducer_->plan().size())

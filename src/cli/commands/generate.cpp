@@ -7,11 +7,14 @@
 // Sampling: generation_config.json defaults (see model/generation.h); --greedy or --temperature 0
 // decode greedily; --temperature/--top-k/--top-p (> 0, < 1) turn sampling on with those values.
 // The speed (prompt and generated tokens per second) goes to stderr at the end of each answer.
+// --device auto (cuda when this build has CUDA and a GPU is visible), cpu (KvDecoder<float>) or cuda
+// (CudaKvDecoder: bf16 or NF4 weights, LoRA unmerged); the device goes to stderr before the answer.
 #include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <memory>
 #include <optional>
 
 #include "cli/commands/commands.h"
@@ -20,6 +23,10 @@
 #include "data/dataset.h"
 #include "model/generation.h"
 #include "tokenizer/token_streamer.h"
+#include "train/train_engine.h"
+#ifdef QT_HAVE_CUDA
+#include "model/cuda_kv_decoder.h"
+#endif
 
 namespace qt::cli {
 
@@ -33,6 +40,7 @@ struct GenerateArgs {
   std::optional<double> temperature, top_p;
   std::optional<int64_t> top_k;
   uint64_t seed = 0;
+  std::string device = "auto";
 };
 
 SamplingOptions resolve_sampling(const GenerateArgs& a, const GenerationDefaults& d) {
@@ -67,7 +75,7 @@ void print_speed(const GenerationStats& st) {
 }
 
 // Runs the prompt tokens and streams the answer to stdout; returns the answer's text.
-std::string answer(KvDecoder<float>& dec, const std::vector<int32_t>& prompt, Sampler& sampler, const GenerateArgs& a,
+std::string answer(TokenDecoder& dec, const std::vector<int32_t>& prompt, Sampler& sampler, const GenerateArgs& a,
                    const std::vector<int32_t>& stops, const Tokenizer& tok) {
   TokenStreamer streamer(tok);
   std::string text;
@@ -99,7 +107,20 @@ void run_generate(const GenerateArgs& a) {
   const SamplingOptions sampling = resolve_sampling(a, defaults);
   const std::vector<int32_t> stops = stop_token_ids(defaults.eos_ids, m.tok);
   Sampler sampler(sampling, a.seed);
-  KvDecoder<float> dec(m.model.weights, m.adapter.get());
+  std::string device_note;
+  const std::string device = resolve_device(a.device, m.model.cfg, "generate", &device_note);
+  std::unique_ptr<TokenDecoder> decoder;
+  std::string described = device;
+#ifdef QT_HAVE_CUDA
+  if (device == "cuda") {
+    auto gpu = std::make_unique<CudaKvDecoder>(m.model.weights, m.adapter.get());
+    described = gpu->describe();
+    decoder = std::move(gpu);
+  }
+#endif
+  if (!decoder) decoder = std::make_unique<KvDecoder<float>>(m.model.weights, m.adapter.get());
+  std::fprintf(stderr, "device: %s%s\n", described.c_str(), device_note.empty() ? "" : (" (" + device_note + ")").c_str());
+  TokenDecoder& dec = *decoder;
 
   data::Conversation conv;
   if (!a.system.empty()) conv.messages.push_back({"system", a.system, std::nullopt, {}});
@@ -163,6 +184,8 @@ void register_generate_command(CLI::App& app) {
   c->add_option("--top-p", a->top_p, "Nucleus sampling: keep the most likely tokens up to probability p, in (0, 1]; "
                                      "default generation_config.json, else 1");
   c->add_option("--seed", a->seed, "Sampling seed (default 0): the same seed gives the same text");
+  c->add_option("--device", a->device, "auto (default: cuda when this build has CUDA and a GPU is visible), cpu or cuda")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   c->footer("\nStops at any eos id of config.json / generation_config.json, <|im_end|>, <|endoftext|>, or "
             "--max-new-tokens. Speed goes to stderr.");
   c->callback([a] { run_generate(*a); });

@@ -168,6 +168,14 @@ void attention_backward_simt(Context& ctx, bf16* dq, bf16* dk, bf16* dv, const b
                              const float* lse, const bf16* q, const bf16* k, const bf16* v, const int32_t* segment,
                              int64_t B, int64_t S, int64_t nh, int64_t nkv, int64_t hd);
 
+// Attention of n new queries over a KV cache (decoding), as cpu::attention_kv_forward with B = 1:
+// q (n,nh,hd) are the tokens at positions past..past+n-1, k/v (past+n,nkv,hd) the cached keys and
+// values (the new tokens' included) -> out (n,nh,hd) bf16; query i sees keys j <= past+i (no
+// segments, no lse). fp32 SIMT, one block per (query row, head), online softmax over the cache
+// (attention_kv.cu); hd <= 256.
+void attention_kv_forward(Context& ctx, bf16* out, const bf16* q, const bf16* k, const bf16* v, int64_t n,
+                          int64_t past, int64_t nh, int64_t nkv, int64_t hd);
+
 // ---- MoE routing (as cpu::moe_*; E <= 256) -------------------------------------------------
 // logits (N,E) bf16 (the router GEMM's output) -> probs (N,E) fp32 = softmax in fp32; topk_idx
 // (N,k) descending (ties: lower index first; NaN last); topk_w (N,k) fp32, renormalised when

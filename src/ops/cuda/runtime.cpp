@@ -12,6 +12,14 @@ int device_count() {
   return n;
 }
 
+std::string current_device_name() {
+  int dev = 0;
+  cudaDeviceProp prop{};
+  QT_CUDA_CHECK(cudaGetDevice(&dev));
+  QT_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  return prop.name;
+}
+
 Context::Context() : workspace_(kWorkspaceBytes) {
   QT_CUBLAS_CHECK(cublasLtCreate(&lt_));
   int dev = 0;

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -19,6 +20,8 @@ using bf16 = __nv_bfloat16;
 
 // Number of visible CUDA devices; 0 (never an abort) when there is no driver or no GPU.
 int device_count();
+// The name of the current device (cudaGetDeviceProperties), e.g. "NVIDIA H100 80GB HBM3".
+std::string current_device_name();
 
 // n elements of T in device memory (cudaMalloc: 256-byte aligned). Contents start undefined.
 template <typename T>
