@@ -504,6 +504,7 @@ void upload_as_bf16(cuda::Context& ctx, bf16* dst, const Tensor& t) {
 CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAdapter& lora)
     : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr)) {
   std::unique_ptr<Impl> guard(p_);  // frees the device buffers when an upload fails (bad NF4 data)
+  QT_ASSERT(w.nf4 || has_projection_floats(w), "CudaDecoder: the projections are neither float nor NF4");
   Impl& p = *p_;
   upload_as_bf16(ctx, p.embed.get(), w.embed);
   if (!w.cfg.tie_word_embeddings) upload_as_bf16(ctx, p.lm_head_own.get(), w.lm_head);
