@@ -156,15 +156,16 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   };
   if (!run.resume) write_resolved_config();  // on resume: once the settings are known to match
 
-  // Model and tokenizer.
-  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train", tc.quantize_base());
+  // Device (first: the weights are loaded for the engine that uses them), model and tokenizer.
+  std::string device_note;
+  const std::string device = resolve_device(tc.device, "train", &device_note);
+  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train", tc.quantize_base(),
+                                        device == "cuda" ? WeightsFor::Cuda : WeightsFor::Cpu);
   const Tokenizer tok = Tokenizer::load(model.tokenizer_path);
   if (tok.vocab_size() > model.cfg.vocab_size)
     fail("train", "the tokenizer {} has {} tokens but the model's vocab_size is {}", model.tokenizer_path,
          tok.vocab_size(), model.cfg.vocab_size);
   const std::string tok_fp = data::tokenizer_fingerprint(model.tokenizer_path);
-  std::string device_note;
-  const std::string device = resolve_device(tc.device, model.cfg, "train", &device_note);
   fmt::print("model: {}\ntokenizer: {}\n", model.description, model.tokenizer_path);
 
   // Data (rank 0 tokenizes and fills the cache first; the other ranks then read it).
@@ -245,7 +246,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   dp.rank = de.rank, dp.world_size = de.world_size, dp.local_rank = de.local_rank, dp.rv = rv.get();
   std::unique_ptr<TrainEngine> engine = device == "cuda" ? make_cuda_engine(model.weights, lora, opt, dp)
                                                          : make_cpu_engine(model.weights, lora, opt, dp);
-  if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 copy
+  if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 (or NF4) copy
   fmt::print("device: {}{}\n", engine->describe(), device_note.empty() ? "" : " (" + device_note + ")");
   int64_t n_params = 0;
   for (const auto& layer : lora.layers)
