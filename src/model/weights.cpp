@@ -8,8 +8,8 @@
 // parallel (OpenMP) from the memory-mapped file to the requested dtype; a source tensor's mapped
 // pages are released (madvise) after its last use.
 // Streaming (WeightsLoadOptions::projection): the projections are planned the same way but filled
-// last, one matrix (one expert's) at a time, into an F32 scratch handed to the hook; their tensors are
-// allocated only with keep_projections.
+// last, one matrix (one expert's) at a time, handed to the hook as a view of the mapped source; their
+// tensors are allocated only with keep_projections.
 // Every checkpoint tensor must be consumed by the plan; the only ones tolerated unused are a
 // tied lm_head.weight and legacy rotary_emb.inv_freq buffers (transformers ignores both).
 // Pre-quantized bitsandbytes 4-bit weights (X + X.absmax, X.quant_map, ... X.quant_state.*) are
@@ -163,8 +163,8 @@ class LoadPlan {
     ckpt_.release(name);
   }
 
-  // Matrix u of each projection in turn: its values gathered in F32 from the blocks that fill it,
-  // the hook called, and the sources whose last matrix it was released.
+  // Matrix u of each projection in turn: its values (a view of the source, or gathered in F32 from
+  // the blocks that fill it), the hook called, and the sources whose last matrix it was released.
   void stream_projections() {
     struct Unit { const Projection* pr; int64_t index; };
     std::map<const Tensor*, std::vector<const CopyBlock*>> by_dst;
@@ -189,21 +189,31 @@ class LoadPlan {
       const Shape& full = shapes_.at(u.pr->dst);
       const Shape matrix = full.size() == 3 ? Shape{full[1], full[2]} : full;
       const auto [lo, hi] = range(u);
-      Tensor values = Tensor::empty(matrix, DType::F32);
+      Tensor values;
       std::vector<Copy> copies;
+      std::vector<int64_t> dst_offsets;  // of each copy in the projection tensor
       std::vector<std::string> srcs;
       int64_t covered = 0;
       for (const CopyBlock* b : by_dst[u.pr->dst]) {
         if (!overlaps(*b, {lo, hi})) continue;
         const int64_t s = std::max(b->dst_offset, lo), e = std::min(b->dst_offset + b->count, hi);
-        copies.push_back({&source(b->src), b->src_offset + (s - b->dst_offset),
-                          static_cast<float*>(values.raw()) + (s - lo), DType::F32, e - s});
+        copies.push_back({&source(b->src), b->src_offset + (s - b->dst_offset), nullptr, DType::F32, e - s});
+        dst_offsets.push_back(s);
         srcs.push_back(b->src);
         covered += e - s;
       }
       QT_ASSERT(covered == hi - lo, "{}: the plan covers {} of {} elements", u.pr->names[size_t(u.index)], covered,
                 hi - lo);
-      convert_copies(copies);
+      if (copies.size() == 1) {
+        // One contiguous piece of one source (every layout): the hook reads it where it lies.
+        const Tensor& src = *copies[0].src;
+        values = src.reshape({src.numel()}).slice_rows(copies[0].src_offset, copies[0].src_offset + (hi - lo)).reshape(matrix);
+      } else {
+        values = Tensor::empty(matrix, DType::F32);
+        for (size_t k = 0; k < copies.size(); ++k)
+          copies[k].dst = static_cast<float*>(values.raw()) + (dst_offsets[k] - lo);
+        convert_copies(copies);
+      }
       Tensor dst;
       if (opt_.keep_projections)
         dst = full.size() == 3 ? u.pr->dst->slice_rows(u.index, u.index + 1).reshape(matrix) : *u.pr->dst;

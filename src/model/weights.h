@@ -70,10 +70,12 @@ ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, 
 struct WeightsLoadOptions {
   DType dtype = DType::F32;  // of every float tensor loaded
   // Called once per projection matrix, one at a time, instead of the copy: hub_name is its Hub name
-  // (model.layers.N.mlp.experts.E.gate_proj.weight for experts), values the matrix (out,in) in F32
-  // (the values load_model_weights(F32) gives), dst its place in the weights (`dtype`, to be filled
-  // by the hook) or undefined without keep_projections. The checkpoint's pages of a source tensor
-  // are released (madvise) once its last matrix is done, so host memory holds one tensor at a time.
+  // (model.layers.N.mlp.experts.E.gate_proj.weight for experts), values the matrix (out,in) as stored
+  // (a view of the mapped checkpoint in its dtype; a pre-quantized weight dequantized; F32 if it
+  // had to be gathered), whose F32 conversion is what load_model_weights(F32) gives; dst its place in
+  // the weights (`dtype`, to be filled by the hook) or undefined without keep_projections. The
+  // checkpoint's pages of a source tensor are released (madvise) once its last matrix is done, so
+  // host memory holds one source tensor at a time.
   std::function<void(const std::string& hub_name, const Tensor& values, Tensor& dst)> projection;
   // false: the projection tensors stay undefined (with no hook they are validated but not read).
   bool keep_projections = true;
