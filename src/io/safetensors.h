@@ -8,6 +8,8 @@
 // Also accepted: holes between tensors and bytes after the last one (the reference reader refuses
 // them; they are harmless). Views are read-only memory; a tensor whose bytes are not aligned to its
 // element size (possible with files from other writers) is copied into an aligned buffer instead.
+// release(name) drops a tensor's mapped pages from the process once a streaming reader is done with
+// it, so reading a whole checkpoint does not leave it all resident.
 #pragma once
 #include <map>
 #include <memory>

@@ -207,7 +207,8 @@ class LoadPlan {
       if (copies.size() == 1) {
         // One contiguous piece of one source (every layout): the hook reads it where it lies.
         const Tensor& src = *copies[0].src;
-        values = src.reshape({src.numel()}).slice_rows(copies[0].src_offset, copies[0].src_offset + (hi - lo)).reshape(matrix);
+        const int64_t at = copies[0].src_offset;
+        values = src.reshape({src.numel()}).slice_rows(at, at + (hi - lo)).reshape(matrix);
       } else {
         values = Tensor::empty(matrix, DType::F32);
         for (size_t k = 0; k < copies.size(); ++k)

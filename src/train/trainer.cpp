@@ -1,4 +1,6 @@
-// The LoRA training loop (see trainer.h for the step math, the outputs and data parallelism).
+// The LoRA training loop (see trainer.h for the step math, the outputs and data parallelism). The
+// device is resolved before the model is loaded: the weights are loaded for their engine
+// (model_source.h WeightsFor; the CUDA engine's host copy is bf16, with QLoRA only the NF4 base).
 #include "train/trainer.h"
 
 #include <algorithm>
