@@ -35,7 +35,8 @@ void quantize_into(Nf4Base& base, const std::string& name, const Tensor& values,
     QT_ASSERT(back.nbytes() == dst.nbytes(), "{}: round trip changed the size", name);
     std::memcpy(dst.raw(), back.raw(), dst.nbytes());
   }
-  QT_ASSERT(base.tensors.emplace(name, std::move(q)).second, "{}: quantized twice", name);
+  const bool added = base.tensors.emplace(name, std::move(q)).second;
+  QT_ASSERT(added, "{}: quantized twice", name);
 }
 
 }  // namespace
