@@ -19,6 +19,7 @@
 #include "model/nf4.h"
 #include "model/quantize_checkpoint.h"
 #include "model/weights_4bit.h"
+#include "model_folders.h"
 #include "test_files.h"
 
 using namespace qt;
@@ -27,19 +28,8 @@ namespace fs = std::filesystem;
 namespace {
 
 std::string golden(const std::string& c) { return std::string(QT_SOURCE_DIR) + "/tests/golden/" + c; }
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-
-// Writes w (Hub names, `dtype`) with dir's config.json as a model folder.
-void write_model(const std::string& out, const ModelWeights& w, const std::string& config_from, DType dtype) {
-  fs::create_directories(out);
-  std::vector<std::pair<std::string, Tensor>> ts;
-  for (const auto& [n, t] : hub_named_tensors(w)) ts.emplace_back(n, t.to(dtype));
-  write_safetensors(out + "/model.safetensors", ts);
-  fs::copy_file(config_from + "/config.json", out + "/config.json", fs::copy_options::overwrite_existing);
-}
+using test::same_bits;
+using test::write_model;
 
 }  // namespace
 

@@ -214,6 +214,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   void* addr = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.fd, 0);
   if (addr == MAP_FAILED) fail("safetensors", "{}: cannot mmap {} bytes: {}", path, size, errno_str());
   mapping_ = std::shared_ptr<void>(addr, [size](void* p) { ::munmap(p, size); });
+  mapping_size_ = size;
 
   const auto* bytes = static_cast<const uint8_t*>(addr);
   detail::SafetensorsLayout layout = detail::parse_safetensors(bytes, size, path);
@@ -241,6 +242,17 @@ Tensor SafetensorsFile::view(const std::string& name) const {
     return t;
   }
   return Tensor::view_of(const_cast<uint8_t*>(p), e.shape, e.dtype, mapping_);
+}
+
+void SafetensorsFile::release(const std::string& name) const {
+  const SafetensorsEntry& e = entry(name);
+  if (e.end == e.begin) return;
+  // The whole pages touching the tensor: a neighbour's page dropped too is only mapped again when read.
+  const auto page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  const auto base = reinterpret_cast<uintptr_t>(mapping_.get());
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(buffer_) + e.begin) / page * page;
+  const uintptr_t hi = std::min(base + mapping_size_, reinterpret_cast<uintptr_t>(buffer_) + e.end);
+  ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);  // advice: a failure changes nothing
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,17 +349,17 @@ std::vector<std::string> SafetensorsCheckpoint::names() const {
 
 bool SafetensorsCheckpoint::contains(const std::string& name) const { return owner_.count(name) != 0; }
 
-const SafetensorsEntry& SafetensorsCheckpoint::entry(const std::string& name) const {
+const SafetensorsFile& SafetensorsCheckpoint::file_of(const std::string& name) const {
   auto it = owner_.find(name);
   if (it == owner_.end()) fail("safetensors", "{}: no tensor named '{}'", origin_, name);
-  return it->second->entry(name);
+  return *it->second;
 }
 
-Tensor SafetensorsCheckpoint::view(const std::string& name) const {
-  auto it = owner_.find(name);
-  if (it == owner_.end()) fail("safetensors", "{}: no tensor named '{}'", origin_, name);
-  return it->second->view(name);
-}
+const SafetensorsEntry& SafetensorsCheckpoint::entry(const std::string& name) const { return file_of(name).entry(name); }
+
+Tensor SafetensorsCheckpoint::view(const std::string& name) const { return file_of(name).view(name); }
+
+void SafetensorsCheckpoint::release(const std::string& name) const { file_of(name).release(name); }
 
 // ---------------------------------------------------------------------------------------------
 // Writer

@@ -8,6 +8,8 @@
 // Also accepted: holes between tensors and bytes after the last one (the reference reader refuses
 // them; they are harmless). Views are read-only memory; a tensor whose bytes are not aligned to its
 // element size (possible with files from other writers) is copied into an aligned buffer instead.
+// release(name) drops a tensor's mapped pages from the process once a streaming reader is done with
+// it, so reading a whole checkpoint does not leave it all resident.
 #pragma once
 #include <map>
 #include <memory>
@@ -35,10 +37,14 @@ class SafetensorsFile {
   const SafetensorsEntry& entry(const std::string& name) const;  // throws naming the tensor
   // A CPU tensor viewing the mapped bytes (dtype as on disk); keeps the mapping alive.
   Tensor view(const std::string& name) const;
+  // Tells the kernel the tensor's mapped pages are not needed now (madvise MADV_DONTNEED): they leave
+  // this process's resident memory (the page cache keeps them; a later read maps them again).
+  void release(const std::string& name) const;
 
  private:
   std::string path_;
   std::shared_ptr<void> mapping_;
+  size_t mapping_size_ = 0;
   const uint8_t* buffer_ = nullptr;  // start of the data buffer
   std::vector<SafetensorsEntry> entries_;
   std::map<std::string, size_t> index_;
@@ -55,11 +61,13 @@ class SafetensorsCheckpoint {
   bool contains(const std::string& name) const;
   const SafetensorsEntry& entry(const std::string& name) const;
   Tensor view(const std::string& name) const;
+  void release(const std::string& name) const;  // SafetensorsFile::release
 
  private:
   std::string origin_;  // the path given, for error messages
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const SafetensorsFile*> owner_;
+  const SafetensorsFile& file_of(const std::string& name) const;  // throws naming the tensor
 };
 
 // Writes tensors (any dtype, CPU) atomically: path.tmp.<pid> is written and fsync'ed, then renamed

@@ -543,6 +543,7 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
                          const CudaDecoderOptions& opt)
     : p_(new Impl(ctx, w.cfg, lora.cfg, w.nf4 != nullptr, opt)) {
   std::unique_ptr<Impl> guard(p_);  // frees the device buffers when an upload fails (bad NF4 data)
+  QT_ASSERT(w.nf4 || has_projection_floats(w), "CudaDecoder: the projections are neither float nor NF4");
   Impl& p = *p_;
   upload_as_bf16(ctx, p.embed_table, w.embed);
   if (!w.cfg.tie_word_embeddings) upload_as_bf16(ctx, p.lm_head_own.get(), w.lm_head);

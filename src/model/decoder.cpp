@@ -41,6 +41,8 @@ template <typename T>
 QwenDecoder<T>::QwenDecoder(const ModelWeights& weights, const LoraAdapter* lora) : w_(weights), lora_(lora) {
   QT_ASSERT(weights.embed.dtype() == dtype_of<T>(), "weights are {}, decoder is {}", dtype_name(weights.embed.dtype()),
             dtype_name(dtype_of<T>()));
+  QT_ASSERT(has_projection_floats(weights), "the CPU decoder needs the float projections (these weights were "
+            "loaded for the CUDA engine: NF4 only)");
   if (lora) QT_ASSERT(lora->layers.size() == weights.layers.size(), "adapter has {} layers, model {}",
                       lora->layers.size(), weights.layers.size());
 }

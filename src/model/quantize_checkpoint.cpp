@@ -3,6 +3,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <nlohmann/json.hpp>
 
@@ -80,19 +81,32 @@ QuantizeSummary quantize_checkpoint(const QuantizeOptions& opt) {
     fail("quantize", "{}: the checkpoint already holds 4-bit weights", opt.model_dir);
   const ModelConfig cfg = load_hf_config(opt.model_dir);
   const DType dtype = checkpoint_weight_dtype(opt.model_dir);
-  const ModelWeights w = load_model_weights(opt.model_dir, cfg, DType::F32);  // exact for bf16/f16/f32 inputs
+  // Streamed: each projection matrix is quantized as it is read and only its bnb tensors are kept.
+  std::map<std::string, std::vector<std::pair<std::string, Tensor>>> bnb;
+  WeightsLoadOptions lo;
+  lo.dtype = dtype;  // the kept tensors: converted via f32 like every load, so exact for bf16/f16/f32 inputs
+  lo.keep_projections = false;
+  lo.projection = [&](const std::string& name, const Tensor& values, Tensor&) {
+    QT_ASSERT(is_4bit_target(name), "{}: not a 4-bit target", name);
+    bnb.emplace(name, nf4_to_bnb_tensors(name, nf4_quantize(values, dtype)));
+  };
+  const ModelWeights w = load_model_weights(opt.model_dir, cfg, lo);
 
   QuantizeSummary sum;
   std::vector<std::pair<std::string, Tensor>> tensors;
-  for (const auto& [name, t] : hub_named_tensors(w)) {
+  for (const auto& [name, t] : hub_named_tensors(w, true)) {
     if (is_4bit_target(name)) {
-      for (auto& nt : nf4_to_bnb_tensors(name, nf4_quantize(t, dtype))) tensors.push_back(std::move(nt));
+      auto it = bnb.find(name);
+      QT_ASSERT(it != bnb.end(), "{}: not quantized", name);
+      for (auto& nt : it->second) tensors.push_back(std::move(nt));
+      bnb.erase(it);
       ++sum.quantized;
-    } else {
-      tensors.emplace_back(name, t.to(dtype));
+    } else if (t.defined()) {
+      tensors.emplace_back(name, t);
       ++sum.kept;
     }
   }
+  QT_ASSERT(bnb.empty(), "{} quantized tensors not written", bnb.size());
   for (const auto& nt : tensors) sum.bytes += nt.second.nbytes();
 
   fs::create_directories(out, ec);

@@ -7,8 +7,12 @@
 // input's keys in order plus transformers' quantization_config for bnb 4-bit (quant_method
 // bitsandbytes, load_in_4bit, bnb_4bit_quant_type nf4, bnb_4bit_use_double_quant, compute dtype =
 // the input dtype, quant_storage uint8, llm_int8_skip_modules = lm_head and the MoE routers); the
-// tokenizer and generation files. Each file is written atomically; the input is read whole into
-// f32 host memory (the CPU loader), one model at a time.
+// tokenizer and generation files. Each file is written atomically. The input is streamed from its
+// memory map (model/weights.h WeightsLoadOptions): each projection matrix is quantized as it is read
+// and only its bnb tensors kept, so host memory holds the output (about the NF4 model plus the float
+// tensors) and one source tensor, never the float model; model.safetensors is written at the end
+// (its header, first in the file, needs every tensor's size, and the quant states' JSON sizes are
+// known only after quantizing).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -5,7 +5,11 @@
 // blocks (source tensor, element offset, count -> destination offset), so that fused layouts
 // (gate_up_proj (E,2I,H) -> gate (E,I,H) + up (E,I,H)) and per-expert files (E tensors (I,H) ->
 // (E,I,H)) are the same operation. The blocks are cut into ~1M-element chunks converted in
-// parallel (OpenMP) from the memory-mapped file to the requested dtype.
+// parallel (OpenMP) from the memory-mapped file to the requested dtype; a source tensor's mapped
+// pages are released (madvise) after its last use.
+// Streaming (WeightsLoadOptions::projection): the projections are planned the same way but filled
+// last, one matrix (one expert's) at a time, handed to the hook as a view of the mapped source; their
+// tensors are allocated only with keep_projections.
 // Every checkpoint tensor must be consumed by the plan; the only ones tolerated unused are a
 // tied lm_head.weight and legacy rotary_emb.inv_freq buffers (transformers ignores both).
 // Pre-quantized bitsandbytes 4-bit weights (X + X.absmax, X.quant_map, ... X.quant_state.*) are
@@ -27,7 +31,6 @@ namespace qt {
 namespace {
 
 struct CopyBlock {
-  const SafetensorsCheckpoint* ckpt;
   std::string src;       // checkpoint tensor name
   int64_t src_offset;    // elements
   Tensor* dst;
@@ -35,9 +38,38 @@ struct CopyBlock {
   int64_t count;         // elements
 };
 
+// One conversion: count elements of src from src_offset to dst (dst_dtype).
+struct Copy {
+  const Tensor* src;
+  int64_t src_offset;
+  void* dst;
+  DType dst_dtype;
+  int64_t count;
+};
+
+// Converts every copy, in parallel over ~1M-element chunks.
+void convert_copies(const std::vector<Copy>& copies) {
+  struct Chunk { const Copy* c; int64_t off, n; };
+  constexpr int64_t kChunk = int64_t(1) << 20;
+  std::vector<Chunk> chunks;
+  for (const Copy& c : copies)
+    for (int64_t off = 0; off < c.count; off += kChunk) chunks.push_back({&c, off, std::min(kChunk, c.count - off)});
+  const int64_t n_chunks = int64_t(chunks.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n_chunks; ++i) {
+    const Chunk& k = chunks[size_t(i)];
+    const Copy& c = *k.c;
+    const size_t ssz = dtype_size(c.src->dtype()), dsz = dtype_size(c.dst_dtype);
+    const char* src = static_cast<const char*>(c.src->raw()) + size_t(c.src_offset + k.off) * ssz;
+    char* dst = static_cast<char*>(c.dst) + size_t(k.off) * dsz;
+    convert_elements(dst, c.dst_dtype, src, c.src->dtype(), size_t(k.n));
+  }
+}
+
 class LoadPlan {
  public:
-  explicit LoadPlan(const SafetensorsCheckpoint& ckpt, DType dtype) : ckpt_(ckpt), dtype_(dtype) {}
+  LoadPlan(const SafetensorsCheckpoint& ckpt, const WeightsLoadOptions& opt)
+      : ckpt_(ckpt), opt_(opt), streaming_(opt.projection || !opt.keep_projections) {}
 
   bool has(const std::string& name) const { return ckpt_.contains(name); }
 
@@ -60,17 +92,23 @@ class LoadPlan {
     if (!consumed_.insert(name).second) fail("weights", "{}: used twice", name);
   }
 
-  // dst (allocated here) <- the whole of `name`, which must have dst's shape.
+  // dst gets `shape` in the load's dtype when the plan executes (unless it is a projection left out).
+  void alloc(Tensor* dst, const Shape& shape) { shapes_[dst] = shape; }
+  // dst <- the whole of `name`, which must have dst's shape.
   void whole(Tensor* dst, const std::string& name, const Shape& shape) {
     expect(name, shape);
-    *dst = Tensor::empty(shape, dtype_);
-    blocks_.push_back({&ckpt_, name, 0, dst, 0, shape_numel(shape)});
+    alloc(dst, shape);
+    blocks_.push_back({name, 0, dst, 0, shape_numel(shape)});
   }
   // dst[dst_offset : +count] <- name[src_offset : +count] (name already checked by expect()).
   void part(Tensor* dst, int64_t dst_offset, const std::string& name, int64_t src_offset, int64_t count) {
-    blocks_.push_back({&ckpt_, name, src_offset, dst, dst_offset, count});
+    blocks_.push_back({name, src_offset, dst, dst_offset, count});
   }
   void ignore(const std::string& name) { consumed_.insert(name); }
+  // Marks dst (planned already) as a decoder projection holding one matrix per Hub name (E for experts).
+  void projection(Tensor* dst, std::vector<std::string> hub_names) {
+    projections_.push_back({dst, std::move(hub_names)});
+  }
 
   void check_all_consumed() const {
     std::vector<std::string> extra;
@@ -83,55 +121,130 @@ class LoadPlan {
     fail("weights", "{}: unexpected tensor in the checkpoint for this config (unused: {})", extra[0], list);
   }
 
-  // Converts every block, in parallel over ~1M-element chunks.
+  // Allocates and fills every tensor; then, streaming, hands the projections to the hook one matrix
+  // at a time. A source's mapped pages are released after its last use.
   void execute() {
-    struct Chunk { const CopyBlock* b; Tensor view; int64_t off, n; };
-    constexpr int64_t kChunk = int64_t(1) << 20;
-    std::map<std::string, Tensor> views;
+    std::set<const Tensor*> deferred;  // projections, when streaming
+    if (streaming_)
+      for (const Projection& pr : projections_) deferred.insert(pr.dst);
+    for (const auto& [dst, shape] : shapes_)
+      if (!deferred.count(dst) || opt_.keep_projections) *dst = Tensor::empty(shape, opt_.dtype);
+    std::vector<Copy> copies;
+    std::set<std::string> used;
     for (const CopyBlock& b : blocks_) {
-      if (views.count(b.src)) continue;
-      auto q = quantized_.find(b.src);
-      if (q == quantized_.end()) {
-        views.emplace(b.src, ckpt_.view(b.src));
-      } else {
-        views.emplace(b.src, nf4_dequantize(q->second, q->second.dtype));
-        quantized_.erase(q);
-      }
+      if (deferred.count(b.dst)) continue;
+      const size_t off = size_t(b.dst_offset) * dtype_size(opt_.dtype);
+      copies.push_back({&source(b.src), b.src_offset, static_cast<char*>(b.dst->raw()) + off, opt_.dtype, b.count});
+      used.insert(b.src);
     }
-    std::vector<Chunk> chunks;
-    for (const CopyBlock& b : blocks_)
-      for (int64_t off = 0; off < b.count; off += kChunk)
-        chunks.push_back({&b, views.at(b.src), off, std::min(kChunk, b.count - off)});
-    const int64_t n_chunks = int64_t(chunks.size());
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_chunks; ++i) {
-      const Chunk& c = chunks[size_t(i)];
-      const CopyBlock& b = *c.b;
-      const size_t ssz = dtype_size(c.view.dtype()), dsz = dtype_size(dtype_);
-      const char* src = static_cast<const char*>(c.view.raw()) + size_t(b.src_offset + c.off) * ssz;
-      char* dst = static_cast<char*>(b.dst->raw()) + size_t(b.dst_offset + c.off) * dsz;
-      convert_elements(dst, dtype_, src, c.view.dtype(), size_t(c.n));
-    }
+    convert_copies(copies);
+    for (const std::string& n : used) release(n);
+    if (opt_.projection) stream_projections();
   }
 
  private:
+  struct Projection {
+    Tensor* dst;
+    std::vector<std::string> names;  // one per matrix
+  };
+
+  // The source values of a checkpoint tensor (dequantized once for a 4-bit weight), until release().
+  const Tensor& source(const std::string& name) {
+    auto it = live_.find(name);
+    if (it != live_.end()) return it->second;
+    auto q = quantized_.find(name);
+    if (q == quantized_.end()) return live_.emplace(name, ckpt_.view(name)).first->second;
+    Tensor t = nf4_dequantize(q->second, q->second.dtype);
+    quantized_.erase(q);
+    return live_.emplace(name, std::move(t)).first->second;
+  }
+  void release(const std::string& name) {
+    live_.erase(name);
+    ckpt_.release(name);
+  }
+
+  // Matrix u of each projection in turn: its values (a view of the source, or gathered in F32 from
+  // the blocks that fill it), the hook called, and the sources whose last matrix it was released.
+  void stream_projections() {
+    struct Unit { const Projection* pr; int64_t index; };
+    std::map<const Tensor*, std::vector<const CopyBlock*>> by_dst;
+    for (const CopyBlock& b : blocks_) by_dst[b.dst].push_back(&b);
+    auto range = [&](const Unit& u) {
+      const int64_t n = shape_numel(shapes_.at(u.pr->dst)) / int64_t(u.pr->names.size());
+      return std::pair<int64_t, int64_t>(u.index * n, (u.index + 1) * n);
+    };
+    auto overlaps = [](const CopyBlock& b, std::pair<int64_t, int64_t> r) {
+      return b.dst_offset < r.second && r.first < b.dst_offset + b.count;
+    };
+    std::vector<Unit> units;
+    std::map<std::string, size_t> last_use;
+    for (const Projection& pr : projections_)
+      for (int64_t u = 0; u < int64_t(pr.names.size()); ++u) {
+        units.push_back({&pr, u});
+        for (const CopyBlock* b : by_dst[pr.dst])
+          if (overlaps(*b, range(units.back()))) last_use[b->src] = units.size() - 1;
+      }
+    for (size_t i = 0; i < units.size(); ++i) {
+      const Unit& u = units[i];
+      const Shape& full = shapes_.at(u.pr->dst);
+      const Shape matrix = full.size() == 3 ? Shape{full[1], full[2]} : full;
+      const auto [lo, hi] = range(u);
+      Tensor values;
+      std::vector<Copy> copies;
+      std::vector<int64_t> dst_offsets;  // of each copy in the projection tensor
+      std::vector<std::string> srcs;
+      int64_t covered = 0;
+      for (const CopyBlock* b : by_dst[u.pr->dst]) {
+        if (!overlaps(*b, {lo, hi})) continue;
+        const int64_t s = std::max(b->dst_offset, lo), e = std::min(b->dst_offset + b->count, hi);
+        copies.push_back({&source(b->src), b->src_offset + (s - b->dst_offset), nullptr, DType::F32, e - s});
+        dst_offsets.push_back(s);
+        srcs.push_back(b->src);
+        covered += e - s;
+      }
+      QT_ASSERT(covered == hi - lo, "{}: the plan covers {} of {} elements", u.pr->names[size_t(u.index)], covered,
+                hi - lo);
+      if (copies.size() == 1) {
+        // One contiguous piece of one source (every layout): the hook reads it where it lies.
+        const Tensor& src = *copies[0].src;
+        const int64_t at = copies[0].src_offset;
+        values = src.reshape({src.numel()}).slice_rows(at, at + (hi - lo)).reshape(matrix);
+      } else {
+        values = Tensor::empty(matrix, DType::F32);
+        for (size_t k = 0; k < copies.size(); ++k)
+          copies[k].dst = static_cast<float*>(values.raw()) + (dst_offsets[k] - lo);
+        convert_copies(copies);
+      }
+      Tensor dst;
+      if (opt_.keep_projections)
+        dst = full.size() == 3 ? u.pr->dst->slice_rows(u.index, u.index + 1).reshape(matrix) : *u.pr->dst;
+      opt_.projection(u.pr->names[size_t(u.index)], values, dst);
+      for (const std::string& n : srcs)
+        if (last_use.at(n) == i && live_.count(n)) release(n);
+    }
+  }
+
   const SafetensorsCheckpoint& ckpt_;
-  DType dtype_;
+  const WeightsLoadOptions& opt_;
+  const bool streaming_;  // projections handed to the hook or left out
   std::set<std::string> consumed_;
-  std::map<std::string, Nf4Tensor> quantized_;  // 4-bit weights planned, dequantized in execute()
-  std::vector<CopyBlock> blocks_;  // pointers into ModelWeights, stable once the layers vector is sized
+  std::map<std::string, Nf4Tensor> quantized_;  // 4-bit weights planned, dequantized when first read
+  std::map<std::string, Tensor> live_;          // source values in use
+  std::map<Tensor*, Shape> shapes_;             // pointers into ModelWeights, stable once the layers vector is sized
+  std::vector<CopyBlock> blocks_;
+  std::vector<Projection> projections_;
 };
 
 // Fused expert weights of one MoE layer in whichever of the three layouts the checkpoint uses.
-void plan_experts(LoadPlan& p, const ModelConfig& c, const std::string& pre, MlpWeights& m, DType dtype) {
+void plan_experts(LoadPlan& p, const ModelConfig& c, const std::string& pre, MlpWeights& m) {
   const int64_t E = c.num_experts, I = c.moe_intermediate_size, H = c.hidden_size;
   const Shape gu_shape{E, I, H}, down_shape{E, H, I};
   const std::string v5_gate_up = pre + "mlp.experts.gate_up_proj", v5_down = pre + "mlp.experts.down_proj";
   if (p.has(v5_gate_up) || p.has(v5_down)) {
     // transformers v5: gate_up_proj (E,2I,H), gate rows first; down_proj (E,H,I).
     p.expect(v5_gate_up, {E, 2 * I, H});
-    m.gate = Tensor::empty(gu_shape, dtype);
-    m.up = Tensor::empty(gu_shape, dtype);
+    p.alloc(&m.gate, gu_shape);
+    p.alloc(&m.up, gu_shape);
     for (int64_t e = 0; e < E; ++e) {
       p.part(&m.gate, e * I * H, v5_gate_up, e * 2 * I * H, I * H);
       p.part(&m.up, e * I * H, v5_gate_up, e * 2 * I * H + I * H, I * H);
@@ -147,9 +260,9 @@ void plan_experts(LoadPlan& p, const ModelConfig& c, const std::string& pre, Mlp
     return;
   }
   // The Hub's per-expert tensors.
-  m.gate = Tensor::empty(gu_shape, dtype);
-  m.up = Tensor::empty(gu_shape, dtype);
-  m.down = Tensor::empty(down_shape, dtype);
+  p.alloc(&m.gate, gu_shape);
+  p.alloc(&m.up, gu_shape);
+  p.alloc(&m.down, down_shape);
   for (int64_t e = 0; e < E; ++e) {
     const std::string ep = fmt::format("{}mlp.experts.{}.", pre, e);
     p.expect(ep + "gate_proj.weight", {I, H});
@@ -158,6 +271,21 @@ void plan_experts(LoadPlan& p, const ModelConfig& c, const std::string& pre, Mlp
     p.part(&m.up, e * I * H, ep + "up_proj.weight", 0, I * H);
     p.expect(ep + "down_proj.weight", {H, I});
     p.part(&m.down, e * H * I, ep + "down_proj.weight", 0, H * I);
+  }
+}
+
+// Registers layer l's projections under their Hub names (per expert for a MoE layer).
+void plan_projections(LoadPlan& p, const ModelConfig& c, int64_t l, LayerWeights& L) {
+  const std::string pre = fmt::format("model.layers.{}.", l);
+  for (auto [t, name] : {std::pair{&L.attn.q_w, "q_proj"}, {&L.attn.k_w, "k_proj"}, {&L.attn.v_w, "v_proj"},
+                         {&L.attn.o_w, "o_proj"}})
+    p.projection(t, {fmt::format("{}self_attn.{}.weight", pre, name)});
+  for (auto [t, name] : {std::pair{&L.mlp.gate, "gate_proj"}, {&L.mlp.up, "up_proj"}, {&L.mlp.down, "down_proj"}}) {
+    std::vector<std::string> names;
+    if (!L.is_moe) names.push_back(fmt::format("{}mlp.{}.weight", pre, name));
+    for (int64_t e = 0; L.is_moe && e < c.num_experts; ++e)
+      names.push_back(fmt::format("{}mlp.experts.{}.{}.weight", pre, e, name));
+    p.projection(t, std::move(names));
   }
 }
 
@@ -221,9 +349,15 @@ ModelWeights load_model_weights(const std::string& dir, DType dtype) {
 }
 
 ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, DType dtype) {
-  check_float_dtype(dtype, dir.c_str());
+  WeightsLoadOptions opt;
+  opt.dtype = dtype;
+  return load_model_weights(dir, cfg, opt);
+}
+
+ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, const WeightsLoadOptions& opt) {
+  check_float_dtype(opt.dtype, dir.c_str());
   SafetensorsCheckpoint ckpt(dir);
-  LoadPlan p(ckpt, dtype);
+  LoadPlan p(ckpt, opt);
   const ModelConfig& c = cfg;
   const int64_t H = c.hidden_size, V = c.vocab_size;
   ModelWeights w;
@@ -254,13 +388,14 @@ ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, 
     if (ckpt.contains(a + "rotary_emb.inv_freq")) p.ignore(a + "rotary_emb.inv_freq");
     if (L.is_moe) {
       p.whole(&L.mlp.router, pre + "mlp.gate.weight", {c.num_experts, H});
-      plan_experts(p, c, pre, L.mlp, dtype);
+      plan_experts(p, c, pre, L.mlp);
     } else {
       const int64_t I = c.intermediate_size;
       p.whole(&L.mlp.gate, pre + "mlp.gate_proj.weight", {I, H});
       p.whole(&L.mlp.up, pre + "mlp.up_proj.weight", {I, H});
       p.whole(&L.mlp.down, pre + "mlp.down_proj.weight", {H, I});
     }
+    plan_projections(p, c, l, L);
   }
   p.whole(&w.final_norm, "model.norm.weight", {H});
   if (c.tie_word_embeddings) {

@@ -9,7 +9,11 @@
 // On disk the loader accepts the Hub's per-expert names, transformers v5's fused
 // mlp.experts.gate_up_proj (E,2I,H) / down_proj (E,H,I), and transformers-qwen3-moe-fused's
 // mlp.{gate,up,down}_proj.weight (E,out,in); any float dtype on disk.
+// The decoder projections (q/k/v/o, gate/up/down: what QLoRA stores in NF4) can instead be handed to
+// a hook one matrix at a time (WeightsLoadOptions) and left undefined in the result: the streaming
+// 4-bit load of model/weights_4bit.h, which never holds the float model.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -61,6 +65,27 @@ struct ModelWeights {
 ModelWeights load_model_weights(const std::string& dir, DType dtype);
 ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, DType dtype);
 
+// How load_model_weights treats the decoder projections (every q/k/v/o_proj and gate/up/down_proj
+// matrix; each expert's matrix of a MoE layer separately, whatever the layout on disk).
+struct WeightsLoadOptions {
+  DType dtype = DType::F32;  // of every float tensor loaded
+  // Called once per projection matrix, one at a time, instead of the copy: hub_name is its Hub name
+  // (model.layers.N.mlp.experts.E.gate_proj.weight for experts), values the matrix (out,in) as stored
+  // (a view of the mapped checkpoint in its dtype; a pre-quantized weight dequantized; F32 if it
+  // had to be gathered), whose F32 conversion is what load_model_weights(F32) gives; dst its place in
+  // the weights (`dtype`, to be filled by the hook) or undefined without keep_projections. The
+  // checkpoint's pages of a source tensor are released (madvise) once its last matrix is done, so
+  // host memory holds one source tensor at a time.
+  std::function<void(const std::string& hub_name, const Tensor& values, Tensor& dst)> projection;
+  // false: the projection tensors stay undefined (with no hook they are validated but not read).
+  bool keep_projections = true;
+};
+ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, const WeightsLoadOptions& opt);
+
+// Whether every decoder projection tensor is defined (false for weights loaded for the CUDA engine
+// with an NF4 base, whose projections exist only in ModelWeights::nf4); the CPU decoders assert it.
+bool has_projection_floats(const ModelWeights& w);
+
 // Random weights of a config's shape (for benchmarks and the embedded default), deterministic
 // for a seed (independent of the thread count and the C++ library): normal(0, std) for matrices
 // (router and embeddings included), ones for norms, zeros for biases; lm_head = embed when tied.
@@ -68,6 +93,9 @@ ModelWeights random_model_weights(const ModelConfig& cfg, DType dtype, uint64_t 
 
 // The weights under the Hub's tensor names (model.embed_tokens.weight, ..., per-expert
 // mlp.experts.E.{gate,up,down}_proj.weight; no lm_head.weight when tied), sharing storage.
-std::vector<std::pair<std::string, Tensor>> hub_named_tensors(const ModelWeights& w);
+// Undefined tensors (absent biases, q/k norms) are left out; with_undefined lists them too, at their
+// place, as undefined tensors (for weights whose projections were left undefined). Without
+// with_undefined the projections must be defined (asserted).
+std::vector<std::pair<std::string, Tensor>> hub_named_tensors(const ModelWeights& w, bool with_undefined = false);
 
 }  // namespace qt

@@ -24,19 +24,45 @@ std::string projection_hub_name(int64_t layer, int slot, int64_t expert) {
   return fmt::format("model.layers.{}.{}.{}{}.weight", layer, part, e, lora_slot_module(LoraSlot(slot)));
 }
 
+namespace {
+
+// `name`'s NF4 tensor into base; with a defined dst (sharing storage with the weights), dst gets the
+// dequantized values in its dtype.
+void quantize_into(Nf4Base& base, const std::string& name, const Tensor& values, DType storage, Tensor& dst) {
+  Nf4Tensor q = nf4_quantize(values, storage);
+  if (dst.defined()) {
+    const Tensor back = nf4_dequantize(q, dst.dtype());
+    QT_ASSERT(back.nbytes() == dst.nbytes(), "{}: round trip changed the size", name);
+    std::memcpy(dst.raw(), back.raw(), dst.nbytes());
+  }
+  const bool added = base.tensors.emplace(name, std::move(q)).second;
+  QT_ASSERT(added, "{}: quantized twice", name);
+}
+
+}  // namespace
+
 int64_t nf4_round_trip_weights(ModelWeights& w, DType storage) {
   auto base = std::make_shared<Nf4Base>();
-  for (auto& [name, t] : hub_named_tensors(w)) {
-    if (!is_4bit_target(name)) continue;
-    Nf4Tensor q = nf4_quantize(t, storage);
-    const Tensor back = nf4_dequantize(q, t.dtype());
-    QT_ASSERT(back.nbytes() == t.nbytes(), "{}: round trip changed the size", name);
-    std::memcpy(t.raw(), back.raw(), t.nbytes());  // t shares storage with w
-    base->tensors.emplace(name, std::move(q));
-  }
+  for (auto& [name, t] : hub_named_tensors(w))
+    if (is_4bit_target(name)) quantize_into(*base, name, t, storage, t);
   const auto n = int64_t(base->tensors.size());
   w.nf4 = std::move(base);
   return n;
+}
+
+ModelWeights load_nf4_model_weights(const std::string& dir, const ModelConfig& cfg, DType storage, DType dtype,
+                                    bool keep_projections) {
+  auto base = std::make_shared<Nf4Base>();
+  WeightsLoadOptions opt;
+  opt.dtype = dtype;
+  opt.keep_projections = keep_projections;
+  opt.projection = [&](const std::string& name, const Tensor& values, Tensor& dst) {
+    QT_ASSERT(is_4bit_target(name), "{}: not a 4-bit target", name);
+    quantize_into(*base, name, values, storage, dst);
+  };
+  ModelWeights w = load_model_weights(dir, cfg, opt);
+  w.nf4 = std::move(base);
+  return w;
 }
 
 std::shared_ptr<const Nf4Base> read_nf4_base(const std::string& dir) {

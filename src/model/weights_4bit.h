@@ -9,10 +9,14 @@
 // MoE router (mlp.gate.weight).
 //
 // The CPU engine computes with the dequantized values: load_in_4bit replaces each quantized weight by
-// dequantize(quantize(W)) once at load (the values a bitsandbytes model computes with), so host
-// memory is that of the float model; the 4-bit storage itself is what `qwentune quantize` writes.
+// dequantize(quantize(W)) at load (the values a bitsandbytes model computes with), so host memory is
+// that of the float model; the 4-bit storage itself is what `qwentune quantize` writes.
 // The NF4 data is kept beside the float weights (ModelWeights::nf4, about n/2 bytes per matrix of n
-// elements): the CUDA engine uploads it and dequantizes one layer at a time (model/cuda_nf4_weights.h).
+// elements): the CUDA engine uploads it and dequantizes one layer at a time (model/cuda_nf4_weights.h),
+// so it needs no float projections at all.
+// Streaming (load_nf4_model_weights): each projection matrix is read from the mapped checkpoint,
+// quantized and released before the next, so host memory holds the NF4 model, the other float
+// tensors and one source tensor (one fused expert tensor at most), never the float model.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -40,6 +44,13 @@ std::string projection_hub_name(int64_t layer, int slot, int64_t expert = -1);
 // dequantized to `storage`, widened back to w's dtype; w.nf4 gets the NF4 tensors. Returns the number
 // of matrices quantized.
 int64_t nf4_round_trip_weights(ModelWeights& w, DType storage);
+// Loads a float checkpoint with every projection quantized while loading (one matrix at a time, see
+// above): w.nf4 gets the NF4 tensors, the other tensors are in `dtype`. keep_projections: the
+// projection tensors hold the round trip in `dtype` (with F32 bit for bit what load_model_weights(F32)
+// then nf4_round_trip_weights(storage) give: the CPU engine); otherwise they stay undefined (the CUDA
+// engine). The NF4 tensors are the same either way.
+ModelWeights load_nf4_model_weights(const std::string& dir, const ModelConfig& cfg, DType storage, DType dtype,
+                                    bool keep_projections);
 // The NF4 tensors of a pre-quantized checkpoint (every bitsandbytes 4-bit weight, validated); null
 // when one of them is not a per-expert projection name of is_4bit_target (the caller then has only
 // the dequantized floats).

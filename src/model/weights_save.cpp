@@ -1,13 +1,29 @@
-// ModelWeights -> the Hub's tensor names (the inverse of load_model_weights for the Hub layout).
+// ModelWeights -> the Hub's tensor names (the inverse of load_model_weights for the Hub layout), and
+// has_projection_floats.
 #include "model/weights.h"
+
+#include "core/error.h"
 
 namespace qt {
 
-std::vector<std::pair<std::string, Tensor>> hub_named_tensors(const ModelWeights& w) {
+bool has_projection_floats(const ModelWeights& w) {
+  for (const LayerWeights& L : w.layers)
+    for (const Tensor* t : {&L.attn.q_w, &L.attn.k_w, &L.attn.v_w, &L.attn.o_w, &L.mlp.gate, &L.mlp.up, &L.mlp.down})
+      if (!t->defined()) return false;
+  return true;
+}
+
+std::vector<std::pair<std::string, Tensor>> hub_named_tensors(const ModelWeights& w, bool with_undefined) {
+  QT_ASSERT(with_undefined || has_projection_floats(w),
+            "hub_named_tensors: the projections are undefined (weights loaded for the CUDA engine's NF4 base)");
   const ModelConfig& c = w.cfg;
   std::vector<std::pair<std::string, Tensor>> out;
   auto add = [&](const std::string& name, const Tensor& t) {
-    if (t.defined()) out.emplace_back(name, t);
+    if (t.defined() || with_undefined) out.emplace_back(name, t);
+  };
+  // Expert e's (out,in) matrix of a fused (E,out,in) tensor; undefined when the tensor is.
+  auto expert = [](const Tensor& t, int64_t e) {
+    return t.defined() ? t.slice_rows(e, e + 1).reshape({t.dim(1), t.dim(2)}) : Tensor();
   };
   add("model.embed_tokens.weight", w.embed);
   for (size_t l = 0; l < w.layers.size(); ++l) {
@@ -26,12 +42,12 @@ std::vector<std::pair<std::string, Tensor>> hub_named_tensors(const ModelWeights
     add(a + "k_norm.weight", L.attn.k_norm);
     if (L.is_moe) {
       add(pre + "mlp.gate.weight", L.mlp.router);
-      const int64_t E = L.mlp.gate.dim(0);
+      const int64_t E = L.mlp.gate.defined() ? L.mlp.gate.dim(0) : c.num_experts;
       for (int64_t e = 0; e < E; ++e) {
         const std::string ep = fmt::format("{}mlp.experts.{}.", pre, e);
-        add(ep + "gate_proj.weight", L.mlp.gate.slice_rows(e, e + 1).reshape({L.mlp.gate.dim(1), L.mlp.gate.dim(2)}));
-        add(ep + "up_proj.weight", L.mlp.up.slice_rows(e, e + 1).reshape({L.mlp.up.dim(1), L.mlp.up.dim(2)}));
-        add(ep + "down_proj.weight", L.mlp.down.slice_rows(e, e + 1).reshape({L.mlp.down.dim(1), L.mlp.down.dim(2)}));
+        add(ep + "gate_proj.weight", expert(L.mlp.gate, e));
+        add(ep + "up_proj.weight", expert(L.mlp.up, e));
+        add(ep + "down_proj.weight", expert(L.mlp.down, e));
       }
     } else {
       add(pre + "mlp.gate_proj.weight", L.mlp.gate);

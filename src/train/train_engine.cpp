@@ -116,11 +116,15 @@ class CpuEngine final : public TrainEngine {
 
 std::string resolve_device(const std::string& device, const ModelConfig& cfg, const std::string& context,
                            std::string* why) {
+  (void)cfg;
+  return resolve_device(device, context, why);
+}
+
+std::string resolve_device(const std::string& device, const std::string& context, std::string* why) {
   if (device != "auto" && device != "cpu" && device != "cuda")
     fail(context, "device '{}': use auto, cpu or cuda", device);
   if (device == "cpu") return device;
 #ifdef QT_HAVE_CUDA
-  (void)cfg;
   const bool gpu = cuda::device_count() > 0;
   if (device == "cuda") {
     if (!gpu) fail(context, "device cuda: no CUDA device is visible (use --device cpu)");
@@ -130,7 +134,6 @@ std::string resolve_device(const std::string& device, const ModelConfig& cfg, co
   if (why) *why = "no CUDA device is visible";
   return "cpu";
 #else
-  (void)cfg;
   (void)why;
   if (device == "cuda") fail(context, "device cuda: this build has no CUDA backend (configure with -DQT_CUDA=ON)");
   return "cpu";

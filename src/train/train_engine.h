@@ -83,6 +83,9 @@ class TrainEngine {
 // otherwise). `why` gets a note when auto picked the CPU.
 std::string resolve_device(const std::string& device, const ModelConfig& cfg, const std::string& context,
                            std::string* why = nullptr);
+// The same before the model is loaded (the choice does not depend on the model): callers resolve the
+// device first so that the weights are loaded for their engine (model_source.h WeightsFor).
+std::string resolve_device(const std::string& device, const std::string& context, std::string* why = nullptr);
 
 // The engines. The CPU one trains `lora` in place with `opt`; the CUDA one copies the weights and
 // the adapter to GPU dp.local_rank (joining the group's NCCL communicator when dp.collective()) and

@@ -1,4 +1,6 @@
-// The LoRA training loop (see trainer.h for the step math, the outputs and data parallelism).
+// The LoRA training loop (see trainer.h for the step math, the outputs and data parallelism). The
+// device is resolved before the model is loaded: the weights are loaded for their engine
+// (model_source.h WeightsFor; the CUDA engine's host copy is bf16, with QLoRA only the NF4 base).
 #include "train/trainer.h"
 
 #include <algorithm>
@@ -156,15 +158,16 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   };
   if (!run.resume) write_resolved_config();  // on resume: once the settings are known to match
 
-  // Model and tokenizer.
-  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train", tc.quantize_base());
+  // Device (first: the weights are loaded for the engine that uses them), model and tokenizer.
+  std::string device_note;
+  const std::string device = resolve_device(tc.device, "train", &device_note);
+  LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train", tc.quantize_base(),
+                                        device == "cuda" ? WeightsFor::Cuda : WeightsFor::Cpu);
   const Tokenizer tok = Tokenizer::load(model.tokenizer_path);
   if (tok.vocab_size() > model.cfg.vocab_size)
     fail("train", "the tokenizer {} has {} tokens but the model's vocab_size is {}", model.tokenizer_path,
          tok.vocab_size(), model.cfg.vocab_size);
   const std::string tok_fp = data::tokenizer_fingerprint(model.tokenizer_path);
-  std::string device_note;
-  const std::string device = resolve_device(tc.device, model.cfg, "train", &device_note);
   fmt::print("model: {}\ntokenizer: {}\n", model.description, model.tokenizer_path);
 
   // Data (rank 0 tokenizes and fills the cache first; the other ranks then read it).
@@ -247,7 +250,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
       device == "cuda" ? make_cuda_engine(model.weights, lora, opt, dp,
                                           resolve_embeddings_on_host(tc.offload_embeddings, model.cfg, model.base_4bit))
                        : make_cpu_engine(model.weights, lora, opt, dp);
-  if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 copy
+  if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 (or NF4) copy
   fmt::print("device: {}{}\n", engine->describe(), device_note.empty() ? "" : " (" + device_note + ")");
   int64_t n_params = 0;
   for (const auto& layer : lora.layers)

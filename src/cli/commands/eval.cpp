@@ -31,7 +31,8 @@ void run_eval(const EvalArgs& a) {
   if (a.batch < 1) fail("eval", "--batch {} must be >= 1", a.batch);
   std::error_code ec;
   if (!std::filesystem::is_regular_file(a.data, ec)) fail("eval", "--data {}: no such file", a.data);
-  CliModel m = load_cli_model(a.m, "eval");
+  const std::string device = resolve_device(a.device, "eval");
+  CliModel m = load_cli_model(a.m, "eval", device == "cuda" ? WeightsFor::Cuda : WeightsFor::Cpu);
 
   data::DatasetOptions opts;
   opts.path = a.data;
@@ -46,7 +47,6 @@ void run_eval(const EvalArgs& a) {
   if (ld.data.size() == 0) fail("eval", "{}: no example left to evaluate", a.data);
 
   const int32_t pad_id = m.tok.pad_id() >= 0 ? m.tok.pad_id() : std::max(0, m.tok.eos_id());
-  const std::string device = resolve_device(a.device, m.model.cfg, "eval");
   EvalResult r;
   if (device == "cuda") {
     LoraAdapter none;  // no adapter: every slot absent

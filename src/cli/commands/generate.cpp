@@ -102,13 +102,14 @@ void run_generate(const GenerateArgs& a) {
   if (a.temperature && !(*a.temperature >= 0)) fail("generate", "--temperature {} must be >= 0", *a.temperature);
   if (a.top_k && *a.top_k < 0) fail("generate", "--top-k {} must be >= 0 (0 turns it off)", *a.top_k);
   if (a.top_p && !(*a.top_p > 0 && *a.top_p <= 1)) fail("generate", "--top-p {} must be in (0, 1]", *a.top_p);
-  CliModel m = load_cli_model(a.m, "generate");
+  // The device before the model: the GPU gets bf16 host tensors (QLoRA: only the NF4 base).
+  std::string device_note;
+  const std::string device = resolve_device(a.device, "generate", &device_note);
+  CliModel m = load_cli_model(a.m, "generate", device == "cuda" ? WeightsFor::Cuda : WeightsFor::Cpu);
   const GenerationDefaults defaults = read_generation_defaults(m.model.config_path);
   const SamplingOptions sampling = resolve_sampling(a, defaults);
   const std::vector<int32_t> stops = stop_token_ids(defaults.eos_ids, m.tok);
   Sampler sampler(sampling, a.seed);
-  std::string device_note;
-  const std::string device = resolve_device(a.device, m.model.cfg, "generate", &device_note);
   std::unique_ptr<TokenDecoder> decoder;
   std::string described = device;
 #ifdef QT_HAVE_CUDA

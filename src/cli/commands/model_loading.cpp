@@ -8,12 +8,12 @@
 namespace qt::cli {
 
 CliModel load_cli_model(const std::string& model, const std::string& adapter_dir, uint64_t model_seed,
-                        const std::string& context, bool load_in_4bit) {
+                        const std::string& context, bool load_in_4bit, WeightsFor use) {
   std::error_code ec;
   if (!adapter_dir.empty() && !std::filesystem::is_directory(adapter_dir, ec))
     fail(context, "--adapter {}: no such folder", adapter_dir);
   CliModel m;
-  m.model = load_model_source(model, model_seed, context, load_in_4bit);
+  m.model = load_model_source(model, model_seed, context, load_in_4bit, use);
   if (!adapter_dir.empty()) {
     m.adapter = std::make_unique<LoraAdapter>(load_peft_adapter(adapter_dir, m.model.cfg, DType::F32));
   }

@@ -21,8 +21,9 @@ struct CliModel {
 
 // adapter_dir "" = none. model_seed: the random weights of a bare config.json.
 // load_in_4bit: the base's projections as NF4 round trips (model/weights_4bit.h).
+// use: the engine the weights are for (model_source.h).
 CliModel load_cli_model(const std::string& model, const std::string& adapter_dir, uint64_t model_seed,
-                        const std::string& context, bool load_in_4bit = false);
+                        const std::string& context, bool load_in_4bit = false, WeightsFor use = WeightsFor::Cpu);
 
 // The model options both commands share: --model (required), --adapter, --model-seed (default 42),
 // --load-in-4bit.
@@ -32,8 +33,8 @@ struct ModelOptions {
   bool load_in_4bit = false;
 };
 void add_model_options(CLI::App* cmd, ModelOptions& opts);
-inline CliModel load_cli_model(const ModelOptions& o, const std::string& context) {
-  return load_cli_model(o.model, o.adapter, o.model_seed, context, o.load_in_4bit);
+inline CliModel load_cli_model(const ModelOptions& o, const std::string& context, WeightsFor use = WeightsFor::Cpu) {
+  return load_cli_model(o.model, o.adapter, o.model_seed, context, o.load_in_4bit, use);
 }
 
 }  // namespace qt::cli
