@@ -266,6 +266,11 @@ TEST(StreamLoadChild, DISABLED_MeasurePeakMemory) {
 // the small float tensors and one source matrix); the load as it was before streaming, measured the
 // same way, exceeds it (so the measurement can tell the two apart).
 TEST(StreamLoad, LeanLoadPeakMemoryIsWellBelowTheFloatModel) {
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer keeps freed blocks in its quarantine (256 MB by default) and adds shadow memory:
+  // resident memory no longer measures what the loader holds. The Release stage of the suite runs it.
+  GTEST_SKIP() << "peak resident memory is not meaningful under AddressSanitizer";
+#endif
   test::TempDir tmp("stream_mem");
   const std::string dir = tmp.str() + "/model";
   const int64_t f32_bytes = write_big_checkpoint(dir);
