@@ -54,34 +54,33 @@ struct RowBlock {
         q_base((b * a.S * a.nh + h) * hd), kv_base((b * a.S * a.nkv + kvh) * hd) {}
 };
 
-__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// A fragment of rows r0..r0+15, columns k0..k0+15 of X (row stride ld).
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* X, int ld, int r0, int k0, int g, int t) {
-  a[0] = ld32(X + (r0 + g) * ld + k0 + 2 * t);
-  a[1] = ld32(X + (r0 + g + 8) * ld + k0 + 2 * t);
-  a[2] = ld32(X + (r0 + g) * ld + k0 + 8 + 2 * t);
-  a[3] = ld32(X + (r0 + g + 8) * ld + k0 + 8 + 2 * t);
-}
-
 // c (16 x 8*NT) += A (rows r0.., A's row-major tile in As) times Y^T (rows n0.. of Y): both
-// contracted over KD contiguous columns.
+// contracted over KD contiguous columns. Fragments by ldmatrix.x4 (lanes 8i..8i+7 address the rows
+// of matrix i): A's four 8x8 quarters (rows r0 + 8*(i & 1), columns 16*kc + 8*(i >> 1)), and the B
+// fragments (b0, b1) of two 8-row tiles of Y (rows n0 + 8*(nt + (i >> 1)), columns 16*kc + 8*(i & 1)).
 template <int NT, int KD>
 __device__ __forceinline__ void mma_abt(float (&c)[NT][4], const bf16* As, int lda, int r0, const bf16* Y, int ldy,
-                                        int n0, int g, int t) {
+                                        int n0, int lane) {
+  static_assert(NT % 2 == 0, "mma_abt: pairs of 8-column tiles");
+  const int mi = lane >> 3, mr = lane & 7;
+  const bf16* arow = As + (r0 + (mi & 1) * 8 + mr) * lda + (mi >> 1) * 8;
+  const bf16* yrow = Y + (n0 + (mi >> 1) * 8 + mr) * ldy + (mi & 1) * 8;
 #pragma unroll
   for (int kc = 0; kc < KD / 16; ++kc) {
     uint32_t a[4];
-    load_a(a, As, lda, r0, kc * 16, g, t);
+    ldmatrix_x4(a, arow + kc * 16);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const bf16* y = Y + (n0 + nt * 8 + g) * ldy + kc * 16 + 2 * t;
-      mma_bf16(c[nt], a, ld32(y), ld32(y + 8));
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, yrow + np * 16 * ldy + kc * 16);
+      mma_bf16(c[2 * np], a, b[0], b[1]);
+      mma_bf16(c[2 * np + 1], a, b[2], b[3]);
     }
   }
 }
@@ -278,7 +277,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float*
   stream.for_each_tile([&](int64_t j0, const bf16* Ks, const bf16* Vs, const int* kseg) {
     float s[kTile / 8][4];
     zero(s);
-    mma_abt<kTile / 8, HD>(s, Qs, LD, r0, Ks, LD, 0, g, t);
+    mma_abt<kTile / 8, HD>(s, Qs, LD, r0, Ks, LD, 0, lane);
     float mx[2] = {-INFINITY, -INFINITY};
     for_each_elem(s, r0, g, t, [&](float& x, int hr, int r, int c) {
       const bool vis = j0 + c <= row0 + r && qseg[r] == kseg[c];
@@ -359,8 +358,8 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     float p[kTile / 8][4], dp[kTile / 8][4];
     zero(p);
     zero(dp);
-    mma_abt<kTile / 8, HD>(p, Qs, LD, r0, Ks, LD, 0, g, t);
-    mma_abt<kTile / 8, HD>(dp, dOs, LD, r0, Vs, LD, 0, g, t);
+    mma_abt<kTile / 8, HD>(p, Qs, LD, r0, Ks, LD, 0, lane);
+    mma_abt<kTile / 8, HD>(dp, dOs, LD, r0, Vs, LD, 0, lane);
     for_each_elem(p, r0, g, t, [&](float& x, int hr, int r, int c) {
       const bool vis = j0 + c <= row0 + r && qseg[r] == kseg[c];
       x = vis ? exp2f(x * sl2 - lse2[hr]) : 0.0f;
@@ -464,14 +463,14 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     if (segment ? warp_any_visible(kseg + k0, j0 + k0, qseg, i0, QT, false, lane) : j0 + k0 <= i0 + QT - 1) {
       float p[QT / 8][4], dp[QT / 8][4];
       zero(p);
-      mma_abt<QT / 8, HD>(p, Ks, LD, k0, Qs, LD, 0, g, t);  // S^T (16 keys x QT queries)
+      mma_abt<QT / 8, HD>(p, Ks, LD, k0, Qs, LD, 0, lane);  // S^T (16 keys x QT queries)
       for_each_elem(p, k0, g, t, [&](float& x, int, int r, int c) {
         const bool vis = j0 + r <= i0 + c && i0 + c < S && qseg[c] == kseg[r];
         x = vis ? exp2f(x * sl2 - lse2[c]) : 0.0f;
       });
       mma_frag_b<HD / 8, QT>(dv_acc, p, dOs, LD, lane);
       zero(dp);
-      mma_abt<QT / 8, HD>(dp, Vs, LD, k0, dOs, LD, 0, g, t);  // dP^T
+      mma_abt<QT / 8, HD>(dp, Vs, LD, k0, dOs, LD, 0, lane);  // dP^T
 #pragma unroll
       for (int nt = 0; nt < QT / 8; ++nt)
 #pragma unroll
