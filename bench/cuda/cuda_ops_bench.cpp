@@ -19,6 +19,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -190,6 +191,48 @@ int main(int argc, char** argv) {
     report("gemm bf16 8192x4096x4096 (dy W, beta 1: fp32 staging)",
            median_ms(ctx, [&] { gemm(ctx, false, false, M, N, K, 1.0f, A.get(), B.get(), 1.0f, C.get()); }),
            2.0 * M * N * K);
+  }
+  // The linear + LoRA pieces of one projection at Qwen2.5-0.5B's MLP shapes (N = 8 x 2048 tokens,
+  // r = 16): where a LoRA projection's time goes beside its base GEMM.
+  for (const auto& [in, out] : {std::pair<int64_t, int64_t>{896, 4864}, std::pair<int64_t, int64_t>{4864, 896}}) {
+    const int64_t N = 16384, r = 16;
+    auto x = random_bf16(size_t(N * in), rng, 1), W = random_bf16(size_t(out * in), rng, 0.02f);
+    auto y = random_bf16(size_t(N * out), rng, 1), dy = random_bf16(size_t(N * out), rng, 1);
+    auto dx = random_bf16(size_t(N * in), rng, 0), xa = random_bf16(size_t(N * r), rng, 1);
+    auto t = random_bf16(size_t(N * r), rng, 1), A16 = random_bf16(size_t(r * in), rng, 0.02f);
+    auto B16 = random_bf16(size_t(out * r), rng, 0.02f);
+    Buffer<float> A(size_t(r * in)), Bm(size_t(out * r)), dA(size_t(r * in)), dB(size_t(out * r));
+    A.fill_bytes(0), Bm.fill_bytes(0), dA.fill_bytes(0), dB.fill_bytes(0);
+    char name[160];
+    auto line = [&](const char* what, double flops, const std::function<void()>& fn) {
+      std::snprintf(name, sizeof name, "%s N%ld in%ld out%ld r%ld", what, long(N), long(in), long(out), long(r));
+      report(name, median_ms(ctx, fn), flops);
+    };
+    const double base = 2.0 * N * in * out;
+    line("linear fwd (y = x W^T)", base, [&] { linear_forward(ctx, y.get(), x.get(), W.get(), nullptr, N, in, out); });
+    line("linear bwd overwrite (dx = dy W)", base,
+         [&] { linear_backward(ctx, dx.get(), dy.get(), W.get(), N, in, out, false); });
+    line("linear bwd accumulate (dx += dy W, staged)", base,
+         [&] { linear_backward(ctx, dx.get(), dy.get(), W.get(), N, in, out, true); });
+    line("lora fwd (xa = x A^T; y += s xa B^T)", 2.0 * N * r * (in + out),
+         [&] { lora_forward(ctx, y.get(), xa.get(), x.get(), A.get(), Bm.get(), 2.f, N, in, out, r); });
+    line("  lora fwd piece: xa = x A16^T (cuBLASLt)", 2.0 * N * r * in,
+         [&] { gemm(ctx, false, true, N, r, in, 1.f, x.get(), A16.get(), 0.f, xa.get()); });
+    line("  lora fwd piece: y += s xa B16^T (rank_update_fused)", 2.0 * N * r * out,
+         [&] { rank_update_fused(ctx, y.get(), xa.get(), B16.get(), true, N, out, r, 2.f); });
+    line("  same through cuBLASLt + staging (rank_update_via_gemm)", 2.0 * N * r * out,
+         [&] { rank_update_via_gemm(ctx, y.get(), xa.get(), B16.get(), true, N, out, r, 2.f); });
+    line("lora bwd (t, dx, dA, dB)", 2.0 * N * r * (2 * in + 2 * out), [&] {
+      lora_backward(ctx, dx.get(), dA.get(), dB.get(), dy.get(), x.get(), xa.get(), A.get(), Bm.get(), 2.f, N, in, out, r);
+    });
+    line("  lora bwd piece: t = dy B16 (cuBLASLt)", 2.0 * N * r * out,
+         [&] { gemm(ctx, false, false, N, r, out, 1.f, dy.get(), B16.get(), 0.f, t.get()); });
+    line("  lora bwd piece: dx += s t A16 (rank_update_fused)", 2.0 * N * r * in,
+         [&] { rank_update_fused(ctx, dx.get(), t.get(), A16.get(), false, N, in, r, 2.f); });
+    line("  lora bwd piece: dA += s t^T x (cuBLASLt, fp32, K = N)", 2.0 * N * r * in,
+         [&] { gemm(ctx, true, false, r, in, N, 2.f, t.get(), x.get(), 1.f, dA.get()); });
+    line("  lora bwd piece: dB += s dy^T xa (cuBLASLt, fp32, K = N)", 2.0 * N * r * out,
+         [&] { gemm(ctx, true, false, out, r, N, 2.f, dy.get(), xa.get(), 1.f, dB.get()); });
   }
   struct AttnCase { int64_t B, S, nh, nkv, hd, doc; const char* model; };  // doc: packed document length (0: one)
   for (const AttnCase& c : {AttnCase{8, 2048, 14, 2, 64, 0, "Qwen2.5-0.5B"},
