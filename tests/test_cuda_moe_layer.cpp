@@ -37,6 +37,8 @@ struct MoeCase {
   bool norm;
   bool one_expert = false;  // expert 1 wins every token
   double dropout = 0;
+  int64_t r = 4;        // 4: the LoRA products' SIMT paths; 16: tensor cores, the LoRA term fused into the base product
+  float scale = 2.0f;   // the LoRA scale (a power of two rounds alike either way; 0.75 does not)
 };
 
 double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
@@ -67,7 +69,7 @@ bool clear_topk_margins(const std::vector<float>& x, const std::vector<float>& w
 void check_moe(const MoeCase& c) {
   QT_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(1234 + uint64_t(c.N * 7 + c.E));
-  const int64_t N = c.N, H = c.H, I = c.I, E = c.E, k = c.k, r = 4, T = N * k;
+  const int64_t N = c.N, H = c.H, I = c.I, E = c.E, k = c.k, r = c.r, T = N * k;
   std::vector<float> x = randn_bf16(size_t(N * H), rng), wr;
   if (c.one_expert)
     for (int64_t n = 0; n < N; ++n) x[size_t(n * H)] = 4.0f;  // a shared feature the router keys on
@@ -93,7 +95,7 @@ void check_moe(const MoeCase& c) {
     dl_cpu.slot[size_t(kLoraGate + i)].A = Tensor::zeros({E, r, ins[i]}, DType::F32);
     dl_cpu.slot[size_t(kLoraGate + i)].B = Tensor::zeros({E, outs[i], r}, DType::F32);
   }
-  const float scale = 2.0f;
+  const float scale = c.scale;
   ExpertDropout edrop;
   CudaMoeDropout gdrop;
   if (c.dropout > 0) {
@@ -192,6 +194,10 @@ TEST(CudaMoeLayer, TopKEqualsE) { check_moe({"topk_eq_E", 19, 32, 24, 4, 4, fals
 TEST(CudaMoeLayer, ExpertsWithoutTokens) { check_moe({"empty_experts", 5, 64, 32, 32, 2, true}); }
 TEST(CudaMoeLayer, OneExpertTakesAll) { check_moe({"one_expert", 40, 64, 32, 8, 1, true, true}); }
 TEST(CudaMoeLayer, LoraDropout) { check_moe({"dropout", 33, 64, 48, 8, 2, true, false, 0.2}); }
+// r = 16 with a scale that is not a power of two: xa and t carry the scale, and the LoRA terms ride in
+// the base products on tensor cores (SecondProduct), with and without dropout.
+TEST(CudaMoeLayer, Rank16FusedLora) { check_moe({"rank16", 37, 64, 48, 8, 2, true, false, 0, 16, 0.75f}); }
+TEST(CudaMoeLayer, Rank16FusedLoraDropout) { check_moe({"rank16_dropout", 33, 64, 48, 8, 2, true, false, 0.2, 16, 0.75f}); }
 
 }  // namespace
 }  // namespace qt

@@ -1,6 +1,8 @@
 // The MoE block on CUDA (see cuda_moe.h for the math). Every product is one grouped GEMM over all
 // experts with the device-side offsets of moe_sort; the LoRA products run on bf16 copies of the
-// fp32 masters (as ops/cuda lora_forward does for dense layers), refreshed at each call.
+// fp32 masters (as ops/cuda lora_forward does for dense layers), refreshed at each call, and the
+// LoRA up-projection (forward) and input gradient (backward, without dropout) are fused into the
+// base product (grouped_gemm.h SecondProduct) with the LoRA scale carried by xa and t.
 #ifdef QT_HAVE_CUDA
 #include "model/cuda_moe.h"
 
@@ -58,37 +60,46 @@ struct Ctx {
     cuda::dropout_forward(ctx, work.xd.get(), x, T(), in, drop.p, drop.key[size_t(i)], work.perm.get());
     return work.xd.get();
   }
-  // y (T,out) = x W_e^T (+ scale xa B_e^T, xa = drop(x) A_e^T saved)
+  // y (T,out) = x W_e^T (+ xa B_e^T, xa = scale drop(x) A_e^T saved): the LoRA term rides in the base
+  // product as its second k range (SecondProduct), so y is written once; the scale is folded into xa.
   void proj_forward(int i, bf16* y, const bf16* x) {
     const ProjShape p = proj_shape(w, d, i);
     const int64_t* off = work.offsets.get();
-    cuda::grouped_gemm_nt(ctx, y, x, p.W, off, T(), d.E, p.out, p.in, 1.f, false);
-    if (!lora.present(i)) return;
+    if (!lora.present(i)) {
+      cuda::grouped_gemm_nt(ctx, y, x, p.W, off, T(), d.E, p.out, p.in, 1.f, false);
+      return;
+    }
     lora_bf16(ctx, lora, d, i, p.in, p.out, work.a16.get(), work.b16.get());
     bf16* xa = work.xa[size_t(i)].get();
-    cuda::grouped_gemm_nt(ctx, xa, lora_input(i, x, p.in), work.a16.get(), off, T(), d.E, lora.r, p.in, 1.f, false);
-    cuda::grouped_gemm_nt(ctx, y, xa, work.b16.get(), off, T(), d.E, p.out, lora.r, lora.scale, true);
+    cuda::grouped_gemm_nt(ctx, xa, lora_input(i, x, p.in), work.a16.get(), off, T(), d.E, lora.r, p.in, lora.scale,
+                          false);
+    cuda::grouped_gemm_nt(ctx, y, x, p.W, off, T(), d.E, p.out, p.in, 1.f, false,
+                          cuda::SecondProduct{xa, work.b16.get(), lora.r});
   }
-  // dx (T,in) (+)= dy W_e (+ the LoRA path through the dropout mask); dA_e, dB_e accumulate.
+  // dx (T,in) (+)= dy W_e (+ the LoRA path through the dropout mask); dA_e, dB_e accumulate. t = scale
+  // dy B_e carries the scale (as xa does), so without dropout t A_e joins the base product.
   void proj_backward(int i, bf16* dx, const bf16* dy, const bf16* x, bool accumulate) {
     const ProjShape p = proj_shape(w, d, i);
     const int64_t* off = work.offsets.get();
-    cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate);
-    if (!lora.present(i)) return;
+    if (!lora.present(i)) {
+      cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate);
+      return;
+    }
     const int64_t r = lora.r;
     lora_bf16(ctx, lora, d, i, p.in, p.out, work.a16.get(), work.b16.get());
     const bf16* xl = lora_input(i, x, p.in);
     bf16* t = work.t.get();
-    cuda::grouped_gemm_nn(ctx, t, dy, work.b16.get(), off, T(), d.E, p.out, r, 1.f, false);  // t = dy B_e
+    cuda::grouped_gemm_nn(ctx, t, dy, work.b16.get(), off, T(), d.E, p.out, r, lora.scale, false);  // t = s dy B_e
     if (drop.p > 0) {
-      cuda::grouped_gemm_nn(ctx, work.dxd.get(), t, work.a16.get(), off, T(), d.E, r, p.in, lora.scale, false);
+      cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate);
+      cuda::grouped_gemm_nn(ctx, work.dxd.get(), t, work.a16.get(), off, T(), d.E, r, p.in, 1.f, false);
       cuda::dropout_backward(ctx, dx, work.dxd.get(), T(), p.in, drop.p, drop.key[size_t(i)], work.perm.get());
     } else {
-      cuda::grouped_gemm_nn(ctx, dx, t, work.a16.get(), off, T(), d.E, r, p.in, lora.scale, true);
+      cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate,
+                            cuda::SecondProduct{t, work.a16.get(), r});
     }
-    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dA[size_t(i)], t, xl, off, T(), d.E, r, p.in, lora.scale);
-    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dB[size_t(i)], dy, work.xa[size_t(i)].get(), off, T(), d.E, p.out, r,
-                                   lora.scale);
+    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dA[size_t(i)], t, xl, off, T(), d.E, r, p.in, 1.f);
+    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dB[size_t(i)], dy, work.xa[size_t(i)].get(), off, T(), d.E, p.out, r, 1.f);
   }
 };
 

@@ -67,7 +67,7 @@ class CudaMoeWork {
   cuda::Buffer<float> probs, topk_w;
   cuda::Buffer<int32_t> topk_idx, perm;
   cuda::Buffer<int64_t> offsets;
-  std::array<cuda::Buffer<cuda::bf16>, 3> xa;  // (T,r) LoRA dropout(x) A^T per projection
+  std::array<cuda::Buffer<cuda::bf16>, 3> xa;  // (T,r) scale * dropout(x) A^T per projection (LoRA scale folded in)
   // backward and dropout scratch
   cuda::Buffer<cuda::bf16> dys, dh, dg, du, dxs, t, dlogits, xd, dxd;
   cuda::Buffer<cuda::bf16> a16, b16;  // bf16 copies of one projection's LoRA A (E,r,in) and B (E,out,r)
