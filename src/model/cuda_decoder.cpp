@@ -548,7 +548,6 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
   upload_as_bf16(ctx, p.embed_table, w.embed);
   if (!w.cfg.tie_word_embeddings) upload_as_bf16(ctx, p.lm_head_own.get(), w.lm_head);
   upload_as_bf16(ctx, p.final_norm.get(), w.final_norm);
-  const Tensor* wt[kNumLoraSlots];
   for (int64_t l = 0; l < p.L; ++l) {
     const LayerWeights& lw = w.layers[l];
     DeviceLayer& d = p.layers[l];
@@ -558,8 +557,7 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
     if (p.cfg.attention_bias)
       upload_as_bf16(ctx, d.q_b.get(), lw.attn.q_b), upload_as_bf16(ctx, d.k_b.get(), lw.attn.k_b),
           upload_as_bf16(ctx, d.v_b.get(), lw.attn.v_b);
-    wt[kLoraQ] = &lw.attn.q_w, wt[kLoraK] = &lw.attn.k_w, wt[kLoraV] = &lw.attn.v_w, wt[kLoraO] = &lw.attn.o_w;
-    wt[kLoraGate] = &lw.mlp.gate, wt[kLoraUp] = &lw.mlp.up, wt[kLoraDown] = &lw.mlp.down;
+    const auto wt = projection_tensors(lw);
     for (int s = 0; s < kNumLoraSlots; ++s)
       if (d.w[s].size()) upload_as_bf16(ctx, d.w[s].get(), *wt[s]);
     if (p.nf4) p.upload_nf4(l, *w.nf4);
@@ -727,7 +725,8 @@ void CudaDecoder::set_layer_backward_hook(std::function<void(int64_t)> hook) { p
 CudaDecoder::LayerView CudaDecoder::layer_view(int64_t l) {
   Impl& p = *p_;
   QT_ASSERT(l >= 0 && l < p.L, "layer {} of {}", l, p.L);
-  p.ensure_layer_weights(l);
+  // An NF4 layer's projections must sit in the scratch together: the inference-only layout.
+  QT_ASSERT(!p.nf4 || p.layer_scratch, "layer_view needs an inference-only CudaDecoder with an NF4 base");
   const DeviceLayer& d = p.layers[size_t(l)];
   LayerView v;
   v.moe = d.moe;

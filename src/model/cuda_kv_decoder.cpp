@@ -60,15 +60,17 @@ struct CudaKvDecoder::Impl {
   void ensure_cache(int64_t need) {
     if (need <= cache_cap) return;
     const int64_t cap = std::max({need, 2 * cache_cap, int64_t(64)});
+    std::vector<Buffer<bf16>> grown;  // kc[0], vc[0], kc[1], ...
     for (int64_t l = 0; l < L; ++l)
-      for (auto* c : {&kc[size_t(l)], &vc[size_t(l)]}) {
-        Buffer<bf16> grown(size_t(cap * kvd));
+      for (const auto* c : {&kc[size_t(l)], &vc[size_t(l)]}) {
+        grown.emplace_back(size_t(cap * kvd));
         if (len > 0)
-          QT_CUDA_CHECK(cudaMemcpyAsync(grown.get(), c->get(), size_t(len * kvd) * sizeof(bf16),
+          QT_CUDA_CHECK(cudaMemcpyAsync(grown.back().get(), c->get(), size_t(len * kvd) * sizeof(bf16),
                                         cudaMemcpyDeviceToDevice, ctx.stream()));
-        ctx.synchronize();  // the old buffer may still be read by queued work before it is freed
-        *c = std::move(grown);
       }
+    ctx.synchronize();  // the copies (and any queued reader) are done before the old buffers are freed
+    for (int64_t l = 0; l < L; ++l)
+      kc[size_t(l)] = std::move(grown[size_t(2 * l)]), vc[size_t(l)] = std::move(grown[size_t(2 * l + 1)]);
     cache_cap = cap;
   }
 

@@ -16,8 +16,7 @@ namespace {
 // The CUDA engine with an NF4 base reads the projections from weights.nf4 only.
 void drop_projection_floats(ModelWeights& w) {
   for (LayerWeights& L : w.layers)
-    for (Tensor* t : {&L.attn.q_w, &L.attn.k_w, &L.attn.v_w, &L.attn.o_w, &L.mlp.gate, &L.mlp.up, &L.mlp.down})
-      *t = Tensor();
+    for (Tensor* t : projection_tensors(L)) *t = Tensor();
 }
 
 bool has_safetensors(const fs::path& dir) {

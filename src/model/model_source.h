@@ -31,6 +31,8 @@
 namespace qt {
 
 enum class WeightsFor { Cpu, Cuda };
+// The consumer of a resolved device ("cpu" or "cuda", train_engine.h resolve_device).
+inline WeightsFor weights_for(const std::string& device) { return device == "cuda" ? WeightsFor::Cuda : WeightsFor::Cpu; }
 
 struct LoadedModel {
   ModelConfig cfg;

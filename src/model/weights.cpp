@@ -24,7 +24,9 @@
 #include <set>
 
 #include "io/safetensors.h"
+#include "model/lora.h"
 #include "model/nf4.h"
+#include "model/weights_4bit.h"
 
 namespace qt {
 
@@ -274,18 +276,17 @@ void plan_experts(LoadPlan& p, const ModelConfig& c, const std::string& pre, Mlp
   }
 }
 
-// Registers layer l's projections under their Hub names (per expert for a MoE layer).
+// Registers layer l's projections under their Hub names (projection_hub_name; per expert for a MoE
+// layer's gate/up/down).
 void plan_projections(LoadPlan& p, const ModelConfig& c, int64_t l, LayerWeights& L) {
-  const std::string pre = fmt::format("model.layers.{}.", l);
-  for (auto [t, name] : {std::pair{&L.attn.q_w, "q_proj"}, {&L.attn.k_w, "k_proj"}, {&L.attn.v_w, "v_proj"},
-                         {&L.attn.o_w, "o_proj"}})
-    p.projection(t, {fmt::format("{}self_attn.{}.weight", pre, name)});
-  for (auto [t, name] : {std::pair{&L.mlp.gate, "gate_proj"}, {&L.mlp.up, "up_proj"}, {&L.mlp.down, "down_proj"}}) {
+  const auto ts = projection_tensors(L);
+  for (int s = 0; s < kNumProjections; ++s) {
     std::vector<std::string> names;
-    if (!L.is_moe) names.push_back(fmt::format("{}mlp.{}.weight", pre, name));
-    for (int64_t e = 0; L.is_moe && e < c.num_experts; ++e)
-      names.push_back(fmt::format("{}mlp.experts.{}.{}.weight", pre, e, name));
-    p.projection(t, std::move(names));
+    if (L.is_moe && s >= kLoraGate)
+      for (int64_t e = 0; e < c.num_experts; ++e) names.push_back(projection_hub_name(l, s, e));
+    else
+      names.push_back(projection_hub_name(l, s));
+    p.projection(ts[size_t(s)], std::move(names));
   }
 }
 

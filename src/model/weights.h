@@ -13,6 +13,7 @@
 // a hook one matrix at a time (WeightsLoadOptions) and left undefined in the result: the streaming
 // 4-bit load of model/weights_4bit.h, which never holds the float model.
 #pragma once
+#include <array>
 #include <functional>
 #include <memory>
 #include <string>
@@ -81,6 +82,12 @@ struct WeightsLoadOptions {
   bool keep_projections = true;
 };
 ModelWeights load_model_weights(const std::string& dir, const ModelConfig& cfg, const WeightsLoadOptions& opt);
+
+// A layer's decoder projections in model/lora.h's LoraSlot order: q, k, v, o, gate, up, down (a MoE
+// layer's gate/up/down are its experts (E,out,in)); what QLoRA stores in NF4.
+constexpr int kNumProjections = 7;
+std::array<Tensor*, kNumProjections> projection_tensors(LayerWeights& L);
+std::array<const Tensor*, kNumProjections> projection_tensors(const LayerWeights& L);
 
 // Whether every decoder projection tensor is defined (false for weights loaded for the CUDA engine
 // with an NF4 base, whose projections exist only in ModelWeights::nf4); the CPU decoders assert it.

@@ -1,14 +1,24 @@
 // ModelWeights -> the Hub's tensor names (the inverse of load_model_weights for the Hub layout), and
-// has_projection_floats.
+// the projections of a layer (projection_tensors, has_projection_floats).
 #include "model/weights.h"
 
 #include "core/error.h"
+#include "model/lora.h"
 
 namespace qt {
 
+static_assert(kNumProjections == kNumLoraSlots, "projection_tensors follows the LoraSlot order");
+
+std::array<Tensor*, kNumProjections> projection_tensors(LayerWeights& L) {
+  return {&L.attn.q_w, &L.attn.k_w, &L.attn.v_w, &L.attn.o_w, &L.mlp.gate, &L.mlp.up, &L.mlp.down};
+}
+std::array<const Tensor*, kNumProjections> projection_tensors(const LayerWeights& L) {
+  return {&L.attn.q_w, &L.attn.k_w, &L.attn.v_w, &L.attn.o_w, &L.mlp.gate, &L.mlp.up, &L.mlp.down};
+}
+
 bool has_projection_floats(const ModelWeights& w) {
   for (const LayerWeights& L : w.layers)
-    for (const Tensor* t : {&L.attn.q_w, &L.attn.k_w, &L.attn.v_w, &L.attn.o_w, &L.mlp.gate, &L.mlp.up, &L.mlp.down})
+    for (const Tensor* t : projection_tensors(L))
       if (!t->defined()) return false;
   return true;
 }

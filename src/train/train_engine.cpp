@@ -114,12 +114,6 @@ class CpuEngine final : public TrainEngine {
 
 }  // namespace
 
-std::string resolve_device(const std::string& device, const ModelConfig& cfg, const std::string& context,
-                           std::string* why) {
-  (void)cfg;
-  return resolve_device(device, context, why);
-}
-
 std::string resolve_device(const std::string& device, const std::string& context, std::string* why) {
   if (device != "auto" && device != "cpu" && device != "cuda")
     fail(context, "device '{}': use auto, cpu or cuda", device);

@@ -80,11 +80,9 @@ class TrainEngine {
 
 // "auto" -> "cuda" when this build has the CUDA backend and a GPU is visible, else "cpu"; "cpu" and
 // "cuda" are returned as they are after checking that they can run ("[context] ..." errors
-// otherwise). `why` gets a note when auto picked the CPU.
-std::string resolve_device(const std::string& device, const ModelConfig& cfg, const std::string& context,
-                           std::string* why = nullptr);
-// The same before the model is loaded (the choice does not depend on the model): callers resolve the
-// device first so that the weights are loaded for their engine (model_source.h WeightsFor).
+// otherwise). `why` gets a note when auto picked the CPU. The choice does not depend on the model:
+// callers resolve the device first so that the weights are loaded for their engine
+// (model_source.h weights_for).
 std::string resolve_device(const std::string& device, const std::string& context, std::string* why = nullptr);
 
 // The engines. The CPU one trains `lora` in place with `opt`; the CUDA one copies the weights and

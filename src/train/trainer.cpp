@@ -162,7 +162,7 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   std::string device_note;
   const std::string device = resolve_device(tc.device, "train", &device_note);
   LoadedModel model = load_model_source(tc.base_model, uint64_t(tc.seed), "train", tc.quantize_base(),
-                                        device == "cuda" ? WeightsFor::Cuda : WeightsFor::Cpu);
+                                        weights_for(device));
   const Tokenizer tok = Tokenizer::load(model.tokenizer_path);
   if (tok.vocab_size() > model.cfg.vocab_size)
     fail("train", "the tokenizer {} has {} tokens but the model's vocab_size is {}", model.tokenizer_path,

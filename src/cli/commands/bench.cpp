@@ -191,10 +191,10 @@ void run_bench(const BenchArgs& a) {
   if (a.device != "cpu" && a.device != "cuda") fail("bench", "unknown --device '{}' (cpu or cuda)", a.device);
   if (a.batch <= 0 || a.seq <= 0 || a.steps <= 0) fail("bench", "--batch, --seq and --steps must be positive");
   ModelConfig cfg = load_hf_config(a.config);
-  if (a.gpus != 0 || dist::read_dist_env().distributed()) {
+  const dist::DistEnv de = dist::read_dist_env();
+  if (a.gpus != 0 || de.distributed()) {
     if (a.device != "cuda") fail("bench", "--gpus / a multi-process job: needs --device cuda");
     if (a.gpus < 0) fail("bench", "--gpus {}: must be at least 1", a.gpus);
-    const dist::DistEnv de = dist::read_dist_env();
     if (a.gpus > 1 && !de.distributed()) {  // start the ranks (this command without --gpus, as torchrun would)
       // the ranks take the data-parallel path (--gpus again; the world from the environment)
       std::exit(launch_self_as_ranks(

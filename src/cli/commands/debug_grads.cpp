@@ -37,7 +37,7 @@ void write_grads(const std::string& path, double loss, int64_t count, const Tens
 // final hidden states.
 void run_grads_cuda(const GradsArgs& a) {
   ModelWeights w = load_model_weights(a.model, DType::F32);
-  (void)resolve_device("cuda", w.cfg, "debug grads");  // a visible GPU, a dense model
+  (void)resolve_device("cuda", "debug grads");  // a visible GPU
   LoraAdapter lora = load_peft_adapter(a.adapter, w.cfg, DType::F32);
   const Batch batch = load_batch_json(a.batch);
   cuda::Context ctx;

@@ -32,7 +32,7 @@ void run_eval(const EvalArgs& a) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(a.data, ec)) fail("eval", "--data {}: no such file", a.data);
   const std::string device = resolve_device(a.device, "eval");
-  CliModel m = load_cli_model(a.m, "eval", device == "cuda" ? WeightsFor::Cuda : WeightsFor::Cpu);
+  CliModel m = load_cli_model(a.m, "eval", weights_for(device));
 
   data::DatasetOptions opts;
   opts.path = a.data;

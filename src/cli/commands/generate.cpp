@@ -105,7 +105,7 @@ void run_generate(const GenerateArgs& a) {
   // The device before the model: the GPU gets bf16 host tensors (QLoRA: only the NF4 base).
   std::string device_note;
   const std::string device = resolve_device(a.device, "generate", &device_note);
-  CliModel m = load_cli_model(a.m, "generate", device == "cuda" ? WeightsFor::Cuda : WeightsFor::Cpu);
+  CliModel m = load_cli_model(a.m, "generate", weights_for(device));
   const GenerationDefaults defaults = read_generation_defaults(m.model.config_path);
   const SamplingOptions sampling = resolve_sampling(a, defaults);
   const std::vector<int32_t> stops = stop_token_ids(defaults.eos_ids, m.tok);
