@@ -188,14 +188,42 @@ __device__ __forceinline__ bool block_any_visible(const int* rseg, int64_t r_fir
   return __syncthreads_or(row_sees_any(rseg, r_first, cseg, c_first, n, rows_are_queries, r, half)) != 0;
 }
 
+// The double-buffered tile loop of every kernel here: visits the tiles first, first + step, ... < end
+// that visible(i, buf) accepts (it loads the tile's segment ids into buffer buf and decides for the
+// whole block; tiles of other packed documents are skipped without being loaded); while tile n is
+// used by body(i, buf) (buffer n % 2), fetch(i, buf ^ 1) has the next visible tile's operands on the
+// way (cp.async, committed). A barrier before each body (its buffer has landed everywhere) and after
+// it (the buffer is refilled two tiles on); one before the first (the block-resident tile).
+template <typename Visible, typename Fetch, typename Body>
+__device__ void stream_tiles(int64_t first, int64_t end, int64_t step, Visible&& visible, Fetch&& fetch, Body&& body) {
+  auto next = [&](int64_t i, int buf) {
+    for (; i < end; i += step)
+      if (visible(i, buf)) return i;
+    return end;
+  };
+  __syncthreads();
+  int buf = 0;
+  int64_t i = next(first, 0);
+  if (i < end) fetch(i, 0);
+  while (i < end) {
+    const int64_t i_next = next(i + step, buf ^ 1);
+    if (i_next < end) {
+      fetch(i_next, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    body(i, buf);
+    __syncthreads();
+    i = i_next;
+    buf ^= 1;
+  }
+}
+
 // The key tiles (K and V, kTile rows each) a forward or dQ block of query rows row0.. visits, in
-// order, double-buffered: while tile n is multiplied (buffer n % 2), the next tile that any of the
-// block's rows sees is copied in by cp.async. Tiles seen by none (other packed documents) are
-// skipped without being loaded. start() fetches the first visible tile into buffer 0 and returns
-// its first key (end: none); advance(j0, buf) finds and fetches the next one into buf ^ 1, waits
-// for buffer buf and synchronises the block, and returns the next tile's first key (or end).
-// for_each_tile(body) runs the loop: body(j0, Ks, Vs, kseg) for every tile that the calling
-// warp's 16 query rows see part of, a barrier after each tile.
+// order, through stream_tiles: for_each_tile(body) calls body(j0, Ks, Vs, kseg) for every tile that
+// the calling warp's 16 query rows see part of.
 template <int HD>
 struct KeyTileStream {
   const bf16 *k, *v;
@@ -207,48 +235,25 @@ struct KeyTileStream {
   bf16 *Ks0, *Vs0;
   int* kseg0;
 
-  __device__ int64_t next_visible(int64_t j0, int buf) const {
-    for (; j0 < end; j0 += kTile) {
-      load_segs(kseg0 + buf * kTile, kTile, segment, b, S, j0, -2);
-      if (!segment || block_any_visible(qseg, row0, kseg0 + buf * kTile, j0, kTile, true)) return j0;
-    }
-    return end;
-  }
-  __device__ void fetch(int64_t j0, int buf) const {
-    load_tile_async<HD>(Ks0 + buf * kTile * (HD + 8), kTile, k, kstride, j0, S);
-    load_tile_async<HD>(Vs0 + buf * kTile * (HD + 8), kTile, v, kstride, j0, S);
-    cp_async_commit();
-  }
-  __device__ int64_t start() const {
-    __syncthreads();  // the query tile's segment ids
-    const int64_t j0 = next_visible(0, 0);
-    if (j0 < end) fetch(j0, 0);
-    return j0;
-  }
   template <typename F>
   __device__ void for_each_tile(F&& body) const {
     const int lane = threadIdx.x & 31, r0 = (threadIdx.x >> 5) * 16;
-    int buf = 0;
-    for (int64_t j0 = start(); j0 < end;) {
-      const int64_t j_next = advance(j0, buf);
-      const int* kseg = kseg0 + buf * kTile;
-      if (segment ? warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 <= row0 + r0 + 15)
-        body(j0, Ks0 + buf * kTile * (HD + 8), Vs0 + buf * kTile * (HD + 8), kseg);
-      __syncthreads();  // buffer buf is refilled two tiles on
-      j0 = j_next;
-      buf ^= 1;
-    }
-  }
-  __device__ int64_t advance(int64_t j0, int buf) const {
-    const int64_t j_next = next_visible(j0 + kTile, buf ^ 1);
-    if (j_next < end) {
-      fetch(j_next, buf ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    return j_next;
+    stream_tiles(
+        0, end, kTile,
+        [&](int64_t j0, int buf) {
+          load_segs(kseg0 + buf * kTile, kTile, segment, b, S, j0, -2);
+          return !segment || block_any_visible(qseg, row0, kseg0 + buf * kTile, j0, kTile, true);
+        },
+        [&](int64_t j0, int buf) {
+          load_tile_async<HD>(Ks0 + buf * kTile * (HD + 8), kTile, k, kstride, j0, S);
+          load_tile_async<HD>(Vs0 + buf * kTile * (HD + 8), kTile, v, kstride, j0, S);
+          cp_async_commit();
+        },
+        [&](int64_t j0, int buf) {
+          const int* kseg = kseg0 + buf * kTile;
+          if (segment ? warp_any_visible(qseg + r0, row0 + r0, kseg, j0, kTile, true, lane) : j0 <= row0 + r0 + 15)
+            body(j0, Ks0 + buf * kTile * (HD + 8), Vs0 + buf * kTile * (HD + 8), kseg);
+        });
   }
 };
 
@@ -424,63 +429,46 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
   zero(dk_acc);
   zero(dv_acc);
-  // The first query tile at or after the block's keys that any of them sees, from i0 on (S: none);
-  // its segment ids are left in buffer buf.
-  auto next_visible = [&](int64_t i0, int buf) {
-    for (; i0 < S; i0 += QT) {
-      load_segs(qseg0 + buf * QT, QT, segment, b, S, i0, -1);
-      if (!segment || block_any_visible(kseg, j0, qseg0 + buf * QT, i0, QT, false)) return i0;
-    }
-    return S;
-  };
-  auto fetch = [&](int64_t i0, int buf) {
-    load_tile_async<HD>(Qs0 + buf * QT * LD, QT, qh, qstride, i0, S);
-    load_tile_async<HD>(dOs0 + buf * QT * LD, QT, doh, qstride, i0, S);
-    cp_async_commit();
-    for (int r = threadIdx.x; r < QT; r += blockDim.x) {
-      lse20[buf * QT + r] = i0 + r < S ? lse[bh * S + i0 + r] * kLog2e : 0.0f;
-      Dq0[buf * QT + r] = i0 + r < S ? Drow[bh * S + i0 + r] : 0.0f;
-    }
-  };
-  __syncthreads();  // kseg
-  int buf = 0;
-  int64_t i0 = next_visible((j0 / QT) * QT, 0);
-  if (i0 < S) fetch(i0, 0);
-  while (i0 < S) {
-    const int64_t i_next = next_visible(i0 + QT, buf ^ 1);
-    if (i_next < S) {
-      fetch(i_next, buf ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const bf16* Qs = Qs0 + buf * QT * LD;
-    const bf16* dOs = dOs0 + buf * QT * LD;
-    const float* lse2 = lse20 + buf * QT;
-    const float* Dq = Dq0 + buf * QT;
-    const int* qseg = qseg0 + buf * QT;
-    if (segment ? warp_any_visible(kseg + k0, j0 + k0, qseg, i0, QT, false, lane) : j0 + k0 <= i0 + QT - 1) {
-      float p[QT / 8][4], dp[QT / 8][4];
-      zero(p);
-      mma_abt<QT / 8, HD>(p, Ks, LD, k0, Qs, LD, 0, lane);  // S^T (16 keys x QT queries)
-      for_each_elem(p, k0, g, t, [&](float& x, int, int r, int c) {
-        const bool vis = j0 + r <= i0 + c && i0 + c < S && qseg[c] == kseg[r];
-        x = vis ? exp2f(x * sl2 - lse2[c]) : 0.0f;
+  // The query tiles at or after the block's keys that any of them sees.
+  stream_tiles(
+      (j0 / QT) * QT, S, QT,
+      [&](int64_t i0, int buf) {
+        load_segs(qseg0 + buf * QT, QT, segment, b, S, i0, -1);
+        return !segment || block_any_visible(kseg, j0, qseg0 + buf * QT, i0, QT, false);
+      },
+      [&](int64_t i0, int buf) {
+        load_tile_async<HD>(Qs0 + buf * QT * LD, QT, qh, qstride, i0, S);
+        load_tile_async<HD>(dOs0 + buf * QT * LD, QT, doh, qstride, i0, S);
+        cp_async_commit();
+        for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+          lse20[buf * QT + r] = i0 + r < S ? lse[bh * S + i0 + r] * kLog2e : 0.0f;
+          Dq0[buf * QT + r] = i0 + r < S ? Drow[bh * S + i0 + r] : 0.0f;
+        }
+      },
+      [&](int64_t i0, int buf) {
+        const bf16* Qs = Qs0 + buf * QT * LD;
+        const bf16* dOs = dOs0 + buf * QT * LD;
+        const float* lse2 = lse20 + buf * QT;
+        const float* Dq = Dq0 + buf * QT;
+        const int* qseg = qseg0 + buf * QT;
+        if (segment ? warp_any_visible(kseg + k0, j0 + k0, qseg, i0, QT, false, lane) : j0 + k0 <= i0 + QT - 1) {
+          float p[QT / 8][4], dp[QT / 8][4];
+          zero(p);
+          mma_abt<QT / 8, HD>(p, Ks, LD, k0, Qs, LD, 0, lane);  // S^T (16 keys x QT queries)
+          for_each_elem(p, k0, g, t, [&](float& x, int, int r, int c) {
+            const bool vis = j0 + r <= i0 + c && i0 + c < S && qseg[c] == kseg[r];
+            x = vis ? exp2f(x * sl2 - lse2[c]) : 0.0f;
+          });
+          mma_frag_b<HD / 8, QT>(dv_acc, p, dOs, LD, lane);
+          zero(dp);
+          mma_abt<QT / 8, HD>(dp, Vs, LD, k0, dOs, LD, 0, lane);  // dP^T
+#pragma unroll
+          for (int nt = 0; nt < QT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - Dq[nt * 8 + 2 * t + (e & 1)];  // dS^T
+          mma_frag_b<HD / 8, QT>(dk_acc, p, Qs, LD, lane);
+        }
       });
-      mma_frag_b<HD / 8, QT>(dv_acc, p, dOs, LD, lane);
-      zero(dp);
-      mma_abt<QT / 8, HD>(dp, Vs, LD, k0, dOs, LD, 0, lane);  // dP^T
-#pragma unroll
-      for (int nt = 0; nt < QT / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - Dq[nt * 8 + 2 * t + (e & 1)];  // dS^T
-      mma_frag_b<HD / 8, QT>(dk_acc, p, Qs, LD, lane);
-    }
-    __syncthreads();  // buffer buf is refilled two tiles on
-    i0 = i_next;
-    buf ^= 1;
-  }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int64_t j = j0 + k0 + g + 8 * hr;
