@@ -7,6 +7,7 @@
 # random weights):
 #   qwen2.5-0.5b B=8 all linear, qwen2.5-7b B=2 all linear,
 #   qwen3-30b-a3b B=2 attention only, qwen3-30b-a3b-experts B=2 attention + every expert.
+# EXTRA: more `qwentune bench` arguments for every case (e.g. "--offload-activations").
 # Prints one JSON line per run and a ratio table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ for c in $CASES; do
     qwen3-30b-a3b-experts) args="--config bench/configs/qwen3-30b-a3b.json --batch 2 --lora-targets all" ;;
     *) echo "unknown case $c"; exit 2 ;;
   esac
-  line=$(timeout 240 "$Q" bench $args --seq 2048 --device cuda --warmup 2 --steps 5 | grep '^{')
+  line=$(timeout 240 "$Q" bench $args ${EXTRA:-} --seq 2048 --device cuda --warmup 2 --steps 5 | grep '^{')
   echo "$line"
   [ -n "$line" ] && python3 -c 'import json,sys; d=json.loads(sys.argv[2]); d["case"]=sys.argv[1]; print(json.dumps(d))' \
     "$c" "$line" >> "$OUTDIR/qwentune.jsonl"

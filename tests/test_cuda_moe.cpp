@@ -182,6 +182,16 @@ TEST(CudaMoe, SortGatherCombineMatchCpu) {
     expect_close("moe_combine " + shape, host_f32(out_d), out, kBf16Rtol, kAtolElementwise);
     expect_close("moe_combine_backward dys " + shape, host_f32(dys_d), dys, kBf16Rtol, kAtolElementwise);
     expect_close("moe_combine_backward dtopk_w (fp32) " + shape, host_f32(dw_d), dw, 0, 1e-5);
+    // In place (the MoE backward writes dys over ys): overwriting, the same gradients as accumulating
+    // into zeros, and dtopk_w from ys as it was.
+    std::vector<float> dys_z(dys.size(), 0.f), dw_z(dw0);
+    cpu::moe_combine_backward(dys_z.data(), dw_z.data(), dout.data(), ys.data(), w.data(), perm.data(), Nk, c.k, c.H);
+    auto inplace_d = dev_bf16(ys);
+    auto dw2_d = cuda::to_device(dw0);
+    cuda::moe_combine_backward(ctx, inplace_d.get(), dw2_d.get(), dout_d.get(), inplace_d.get(), w_d.get(), perm_d.get(),
+                               Nk, c.k, c.H, /*accumulate=*/false);
+    expect_close("moe_combine_backward in place dys " + shape, host_f32(inplace_d), dys_z, kBf16Rtol, kAtolElementwise);
+    expect_close("moe_combine_backward in place dtopk_w " + shape, host_f32(dw2_d), dw_z, 0, 1e-5);
   }
 }
 

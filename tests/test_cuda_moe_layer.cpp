@@ -130,8 +130,7 @@ void check_moe(const MoeCase& c) {
   // Every work buffer starts as garbage (NaN / -1), and a second pass starts from other garbage: a
   // read before write shows up as NaN or as a difference between the passes.
   auto poison = [&](int byte) {
-    for (auto* b : {&work.logits, &work.xs, &work.g, &work.u, &work.h, &work.ys, &work.dys, &work.dh, &work.dg,
-                    &work.du, &work.dxs, &work.t, &work.dlogits, &work.a16, &work.b16, &work.xd, &work.dxd})
+    for (auto* b : {&work.logits, &work.xs, &work.g, &work.u, &work.h, &work.ys, &work.t, &work.dlogits, &work.a16, &work.b16, &work.xd, &work.dxd})
       b->fill_bytes(byte);
     for (auto& b : work.xa) b.fill_bytes(byte);
     work.probs.fill_bytes(byte), work.topk_w.fill_bytes(byte), work.dtopk_w.fill_bytes(byte);
@@ -233,8 +232,7 @@ void check_deterministic(int64_t N, bool zero_b) {
   for (int pass = 0; pass < 2; ++pass) {
     CudaMoeWork work;
     work.alloc(N, H, I, E, k, r);
-    for (auto* b : {&work.logits, &work.xs, &work.g, &work.u, &work.h, &work.ys, &work.dys, &work.dh, &work.dg,
-                    &work.du, &work.dxs, &work.t, &work.dlogits, &work.a16, &work.b16})
+    for (auto* b : {&work.logits, &work.xs, &work.g, &work.u, &work.h, &work.ys, &work.t, &work.dlogits, &work.a16, &work.b16})
       b->fill_bytes(pass ? 0x7F : 0xFF);
     for (int i = 0; i < 3; ++i) dA[i].fill_bytes(0), dB[i].fill_bytes(0);
     auto out = dev_bf16(std::vector<float>(size_t(N * H), 0.f)), dx = dev_bf16(std::vector<float>(size_t(N * H), 0.f));

@@ -357,9 +357,12 @@ TEST(CudaOps, FusedLinearCrossEntropy) {
   QT_SKIP_WITHOUT_GPU();
   cuda::Context ctx;
   std::mt19937_64 rng(9);
-  struct Case { int64_t B, S, H, V, chunk; };
-  std::vector<Case> cases = {{1, 1, 1, 1, 0}, {1, 2, 3, 5, 1}, {2, 17, 64, 1000, 7}, {3, 5, 17, 127, 0}};
-  if (!quick()) cases.insert(cases.end(), {{2, 100, 256, 32000, 64}, {1, 300, 128, 151936, 0}});
+  // buf_rows > 0: the chunks in a caller's (poisoned) buffer of buf_rows rows and a few elements more
+  struct Case { int64_t B, S, H, V, chunk, buf_rows = 0; };
+  std::vector<Case> cases = {{1, 1, 1, 1, 0},        {1, 2, 3, 5, 1},        {2, 17, 64, 1000, 7},
+                             {3, 5, 17, 127, 0},     {2, 17, 64, 1000, 0, 5}, {1, 3, 8, 50, 0, 10}};
+  if (!quick())
+    cases.insert(cases.end(), {{2, 100, 256, 32000, 64}, {1, 300, 128, 151936, 0}, {1, 300, 128, 151936, 0, 130}});
   for (const Case& c : cases) {
     const int64_t N = c.B * c.S;
     auto h = randn_bf16(size_t(N * c.H), rng), W = randn_bf16(size_t(c.V * c.H), rng, 0.5f),
@@ -380,13 +383,16 @@ TEST(CudaOps, FusedLinearCrossEntropy) {
     auto lab_d = cuda::to_device(labels);
     Buffer<double> sum_d(1), sum2_d(1);
     Buffer<int64_t> count_d(1), count2_d(1);
+    const int64_t buf_elems = c.buf_rows > 0 ? c.buf_rows * c.V + 3 : 0;
+    auto buf = dev_poison_bf16(size_t(std::max<int64_t>(buf_elems, 1)));
+    bf16* bp = buf_elems ? buf.get() : nullptr;
     cuda::fused_linear_cross_entropy(ctx, sum_d.get(), count_d.get(), dh_d.get(), h_d.get(), W_d.get(), lab_d.get(),
-                                     scale, c.B, c.S, c.H, c.V, c.chunk);
+                                     scale, c.B, c.S, c.H, c.V, c.chunk, bp, buf_elems);
     // loss only (evaluation): no gradient pass, same loss
     cuda::fused_linear_cross_entropy(ctx, sum2_d.get(), count2_d.get(), nullptr, h_d.get(), W_d.get(), lab_d.get(),
-                                     scale, c.B, c.S, c.H, c.V, c.chunk);
+                                     scale, c.B, c.S, c.H, c.V, c.chunk, bp, buf_elems);
     ctx.synchronize();
-    const std::string name = tag("fused_linear_cross_entropy", {c.B, c.S, c.H, c.V, c.chunk});
+    const std::string name = tag("fused_linear_cross_entropy", {c.B, c.S, c.H, c.V, c.chunk, c.buf_rows});
     EXPECT_EQ(count_d.download()[0], count) << name;
     const double got = sum_d.download()[0];
     EXPECT_EQ(sum2_d.download()[0], got) << name;

@@ -137,6 +137,34 @@ TEST(CudaTrain, MoeFollowsTheCpuEngine) {
   train_both(tmp, "tiny-qwen3-moe.json");
 }
 
+// offload_activations: the saved layer inputs in host memory change nothing a run computes: the
+// same losses, gradient norms and adapter bytes as keeping them on the GPU (dense and MoE).
+TEST(CudaTrain, OffloadActivationsChangesNothing) {
+  SKIP_WITHOUT_GPU();
+  for (const char* model : {"tiny-qwen3.json", "tiny-qwen3-moe.json"}) {
+    TempDir tmp("cuda_offload");
+    const std::string plain = write_config(tmp.path, model);
+    const std::string offload = (tmp.path / "offload.yaml").string();
+    {
+      std::ofstream f(offload);
+      f << read_file(plain) << "offload_activations: true\n";
+    }
+    const fs::path a = tmp.path / "a", b = tmp.path / "b";
+    const RunResult ra = run("train " + quoted(plain) + " --device cuda --output_dir " + quoted(a.string()));
+    ASSERT_EQ(ra.status, 0) << ra.output;
+    const RunResult rb = run("train " + quoted(offload) + " --device cuda --output_dir " + quoted(b.string()));
+    ASSERT_EQ(rb.status, 0) << rb.output;
+    EXPECT_EQ(ra.output.find("saved layer inputs in host memory"), std::string::npos) << ra.output;
+    EXPECT_NE(rb.output.find("saved layer inputs in host memory"), std::string::npos) << rb.output;
+    EXPECT_EQ(losses(a / "metrics.jsonl", "train", "loss"), losses(b / "metrics.jsonl", "train", "loss")) << model;
+    EXPECT_EQ(losses(a / "metrics.jsonl", "train", "grad_norm"), losses(b / "metrics.jsonl", "train", "grad_norm"))
+        << model;
+    EXPECT_EQ(losses(a / "metrics.jsonl", "eval", "eval_loss"), losses(b / "metrics.jsonl", "eval", "eval_loss"))
+        << model;
+    EXPECT_TRUE(read_file(a / "adapter_model.safetensors") == read_file(b / "adapter_model.safetensors")) << model;
+  }
+}
+
 void check_resume_exact(const std::string& model, const std::string& extra = "") {
   TempDir tmp("cuda_resume");
   const std::string cfg = write_config(tmp.path, model, extra);

@@ -90,6 +90,13 @@ TEST(TrainConfig, OffloadEmbeddings) {
   EXPECT_FALSE(resolve_embeddings_on_host(on.offload_embeddings, tied, /*four_bit=*/false));
 }
 
+// The saved layer inputs stay on the GPU unless the key asks for host memory.
+TEST(TrainConfig, OffloadActivations) {
+  EXPECT_FALSE(parse_train_config(kMinimal, "c").offload_activations);
+  EXPECT_TRUE(parse_train_config(std::string(kMinimal) + "offload_activations: true\n", "c").offload_activations);
+  EXPECT_THROW(parse_train_config(std::string(kMinimal) + "offload_activations: sometimes\n", "c"), Error);
+}
+
 TEST(TrainConfig, AxolotlStyleFile) {
   const char* yaml = R"(
 base_model: ./Qwen2.5-7B
@@ -307,7 +314,7 @@ TEST(TrainConfig, HelpDocumentsEveryKey) {
     const std::string line = help.substr(at, help.find('\n', at) - at);
     EXPECT_TRUE(line.find("; default: ") != std::string::npos || line.find("; required") != std::string::npos) << line;
   }
-  EXPECT_EQ(n, 37u);
+  EXPECT_EQ(n, 38u);
   EXPECT_NE(help.find("peft_use_rslora"), std::string::npos);
   EXPECT_NE(help.find("Usage: qwentune train CONFIG.yaml"), std::string::npos);
 }

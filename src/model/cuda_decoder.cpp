@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <optional>
+#include <utility>
 
 #include <fmt/core.h>
 
@@ -102,9 +104,27 @@ struct CudaDecoder::Impl {
   Buffer<bf16> xd, dxd;                 // (cap, max_in) dropout(x) and its gradient, with dropout only
   Buffer<float> cos, sin;
   // activations: saved layer inputs (L+1, N, H) and one layer's work buffers
-  Buffer<bf16> saved, a, q_raw, k_raw, q, k, v, attn, o, h, m, g, u, act, xa, xf;
+  // layer_inputs_on_host: `saved` is two (N,H) buffers used in turn (x_l in buffer l % 2) and a
+  // training forward copies x_0..x_{L-2} to `saved_host` (L-1, N, H) on `copy_stream`; the backward
+  // prefetches x_{l-1} while layer l runs (x_{L-1} never leaves the device). copied[i] / loaded[i]:
+  // the copy out of / into buffer i has run; `computed`: the compute stream's work so far.
+  bool inputs_on_host = false;
+  cuda::PinnedBuffer<bf16> saved_host;
+  std::optional<cuda::Stream> copy_stream;
+  std::array<cuda::Event, 2> copied, loaded;
+  cuda::Event computed;
+  Buffer<bf16> saved, a, q_raw, k_raw, q, k, v, attn, o, h, m, xa, xf;
+  // the dense MLP's g, u, act (N,I) side by side in one buffer: idle during the lm_head, whose logits
+  // chunks it then holds (as the MoE layers' gathered inputs do for a model without dense layers)
+  Buffer<bf16> mlp_work;
+  bf16 *g = nullptr, *u = nullptr, *act = nullptr;
   Buffer<float> rstd1, rstd_q, rstd_k, lse, rstd2, rstdf;
-  Buffer<bf16> dx, dm, da, dattn, dq, dk, dv, dq_raw, dk_raw, dact, dxf;  // the MLP's dg, du overwrite g, u
+  Buffer<bf16> dx, dm, da, dattn, dq, dk, dv, dk_raw, dact;  // the MLP's dg, du overwrite g, u
+  // Buffers dead at the time take two more: the gradient of the final norm's output over da (the
+  // head runs between layers), dq_raw over dattn (read by the attention backward before). xf stays
+  // its own: logits() reads it after the backward.
+  bf16* dxf() const { return da.get(); }
+  bf16* dq_raw() const { return dattn.get(); }
   // NF4 base (QLoRA): projections are dequantized into `wscratch` right before the product that
   // needs them. Two regions: [0, single) holds one attention or dense-MLP projection at a time
   // (sized for the largest); [single, ...) holds one MoE layer's experts (gate, up, down together,
@@ -134,7 +154,9 @@ struct CudaDecoder::Impl {
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
   Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base, const CudaDecoderOptions& opt)
-      : ctx(c), cfg(mc), lcfg(lc), nf4(nf4_base), layer_scratch(!opt.training) {
+      : ctx(c), cfg(mc), lcfg(lc), inputs_on_host(opt.layer_inputs_on_host && opt.training), nf4(nf4_base),
+        layer_scratch(!opt.training) {
+    if (inputs_on_host) copy_stream.emplace();
     const bool embeddings_on_host = opt.embeddings_on_host, training = opt.training;
     L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size;
     bool any_dense = false;
@@ -237,16 +259,18 @@ struct CudaDecoder::Impl {
     const int64_t N = tokens;  // sizes below are per token
     xd = Buffer<bf16>(), dxd = Buffer<bf16>();
     const size_t NH = size_t(N * H), NI = size_t(N * I), Nq = size_t(N * qd), Nkv = size_t(N * kvd);
-    saved = Buffer<bf16>(size_t(L + 1) * NH);
+    saved = Buffer<bf16>(size_t(inputs_on_host ? 2 : L + 1) * NH);
+    if (inputs_on_host) saved_host = cuda::PinnedBuffer<bf16>(size_t(std::max<int64_t>(L - 1, 0)) * NH);
     a = Buffer<bf16>(NH), o = Buffer<bf16>(NH), h = Buffer<bf16>(NH), m = Buffer<bf16>(NH), xf = Buffer<bf16>(NH);
     q_raw = Buffer<bf16>(Nq), q = Buffer<bf16>(Nq), attn = Buffer<bf16>(Nq);
     k_raw = Buffer<bf16>(Nkv), k = Buffer<bf16>(Nkv), v = Buffer<bf16>(Nkv);
-    g = Buffer<bf16>(NI), u = Buffer<bf16>(NI), act = Buffer<bf16>(NI);
+    mlp_work = Buffer<bf16>(3 * NI);
+    g = mlp_work.get(), u = g + NI, act = u + NI;
     xa = Buffer<bf16>(size_t(kNumLoraSlots * N * r));
     rstd1 = Buffer<float>(size_t(N)), rstd2 = Buffer<float>(size_t(N)), rstdf = Buffer<float>(size_t(N));
     rstd_q = Buffer<float>(size_t(N * nh)), rstd_k = Buffer<float>(size_t(N * nkv)), lse = Buffer<float>(size_t(N * nh));
-    dx = Buffer<bf16>(NH), dm = Buffer<bf16>(NH), da = Buffer<bf16>(NH), dxf = Buffer<bf16>(NH);
-    dattn = Buffer<bf16>(Nq), dq = Buffer<bf16>(Nq), dq_raw = Buffer<bf16>(Nq);
+    dx = Buffer<bf16>(NH), dm = Buffer<bf16>(NH), da = Buffer<bf16>(NH);
+    dattn = Buffer<bf16>(Nq), dq = Buffer<bf16>(Nq);
     dk = Buffer<bf16>(Nkv), dv = Buffer<bf16>(Nkv), dk_raw = Buffer<bf16>(Nkv);
     dact = Buffer<bf16>(NI);
     cos = Buffer<float>(size_t(N * hd)), sin = Buffer<float>(size_t(N * hd));
@@ -306,7 +330,20 @@ struct CudaDecoder::Impl {
   }
   uint64_t drop_key(int64_t l, int s) const { return cpu::dropout_key(drop.seed, drop.step, drop.micro_batch, l, s); }
 
-  bf16* saved_at(int64_t l) const { return saved.get() + size_t(l) * size_t(N * H); }
+  bf16* saved_at(int64_t l) const { return saved.get() + size_t(inputs_on_host ? l % 2 : l) * size_t(N * H); }
+  bf16* saved_host_at(int64_t l) const { return saved_host.get() + size_t(l) * size_t(N * H); }
+  // layer_inputs_on_host: x_l between buffer l % 2 and the host on the copy stream, once the compute
+  // stream's work so far has run (to the host: after x_l was written, l <= L-2; back: after the last
+  // reader of x_{l+2}, which that buffer held). copied / loaded[l % 2] is recorded when it has run.
+  void copy_input(int64_t l, bool to_host) {
+    computed.record(ctx.stream());
+    QT_CUDA_CHECK(cudaStreamWaitEvent(copy_stream->get(), computed.get(), 0));
+    bf16 *dev = saved_at(l), *host = saved_host_at(l);
+    QT_CUDA_CHECK(cudaMemcpyAsync(to_host ? host : dev, to_host ? dev : host, size_t(N * H) * sizeof(bf16),
+                                  to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, copy_stream->get()));
+    (to_host ? copied : loaded)[size_t(l % 2)].record(copy_stream->get());
+  }
+  void wait_for(const cuda::Event& e) { QT_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), e.get(), 0)); }
   bf16* xa_of(int s) const { return xa.get() + size_t(s) * size_t(N * r); }
   // Zeroes the first N tokens' part of a per-token buffer (every buffer holds cap tokens).
   void zero(Buffer<bf16>& b) { QT_CUDA_CHECK(cudaMemsetAsync(b.get(), 0, b.bytes() / size_t(cap) * size_t(N), ctx.stream())); }
@@ -371,10 +408,10 @@ struct CudaDecoder::Impl {
       prof.mark(ctx, fwd_phase("fwd.o+moe", "recompute.o+moe"));
       return;
     }
-    proj_fwd(l, kLoraGate, g.get(), m.get(), nullptr);
-    proj_fwd(l, kLoraUp, u.get(), m.get(), nullptr);
-    cuda::swiglu_forward(ctx, act.get(), g.get(), u.get(), N * I);
-    proj_fwd(l, kLoraDown, x_out, act.get(), nullptr);
+    proj_fwd(l, kLoraGate, g, m.get(), nullptr);
+    proj_fwd(l, kLoraUp, u, m.get(), nullptr);
+    cuda::swiglu_forward(ctx, act, g, u, N * I);
+    proj_fwd(l, kLoraDown, x_out, act, nullptr);
     cuda::add_inplace(ctx, x_out, h.get(), N * H);
     prof.mark(ctx, fwd_phase("fwd.o+mlp", "recompute.o+mlp"));
   }
@@ -387,10 +424,10 @@ struct CudaDecoder::Impl {
       cuda_moe_backward(ctx, moe_weights(l), moe_lora(l), moe_dims(), moe_dropout(l), moe_work, m.get(), dx.get(), dm.get(),
                         aux_grad);
     } else {
-      proj_bwd(l, kLoraDown, dact.get(), dx.get(), act.get(), false);
-      cuda::swiglu_backward_inplace(ctx, g.get(), u.get(), dact.get(), N * I);  // g <- dg, u <- du
-      proj_bwd(l, kLoraGate, dm.get(), g.get(), m.get(), false);
-      proj_bwd(l, kLoraUp, dm.get(), u.get(), m.get(), true);
+      proj_bwd(l, kLoraDown, dact.get(), dx.get(), act, false);
+      cuda::swiglu_backward_inplace(ctx, g, u, dact.get(), N * I);  // g <- dg, u <- du
+      proj_bwd(l, kLoraGate, dm.get(), g, m.get(), false);
+      proj_bwd(l, kLoraUp, dm.get(), u, m.get(), true);
     }
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dm.get(), h.get(), d.post_norm.get(), rstd2.get(), N, H);
     proj_bwd(l, kLoraO, dattn.get(), dx.get(), attn.get(), false);
@@ -399,16 +436,23 @@ struct CudaDecoder::Impl {
     cuda::attention_backward(ctx, dq.get(), dk.get(), dv.get(), dattn.get(), attn.get(), lse.get(), q.get(), k.get(),
                              v.get(), has_seg ? seg.get() : nullptr, B, S, nh, nkv, hd);
     prof.mark(ctx, "bwd.attention");
-    zero(dq_raw), zero(dk_raw);
-    cuda::qk_norm_rope_backward(ctx, dq_raw.get(), dq.get(), q_raw.get(), d.q_norm.get(), rstd_q.get(), cos.get(),
+    zero(dattn), zero(dk_raw);  // dattn becomes dq_raw
+    cuda::qk_norm_rope_backward(ctx, dq_raw(), dq.get(), q_raw.get(), d.q_norm.get(), rstd_q.get(), cos.get(),
                                 sin.get(), N, nh, hd);
     cuda::qk_norm_rope_backward(ctx, dk_raw.get(), dk.get(), k_raw.get(), d.k_norm.get(), rstd_k.get(), cos.get(),
                                 sin.get(), N, nkv, hd);
-    proj_bwd(l, kLoraQ, da.get(), dq_raw.get(), a.get(), false);
+    proj_bwd(l, kLoraQ, da.get(), dq_raw(), a.get(), false);
     proj_bwd(l, kLoraK, da.get(), dk_raw.get(), a.get(), true);
     proj_bwd(l, kLoraV, da.get(), dv.get(), a.get(), true);
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, da.get(), x_in, d.input_norm.get(), rstd1.get(), N, H);
     prof.mark(ctx, "bwd.qkv");
+  }
+
+  // The largest work buffer idle while the head runs (between the last layer's forward and the
+  // first recompute): the dense MLP's, or the MoE layers' gathered inputs; it holds the logits chunks.
+  std::pair<bf16*, int64_t> head_workspace() {
+    const int64_t dense = int64_t(mlp_work.size()), moe = any_moe ? int64_t(moe_work.xs.size()) : 0;
+    return dense >= moe ? std::pair{mlp_work.get(), dense} : std::pair{moe_work.xs.get(), moe};
   }
 
   // Forward through every layer (keeping each input) and the fused head; with dh the head's
@@ -421,12 +465,18 @@ struct CudaDecoder::Impl {
       QT_CUDA_CHECK(cudaMemsetAsync(aux_psum.get(), 0, aux_psum.bytes(), ctx.stream()));
       QT_CUDA_CHECK(cudaMemsetAsync(aux_counts.get(), 0, aux_counts.bytes(), ctx.stream()));
     }
+    const bool offload = inputs_on_host && backward;
     cuda::embedding_forward(ctx, saved_at(0), ids.get(), embed_table, N, V, H);
-    for (int64_t l = 0; l < L; ++l) layer_forward(l, saved_at(l), saved_at(l + 1));
+    for (int64_t l = 0; l < L; ++l) {
+      if (offload && l <= L - 2) copy_input(l, /*to_host=*/true);
+      if (offload && l >= 1) wait_for(copied[size_t((l + 1) % 2)]);  // x_{l-1} has left the buffer x_{l+1} goes to
+      layer_forward(l, saved_at(l), saved_at(l + 1));
+    }
     cuda::rmsnorm_forward(ctx, xf.get(), rstdf.get(), saved_at(L), final_norm.get(), N, H, cfg.rms_norm_eps);
-    if (backward) zero(dxf);
-    cuda::fused_linear_cross_entropy(ctx, loss.get(), count_dev.get(), backward ? dxf.get() : nullptr, xf.get(),
-                                     lm_head, labels.get(), grad_scale, B, S, H, V);
+    if (backward) zero(da);  // dxf
+    const auto [logits_buf, logits_elems] = head_workspace();
+    cuda::fused_linear_cross_entropy(ctx, loss.get(), count_dev.get(), backward ? dxf() : nullptr, xf.get(),
+                                     lm_head, labels.get(), grad_scale, B, S, H, V, 0, logits_buf, logits_elems);
     prof.mark(ctx, "head+loss");
     // The load-balancing loss over R = MoE layers * N rows; in training, count * coef * aux joins the
     // step's loss total and its gradient (scale = grad_scale * count * coef * E / R) the routers'.
@@ -441,9 +491,11 @@ struct CudaDecoder::Impl {
     if (!backward) return;
     cuda::add_f64(ctx, loss_total.get(), loss.get());
     zero(dx);
-    cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dxf.get(), saved_at(L), final_norm.get(), rstdf.get(), N, H);
+    cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dxf(), saved_at(L), final_norm.get(), rstdf.get(), N, H);
     for (int64_t l = L - 1; l >= 0; --l) {
       prof.mark(ctx, "bwd.other");
+      if (offload && l < L - 1) wait_for(loaded[size_t(l % 2)]);
+      if (offload && l >= 1) copy_input(l - 1, /*to_host=*/false);
       recomputing = true;  // x_out goes to `o` (free by then): x_{l+1} stays as saved
       layer_forward(l, saved_at(l), o.get());
       recomputing = false;
@@ -568,8 +620,9 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
 }
 
 CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
-                         bool load_in_4bit, bool embeddings_on_host)
-    : p_(new Impl(ctx, cfg, lcfg, load_in_4bit, CudaDecoderOptions{true, embeddings_on_host})) {
+                         bool load_in_4bit, const CudaDecoderOptions& opt)
+    : p_(new Impl(ctx, cfg, lcfg, load_in_4bit, opt)) {
+  QT_ASSERT(opt.training, "the random-weight CudaDecoder is for training benchmarks");
   std::unique_ptr<Impl> guard(p_);
   Impl& p = *p_;
   uint64_t k = 0;
@@ -749,6 +802,7 @@ LoraAdapter CudaDecoder::download_grads() const { return p_->download(p_->grad);
 LoraAdapter CudaDecoder::download_lora() const { return p_->download(p_->lora); }
 
 bool CudaDecoder::embeddings_on_host() const { return p_->embed_host.size() > 0; }
+bool CudaDecoder::layer_inputs_on_host() const { return p_->inputs_on_host; }
 
 size_t CudaDecoder::device_bytes() const {
   const Impl& p = *p_;
@@ -762,9 +816,9 @@ size_t CudaDecoder::device_bytes() const {
     n += d.router.bytes();
   }
   n += p.wscratch.bytes();
-  for (const auto* b : {&p.xd, &p.dxd, &p.saved, &p.a, &p.q_raw, &p.k_raw, &p.q, &p.k, &p.v, &p.attn, &p.o, &p.h, &p.m, &p.g, &p.u,
-                        &p.act, &p.xa, &p.xf, &p.dx, &p.dm, &p.da, &p.dattn, &p.dq, &p.dk, &p.dv, &p.dq_raw, &p.dk_raw,
-                        &p.dact, &p.dxf})
+  for (const auto* b : {&p.xd, &p.dxd, &p.saved, &p.a, &p.q_raw, &p.k_raw, &p.q, &p.k, &p.v, &p.attn, &p.o, &p.h, &p.m, &p.mlp_work,
+                        &p.xa, &p.xf, &p.dx, &p.dm, &p.da, &p.dattn, &p.dq, &p.dk, &p.dv, &p.dk_raw,
+                        &p.dact})
     n += b->bytes();
   n += p.moe_work.bytes();
   for (const auto* b : {&p.rstd1, &p.rstd_q, &p.rstd_k, &p.lse, &p.rstd2, &p.rstdf, &p.cos, &p.sin}) n += b->bytes();

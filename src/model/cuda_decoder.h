@@ -7,9 +7,9 @@
 // table in pinned host memory (embeddings_on_host: only the N looked-up rows cross the bus); fp32 LoRA
 // masters, their gradients and AdamW moments in four flat buffers (one sum of squares, one clip and
 // one AdamW launch per step). Per-layer activation checkpointing: the forward keeps only each layer's
-// input x_l (N,H) bf16; the backward recomputes layer l from x_l into one set of per-layer work
-// buffers, then runs its backward. The lm_head and the loss are fused chunk by chunk (the (N,V)
-// logits never exist).
+// input x_l (N,H) bf16 (optionally in pinned host memory: layer_inputs_on_host); the backward
+// recomputes layer l from x_l into one set of per-layer work buffers, then runs its backward. The lm_head and the loss are fused chunk by chunk (the (N,V)
+// logits never exist; the chunks live in a layer work buffer that is idle while the head runs).
 //
 // A training step (zero_grads, set_batch + forward_backward per micro-batch, optimizer_step)
 // enqueues everything on the context's stream and returns without synchronising; the loss, the
@@ -39,6 +39,10 @@ struct CudaDecoderOptions {
   // The input embedding table in pinned host memory (see the top of the file); ignored when the
   // embeddings are tied to lm_head.
   bool embeddings_on_host = false;
+  // The saved layer inputs x_0..x_{L-1} of a training forward in pinned host memory: written there
+  // on a copy stream while the next layer runs and prefetched back one layer ahead of the backward,
+  // so the device holds two (N,H) buffers instead of L+1 (same results bit for bit).
+  bool layer_inputs_on_host = false;
 };
 
 class CudaDecoder {
@@ -49,8 +53,9 @@ class CudaDecoder {
   // Random weights of cfg's shape made on the device (normal(0, 0.02), norms 1, biases 0) and an
   // adapter with A ~ normal(0, 1/sqrt(in)) and B ~ normal(0, 0.01) (benchmarks: every LoRA path live).
   // load_in_4bit: the projections are quantized to NF4 on the device and kept so.
+  // opt.training must be true.
   CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
-              bool load_in_4bit = false, bool embeddings_on_host = false);
+              bool load_in_4bit = false, const CudaDecoderOptions& opt = {});
   ~CudaDecoder();
   CudaDecoder(const CudaDecoder&) = delete;
   CudaDecoder& operator=(const CudaDecoder&) = delete;
@@ -106,6 +111,8 @@ class CudaDecoder {
   size_t device_bytes() const;
   // Whether the input embedding table is in host memory (embeddings_on_host and untied).
   bool embeddings_on_host() const;
+  // Whether the training forward keeps the saved layer inputs in host memory.
+  bool layer_inputs_on_host() const;
 
   // Data parallelism (train/train_engine_cuda.cpp): the flat fp32 gradient buffer on the device,
   // one range per LoRA matrix in buffer order (layers ascending), the step's loss total (one double

@@ -77,7 +77,8 @@ struct Ctx {
                           cuda::SecondProduct{xa, work.b16.get(), lora.r});
   }
   // dx (T,in) (+)= dy W_e (+ the LoRA path through the dropout mask); dA_e, dB_e accumulate. t = scale
-  // dy B_e carries the scale (as xa does), so without dropout t A_e joins the base product.
+  // dy B_e carries the scale (as xa does), so without dropout t A_e joins the base product. x is
+  // read only before dx is written: dx may be x's buffer.
   void proj_backward(int i, bf16* dx, const bf16* dy, const bf16* x, bool accumulate) {
     const ProjShape p = proj_shape(w, d, i);
     const int64_t* off = work.offsets.get();
@@ -90,6 +91,8 @@ struct Ctx {
     const bf16* xl = lora_input(i, x, p.in);
     bf16* t = work.t.get();
     cuda::grouped_gemm_nn(ctx, t, dy, work.b16.get(), off, T(), d.E, p.out, r, lora.scale, false);  // t = s dy B_e
+    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dA[size_t(i)], t, xl, off, T(), d.E, r, p.in, 1.f);
+    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dB[size_t(i)], dy, work.xa[size_t(i)].get(), off, T(), d.E, p.out, r, 1.f);
     if (drop.p > 0) {
       cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate);
       cuda::grouped_gemm_nn(ctx, work.dxd.get(), t, work.a16.get(), off, T(), d.E, r, p.in, 1.f, false);
@@ -98,8 +101,6 @@ struct Ctx {
       cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate,
                             cuda::SecondProduct{t, work.a16.get(), r});
     }
-    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dA[size_t(i)], t, xl, off, T(), d.E, r, p.in, 1.f);
-    cuda::grouped_gemm_tn_kgrouped(ctx, lora.dB[size_t(i)], dy, work.xa[size_t(i)].get(), off, T(), d.E, p.out, r, 1.f);
   }
 };
 
@@ -113,9 +114,7 @@ void CudaMoeWork::alloc(int64_t cap, int64_t H, int64_t I, int64_t E, int64_t k,
   topk_idx = Buffer<int32_t>(T), perm = Buffer<int32_t>(T);
   offsets = Buffer<int64_t>(size_t(E + 1));
   xs = Buffer<bf16>(T * size_t(H)), ys = Buffer<bf16>(T * size_t(H));
-  dys = Buffer<bf16>(T * size_t(H)), dxs = Buffer<bf16>(T * size_t(H));
   g = Buffer<bf16>(T * size_t(I)), u = Buffer<bf16>(T * size_t(I)), h = Buffer<bf16>(T * size_t(I));
-  dh = Buffer<bf16>(T * size_t(I)), dg = Buffer<bf16>(T * size_t(I)), du = Buffer<bf16>(T * size_t(I));
   for (auto& b : xa) b = Buffer<bf16>(T * size_t(r));
   t = Buffer<bf16>(T * size_t(r));
   a16 = Buffer<bf16>(size_t(E * r * std::max(H, I)));
@@ -125,7 +124,7 @@ void CudaMoeWork::alloc(int64_t cap, int64_t H, int64_t I, int64_t E, int64_t k,
 
 size_t CudaMoeWork::bytes() const {
   size_t n = probs.bytes() + topk_w.bytes() + dtopk_w.bytes() + topk_idx.bytes() + perm.bytes() + offsets.bytes();
-  for (const auto* b : {&logits, &dlogits, &xs, &ys, &dys, &dxs, &g, &u, &h, &dh, &dg, &du, &t, &a16, &b16, &xd, &dxd})
+  for (const auto* b : {&logits, &dlogits, &xs, &ys, &g, &u, &h, &t, &a16, &b16, &xd, &dxd})
     n += b->bytes();
   for (const auto& b : xa) n += b.bytes();
   return n;
@@ -153,17 +152,18 @@ void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMo
                        const CudaMoeAux& aux) {
   Ctx c{ctx, w, lora, d, drop, work};
   const int64_t N = d.N, T = d.T();
-  zero_async(ctx, work.dys, T * d.H);
+  // Dead buffers take the gradients: dys over ys (each row's routing-weight gradient is taken from
+  // ys first), dh over h, dg / du over g / u, and dxs over dys once the down projection's backward
+  // has read it.
+  bf16 *dys = work.ys.get(), *dh = work.h.get(), *dg = work.g.get(), *du = work.u.get(), *dxs = work.ys.get();
   zero_async(ctx, work.dtopk_w, T);
-  cuda::moe_combine_backward(ctx, work.dys.get(), work.dtopk_w.get(), dout, work.ys.get(), work.topk_w.get(),
-                             work.perm.get(), T, d.k, d.H);
-  c.proj_backward(2, work.dh.get(), work.dys.get(), work.h.get(), false);
-  zero_async(ctx, work.dg, T * d.I);
-  zero_async(ctx, work.du, T * d.I);
-  cuda::swiglu_backward(ctx, work.dg.get(), work.du.get(), work.dh.get(), work.g.get(), work.u.get(), T * d.I);
-  c.proj_backward(0, work.dxs.get(), work.dg.get(), work.xs.get(), false);
-  c.proj_backward(1, work.dxs.get(), work.du.get(), work.xs.get(), true);
-  cuda::moe_gather_backward(ctx, dm, work.dxs.get(), work.perm.get(), T, d.k, d.H);
+  cuda::moe_combine_backward(ctx, dys, work.dtopk_w.get(), dout, work.ys.get(), work.topk_w.get(), work.perm.get(), T,
+                             d.k, d.H, /*accumulate=*/false);
+  c.proj_backward(2, dh, dys, work.h.get(), false);
+  cuda::swiglu_backward_inplace(ctx, dg, du, dh, T * d.I);
+  c.proj_backward(0, dxs, dg, work.xs.get(), false);
+  c.proj_backward(1, dxs, du, work.xs.get(), true);
+  cuda::moe_gather_backward(ctx, dm, dxs, work.perm.get(), T, d.k, d.H);
   // Through the routing weights: top-k / renorm / softmax -> logits -> m W_r^T.
   zero_async(ctx, work.dlogits, N * d.E);
   cuda::moe_router_backward(ctx, work.dlogits.get(), work.dtopk_w.get(), work.probs.get(), work.topk_idx.get(), N, d.E,

@@ -68,8 +68,9 @@ class CudaMoeWork {
   cuda::Buffer<int32_t> topk_idx, perm;
   cuda::Buffer<int64_t> offsets;
   std::array<cuda::Buffer<cuda::bf16>, 3> xa;  // (T,r) scale * dropout(x) A^T per projection (LoRA scale folded in)
-  // backward and dropout scratch
-  cuda::Buffer<cuda::bf16> dys, dh, dg, du, dxs, t, dlogits, xd, dxd;
+  // backward and dropout scratch. The backward reuses the forward's buffers once they are dead: dys
+  // and then dxs (T,H) are written over ys, dh (T,I) over h, dg and du over g and u.
+  cuda::Buffer<cuda::bf16> t, dlogits, xd, dxd;
   cuda::Buffer<cuda::bf16> a16, b16;  // bf16 copies of one projection's LoRA A (E,r,in) and B (E,out,r)
   cuda::Buffer<float> dtopk_w;
 };

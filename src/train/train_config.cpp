@@ -88,6 +88,9 @@ const std::vector<KeySpec>& keys() {
       {"offload_embeddings", &C::offload_embeddings, "bool", "(unset: true with load_in_4bit)",
        "CUDA: keep the input embedding table in pinned host memory (only the looked-up rows cross the bus); "
        "ignored for tied embeddings, which are also the lm_head."},
+      {"offload_activations", &C::offload_activations, "bool", "false",
+       "CUDA: keep the layer inputs saved for the backward (activation checkpoints) in pinned host memory, "
+       "copied out and prefetched back beside the compute: two layers' worth on the GPU instead of one per layer."},
       {"lora_r", &C::lora_r, "int", "8", "LoRA rank r (PEFT default)."},
       {"lora_alpha", &C::lora_alpha, "float", "8", "LoRA alpha; the update is scaled by alpha / r (PEFT default)."},
       {"lora_dropout", &C::lora_dropout, "float", "0.0", "Dropout on the LoRA input, in [0, 1) (PEFT default)."},

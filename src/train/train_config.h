@@ -57,6 +57,7 @@ struct TrainConfig {
   std::string adapter = "lora";           // lora | qlora
   std::optional<bool> load_in_4bit;       // unset: true for qlora, false for lora
   std::optional<bool> offload_embeddings; // CUDA: input embeddings in host memory; unset: as load_in_4bit
+  bool offload_activations = false;       // CUDA: the saved layer inputs in host memory
   int64_t lora_r = 8;
   double lora_alpha = 8.0;
   double lora_dropout = 0.0;

@@ -90,15 +90,18 @@ std::string resolve_device(const std::string& device, const std::string& context
 // keeps its own optimizer states (AdamW's settings from `opt`).
 std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter& lora, AdamW& opt,
                                              const DataParallel& dp = {});
-// embeddings_on_host: the CUDA engine keeps the input embedding table in pinned host memory
-// (model/cuda_decoder.h); see resolve_embeddings_on_host.
+// What the CUDA engine keeps in pinned host memory instead of on the GPU (model/cuda_decoder.h).
+struct CudaOffload {
+  bool embeddings = false;    // the input embedding table (see resolve_embeddings_on_host)
+  bool layer_inputs = false;  // the saved layer inputs of the training forward (offload_activations)
+};
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt,
-                                              const DataParallel& dp = {}, bool embeddings_on_host = false);
+                                              const DataParallel& dp = {}, const CudaOffload& offload = {});
 // `qwentune bench`: the CUDA engine on random weights of cfg's shape made on the device (CudaDecoder's
 // random constructor; load_in_4bit: NF4 on the device), AdamW with torch's defaults.
 std::unique_ptr<TrainEngine> make_cuda_bench_engine(const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
                                                     bool load_in_4bit, const DataParallel& dp = {},
-                                                    bool embeddings_on_host = false);
+                                                    const CudaOffload& offload = {});
 // Where the CUDA engine keeps the input embedding table: the user's choice (offload_embeddings),
 // else in host memory for a 4-bit base (QLoRA: memory first; only the looked-up rows cross the bus,
 // N x H x 2 bytes per forward). Never for tied embeddings: they are also the lm_head, which the

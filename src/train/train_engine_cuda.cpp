@@ -39,6 +39,10 @@ int select_device(const DataParallel& dp) {
   return dp.local_rank;
 }
 
+CudaDecoderOptions decoder_options(const CudaOffload& off) {
+  return {.training = true, .embeddings_on_host = off.embeddings, .layer_inputs_on_host = off.layer_inputs};
+}
+
 std::unique_ptr<dist::NcclComm> join_comm(const DataParallel& dp, int device) {
   if (!dp.collective()) return nullptr;
   QT_ASSERT(dp.rv, "a data-parallel CUDA engine needs the rendezvous");
@@ -47,21 +51,25 @@ std::unique_ptr<dist::NcclComm> join_comm(const DataParallel& dp, int device) {
 
 class CudaEngine final : public TrainEngine {
  public:
-  CudaEngine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt, const DataParallel& dp, bool embed_host)
-      : device_(select_device(dp)), comm_(join_comm(dp, device_)), cfg_(opt.config()), dec_(ctx_, w, lora, {.training = true, .embeddings_on_host = embed_host}),
+  CudaEngine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt, const DataParallel& dp,
+             const CudaOffload& off)
+      : device_(select_device(dp)), comm_(join_comm(dp, device_)), cfg_(opt.config()),
+        dec_(ctx_, w, lora, decoder_options(off)),
         steps_(opt.step_count()), nf4_(w.nf4 != nullptr), aux_coef_(w.cfg.output_router_logits ? w.cfg.router_aux_loss_coef : 0.0) {
     if (steps_ > 0) load_from_host(lora, opt);  // a resumed run: AdamW's moments too
     plan_buckets(dp);
   }
   CudaEngine(const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed, bool load_in_4bit, const DataParallel& dp,
-             bool embed_host)
-      : device_(select_device(dp)), comm_(join_comm(dp, device_)), dec_(ctx_, cfg, lcfg, seed, load_in_4bit, embed_host),
+             const CudaOffload& off)
+      : device_(select_device(dp)), comm_(join_comm(dp, device_)),
+        dec_(ctx_, cfg, lcfg, seed, load_in_4bit, decoder_options(off)),
         nf4_(load_in_4bit), aux_coef_(cfg.output_router_logits ? cfg.router_aux_loss_coef : 0.0) {
     plan_buckets(dp);
   }
   std::string describe() const override {
     return "cuda (" + cuda::current_device_name() + (nf4_ ? ", NF4 base weights on the device" : "") +
            (dec_.embeddings_on_host() ? ", input embeddings in host memory" : "") +
+           (dec_.layer_inputs_on_host() ? ", saved layer inputs in host memory" : "") +
            (comm_ ? fmt::format(", GPU {}, NCCL rank {} of {}, {} gradient buckets", device_, comm_->rank(),
                                 comm_->world_size(), reducer_->plan().size())
                   : std::string()) +
@@ -154,13 +162,13 @@ class CudaEngine final : public TrainEngine {
 }  // namespace
 
 std::unique_ptr<TrainEngine> make_cuda_bench_engine(const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed,
-                                                    bool load_in_4bit, const DataParallel& dp, bool embeddings_on_host) {
-  return std::make_unique<CudaEngine>(cfg, lcfg, seed, load_in_4bit, dp, embeddings_on_host);
+                                                    bool load_in_4bit, const DataParallel& dp, const CudaOffload& offload) {
+  return std::make_unique<CudaEngine>(cfg, lcfg, seed, load_in_4bit, dp, offload);
 }
 
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt,
-                                              const DataParallel& dp, bool embeddings_on_host) {
-  return std::make_unique<CudaEngine>(w, lora, opt, dp, embeddings_on_host);
+                                              const DataParallel& dp, const CudaOffload& offload) {
+  return std::make_unique<CudaEngine>(w, lora, opt, dp, offload);
 }
 
 }  // namespace qt
@@ -169,11 +177,11 @@ std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraA
 
 namespace qt {
 std::unique_ptr<TrainEngine> make_cuda_bench_engine(const ModelConfig&, const LoraConfig&, uint64_t, bool,
-                                                    const DataParallel&, bool) {
+                                                    const DataParallel&, const CudaOffload&) {
   fail("bench", "device cuda: this build has no CUDA backend (configure with -DQT_CUDA=ON)");
 }
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights&, const LoraAdapter&, const AdamW&,
-                                              const DataParallel&, bool) {
+                                              const DataParallel&, const CudaOffload&) {
   fail("train", "device cuda: this build has no CUDA backend (configure with -DQT_CUDA=ON)");
 }
 }  // namespace qt

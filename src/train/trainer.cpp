@@ -248,7 +248,9 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
   dp.rank = de.rank, dp.world_size = de.world_size, dp.local_rank = de.local_rank, dp.rv = rv.get();
   std::unique_ptr<TrainEngine> engine =
       device == "cuda" ? make_cuda_engine(model.weights, lora, opt, dp,
-                                          resolve_embeddings_on_host(tc.offload_embeddings, model.cfg, model.base_4bit))
+                                          {.embeddings = resolve_embeddings_on_host(tc.offload_embeddings, model.cfg,
+                                                                                    model.base_4bit),
+                                           .layer_inputs = tc.offload_activations})
                        : make_cpu_engine(model.weights, lora, opt, dp);
   if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 (or NF4) copy
   fmt::print("device: {}{}\n", engine->describe(), device_note.empty() ? "" : " (" + device_note + ")");

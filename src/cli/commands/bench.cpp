@@ -39,6 +39,7 @@ struct BenchArgs {
   uint64_t seed = 0;
   bool load_in_4bit = false;
   std::optional<bool> offload_embeddings;  // unset: train's default (resolve_embeddings_on_host)
+  bool offload_activations = false;        // the saved layer inputs in pinned host memory
   int gpus = 0;  // 0: the single-process benchmark; N >= 1: N data-parallel ranks through the engine
 };
 
@@ -70,6 +71,11 @@ Batch random_batch(const BenchArgs& a, int64_t vocab, std::mt19937_64& rng) {
   return b;
 }
 
+CudaOffload bench_offload(const BenchArgs& a, const ModelConfig& cfg) {
+  return {.embeddings = resolve_embeddings_on_host(a.offload_embeddings, cfg, a.load_in_4bit),
+          .layer_inputs = a.offload_activations};
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -83,8 +89,9 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
   size_t free0 = 0, total = 0;
   QT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   cuda::Context ctx;
+  const CudaOffload off = bench_offload(a, cfg);
   CudaDecoder dec(ctx, cfg, bench_lora_config(a), a.seed, a.load_in_4bit,
-                  resolve_embeddings_on_host(a.offload_embeddings, cfg, a.load_in_4bit));
+                  {.training = true, .embeddings_on_host = off.embeddings, .layer_inputs_on_host = off.layer_inputs});
   std::mt19937_64 rng(a.seed + 2);
   dec.set_batch(random_batch(a, cfg.vocab_size, rng));
   cuda::Event t0, t1;
@@ -112,6 +119,7 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
                         {"lora_r", a.lora_r},
                         {"load_in_4bit", a.load_in_4bit},
                         {"embeddings_on_host", dec.embeddings_on_host()},
+                        {"layer_inputs_on_host", dec.layer_inputs_on_host()},
                         {"step", "forward+backward(recompute)+clip+adamw"},
                         {"median_step_s", med},
                         {"tokens_per_s", double(a.batch * a.seq) / med},
@@ -147,8 +155,7 @@ void run_bench_ranks(const BenchArgs& a, const ModelConfig& cfg, const dist::Dis
   QT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   min_free = free0;
 #endif
-  auto engine = make_cuda_bench_engine(cfg, bench_lora_config(a), a.seed, a.load_in_4bit, dp,
-                                       resolve_embeddings_on_host(a.offload_embeddings, cfg, a.load_in_4bit));
+  auto engine = make_cuda_bench_engine(cfg, bench_lora_config(a), a.seed, a.load_in_4bit, dp, bench_offload(a, cfg));
   std::mt19937_64 rng(a.seed + 2 + uint64_t(de.rank));  // each rank its own tokens
   const Batch b = random_batch(a, cfg.vocab_size, rng);
   const double scale = 1.0 / double(b.predicted_tokens() * de.world_size);
@@ -269,6 +276,8 @@ void register_bench_command(CLI::App& app) {
   c->add_option("--offload-embeddings", a->offload_embeddings,
                 "true|false: the input embedding table in pinned host memory (default: true with --load-in-4bit, "
                 "never for tied embeddings)");
+  c->add_flag("--offload-activations", a->offload_activations,
+              "The saved layer inputs (activation checkpoints) in pinned host memory");
   c->callback([a] { run_bench(*a); });
 }
 

@@ -125,15 +125,20 @@ __global__ void ce_chunk_kernel(float* row_loss, bf16* chunk, const int32_t* lab
 
 void fused_linear_cross_entropy(Context& ctx, double* loss_sum, int64_t* count, bf16* dh, const bf16* h,
                                 const bf16* W, const int32_t* labels, float scale, int64_t B, int64_t S, int64_t H,
-                                int64_t V, int64_t chunk_rows) {
+                                int64_t V, int64_t chunk_rows, bf16* logits_buf, int64_t logits_elems) {
   QT_CUDA_ASSERT(V > 0 && H > 0 && B >= 0 && S >= 0 && B * S <= 0x7fffffff, "fused_linear_cross_entropy: bad shape");
   const int64_t N = B * S;
-  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (int64_t(256) << 20) / (V * int64_t(sizeof(bf16))));
+  const bool own_buf = logits_buf != nullptr && logits_elems >= V;
+  if (chunk_rows <= 0) {
+    chunk_rows = std::max<int64_t>(1, own_buf ? logits_elems / V : (int64_t(256) << 20) / (V * int64_t(sizeof(bf16))));
+    if (chunk_rows >= 128) chunk_rows = chunk_rows / 128 * 128;
+  }
   const int64_t C = std::min<int64_t>(chunk_rows, std::max<int64_t>(N, 1));
+  QT_CUDA_ASSERT(!own_buf || C * V <= logits_elems, "fused_linear_cross_entropy: the chunk does not fit logits_buf");
   const size_t loss_bytes = (size_t(std::max<int64_t>(N, 1)) * sizeof(float) + 255) / 256 * 256;
-  auto* base = static_cast<unsigned char*>(ctx.scratch(loss_bytes + size_t(C * V) * sizeof(bf16)));
+  auto* base = static_cast<unsigned char*>(ctx.scratch(loss_bytes + (own_buf ? 0 : size_t(C * V) * sizeof(bf16))));
   float* row_loss = reinterpret_cast<float*>(base);
-  bf16* logits = reinterpret_cast<bf16*>(base + loss_bytes);
+  bf16* logits = own_buf ? logits_buf : reinterpret_cast<bf16*>(base + loss_bytes);
   for (int64_t r0 = 0; r0 < N; r0 += C) {
     const int64_t rows = std::min(C, N - r0);
     gemm(ctx, false, true, rows, V, H, 1.0f, h + r0 * H, W, 0.0f, logits);

@@ -238,24 +238,26 @@ __global__ void token_sum_kernel(bf16* out, const bf16* rows, const float* w, co
 }
 
 // One warp per expert-ordered row p.
+// One warp per row p. The row's dot product is complete (warp_sum) before its gradient is written,
+// so dys may be ys.
 __global__ void combine_bwd_kernel(bf16* dys, float* dtopk_w, const bf16* dout, const bf16* ys, const float* topk_w,
-                                   const int32_t* perm, int64_t Nk, int64_t k, int64_t H) {
+                                   const int32_t* perm, int64_t Nk, int64_t k, int64_t H, bool accumulate) {
   const int lane = threadIdx.x & 31;
   const int64_t p = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (p >= Nk) return;
   const int64_t a = perm[p];
   const bf16* d = dout + (a / k) * H;
-  if (dys) {
-    const float w = topk_w[a];
-    bf16* dy = dys + p * H;
-    for (int64_t h = lane; h < H; h += 32) dy[h] = to_bf(to_f(dy[h]) + w * to_f(d[h]));
-  }
   if (dtopk_w) {
     const bf16* y = ys + p * H;
     float acc = 0;
     for (int64_t h = lane; h < H; h += 32) acc += to_f(d[h]) * to_f(y[h]);
     acc = warp_sum(acc);
     if (lane == 0) dtopk_w[a] += acc;
+  }
+  if (dys) {
+    const float w = topk_w[a];
+    bf16* dy = dys + p * H;
+    for (int64_t h = lane; h < H; h += 32) dy[h] = to_bf((accumulate ? to_f(dy[h]) : 0.f) + w * to_f(d[h]));
   }
 }
 
@@ -343,10 +345,11 @@ void moe_combine(Context& ctx, bf16* out, const bf16* ys, const float* topk_w, c
 }
 
 void moe_combine_backward(Context& ctx, bf16* dys, float* dtopk_w, const bf16* dout, const bf16* ys,
-                          const float* topk_w, const int32_t* perm, int64_t Nk, int64_t k, int64_t H) {
+                          const float* topk_w, const int32_t* perm, int64_t Nk, int64_t k, int64_t H, bool accumulate) {
   if ((dys == nullptr && dtopk_w == nullptr) || Nk <= 0) return;
+  QT_CUDA_ASSERT(!accumulate || dys != ys, "moe_combine_backward: dys over ys needs accumulate false");
   combine_bwd_kernel<<<warp_blocks(Nk), kWarpsPerBlock * 32, 0, ctx.stream()>>>(dys, dtopk_w, dout, ys, topk_w, perm,
-                                                                                Nk, k, H);
+                                                                                Nk, k, H, accumulate);
   QT_CUDA_LAUNCH_CHECK();
 }
 

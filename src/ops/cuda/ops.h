@@ -112,12 +112,16 @@ void cross_entropy_backward(Context& ctx, bf16* dlogits, const bf16* logits, con
                             int64_t B, int64_t S, int64_t V);
 
 // The lm_head GEMM fused with the loss, chunk by chunk, never holding the (B*S, V) logits:
-// logits = bf16(h W^T) for chunk_rows rows at a time (0: as many as fit 256 MiB), the loss as
-// cross_entropy_forward, and when dh is not null dh (B*S,H) += bf16(scale (softmax - onehot)) W
-// (scale = dloss/dsum, e.g. 1/count, known on the host from the labels). h (B*S,H), W (V,H) bf16.
+// logits = bf16(h W^T) for C rows at a time, the loss as cross_entropy_forward, and when dh is not
+// null dh (B*S,H) += bf16(scale (softmax - onehot)) W (scale = dloss/dsum, e.g. 1/count, known on the
+// host from the labels). h (B*S,H), W (V,H) bf16. The chunks live in logits_buf (logits_elems
+// elements of a caller's buffer idle meanwhile) when it holds a row, else in the context's scratch
+// (256 MiB). C = chunk_rows when > 0, else as many rows as fit, whole 128-row tiles when at least
+// 128: the dh product of a chunk (C x H outputs, K = V) under-fills the GPU when C is small.
 void fused_linear_cross_entropy(Context& ctx, double* loss_sum, int64_t* count, bf16* dh, const bf16* h,
                                 const bf16* W, const int32_t* labels, float scale, int64_t B, int64_t S, int64_t H,
-                                int64_t V, int64_t chunk_rows = 0);
+                                int64_t V, int64_t chunk_rows = 0, bf16* logits_buf = nullptr,
+                                int64_t logits_elems = 0);
 
 // ---- LoRA dropout (cpu::dropout_apply's counter-hash mask, bit for bit) ---------------------
 // y (N,D) = keep(row_n, f) ? x * float(1/(1-p)) : 0, keep = cpu::dropout_uniform(key, row_n, f) >= p,
@@ -208,8 +212,10 @@ void moe_gather_backward(Context& ctx, bf16* dx, const bf16* dxs, const int32_t*
 // out (N,H) ADDS sum_j topk_w[n*k+j] * ys[inv[n*k+j]]
 void moe_combine(Context& ctx, bf16* out, const bf16* ys, const float* topk_w, const int32_t* perm, int64_t Nk,
                  int64_t k, int64_t H);
-// dys (N*k,H) += topk_w[a] dout[n]; dtopk_w (N*k) fp32 += dout[n] . ys[p] (a = perm[p], n = a / k)
+// dys (N*k,H) += topk_w[a] dout[n] (accumulate false: =); dtopk_w (N*k) fp32 += dout[n] . ys[p]
+// (a = perm[p], n = a / k). With accumulate false dys may be ys (the gradient written over the output).
 void moe_combine_backward(Context& ctx, bf16* dys, float* dtopk_w, const bf16* dout, const bf16* ys,
-                          const float* topk_w, const int32_t* perm, int64_t Nk, int64_t k, int64_t H);
+                          const float* topk_w, const int32_t* perm, int64_t Nk, int64_t k, int64_t H,
+                          bool accumulate = true);
 
 }  // namespace qt::cuda

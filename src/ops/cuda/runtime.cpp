@@ -1,6 +1,8 @@
 // Context and device queries (see runtime.h).
 #include "ops/cuda/runtime.h"
 
+#include <algorithm>
+
 namespace qt::cuda {
 
 int device_count() {
@@ -40,7 +42,7 @@ void* grow(Buffer<unsigned char>& buf, size_t bytes, cudaStream_t stream) {
   if (bytes > buf.bytes()) {
     // The old buffer may still be read by queued work: wait before freeing it.
     QT_CUDA_CHECK(cudaStreamSynchronize(stream));
-    buf = Buffer<unsigned char>(bytes + bytes / 4);
+    buf = Buffer<unsigned char>(bytes + std::min(bytes / 4, size_t(16) << 20));  // slack for slightly larger asks
   }
   return buf.get();
 }
