@@ -173,6 +173,9 @@ TEST(CliEndToEnd, ErrorsAreOneClearLine) {
   if (const char* why = qt::test::cuda_device_refusal())
     expect_one_line(run(tmp.path, "generate --model " + quoted(kConfig) + " --prompt hi --device cuda"),
                     std::string("[generate] device cuda: ") + why);
+  expect_one_line(run(tmp.path, "quantize --model " + quoted(tmp.path) + " --out " + quoted(tmp.path / "q") +
+                                    " --shard-size 5XB"),
+                  "[quantize] '5XB' is not a size");
   std::ofstream(tmp.path / "bad.jsonl") << "{\"messages\": 3}\n";
   const RunResult bad = run(tmp.path, "eval --model " + quoted(kConfig) + " --data " + quoted(tmp.path / "bad.jsonl"));
   EXPECT_EQ(bad.status, 1);

@@ -6,13 +6,16 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "core/sha256.h"
+#include "io/safetensors.h"
 #include "model/decoder.h"
 #include "model/model_source.h"
 #include "model/nf4.h"
@@ -183,6 +186,74 @@ TEST(StreamLoad, QuantizeWritesTheSameBytesAsBeforeStreaming) {
                             " " + std::to_string(s.kept) + " " + std::to_string(s.bytes);
     EXPECT_EQ(got, want);
   }
+}
+
+// An output larger than --shard-size is written shard by shard as the projections are quantized:
+// model-NNNNN-of-NNNNN.safetensors + the index, every shard within the size unless it holds one
+// weight's tensors alone, the same tensors and bytes as the single-file output, loadable as a 4-bit
+// base with the same NF4 tensors. Writing a single-file output into that folder (--force) leaves no
+// stale shard behind, and the other way round.
+TEST(StreamLoad, QuantizeWritesShardsAsTheyFill) {
+  test::TempDir tmp("stream_quant_shards");
+  const std::string moe = golden("qwen3_moe_top2_norm"), bf = tmp.str() + "/moe_bf16";
+  test::write_model(bf, load_model_source(moe, 0, "t").weights, moe, DType::BF16);
+  const std::string one = tmp.str() + "/one", many = tmp.str() + "/many";
+  const QuantizeSummary s1 = quantize_checkpoint({bf, one, false});
+  const uint64_t shard = 20000;
+  const QuantizeSummary sn = quantize_checkpoint({bf, many, false, shard});
+  EXPECT_EQ(s1.shards, 1);
+  EXPECT_GT(sn.shards, 3);
+  EXPECT_EQ(sn.bytes, s1.bytes);
+  EXPECT_EQ(sn.quantized, s1.quantized);
+  EXPECT_EQ(sn.kept, s1.kept);
+  EXPECT_FALSE(fs::exists(many + "/model.safetensors"));
+  const nlohmann::json index = nlohmann::json::parse(test::read_file(many + "/model.safetensors.index.json"));
+  EXPECT_EQ(index["metadata"]["total_size"].get<uint64_t>(), sn.bytes);
+  // weight group of a tensor name: up to ".weight" (a bnb weight's six tensors share one)
+  auto group = [](const std::string& n) { return n.substr(0, n.find(".weight") + 7); };
+  std::set<std::string> files;
+  for (const auto& [name, file] : index["weight_map"].items()) files.insert(file.get<std::string>());
+  EXPECT_EQ(int64_t(files.size()), sn.shards);
+  size_t tensors = 0;
+  for (int64_t i = 0; i < sn.shards; ++i) {
+    const std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", i + 1, sn.shards);
+    ASSERT_TRUE(files.count(file)) << file;
+    const SafetensorsFile f(many + "/" + file);
+    uint64_t bytes = 0;
+    std::set<std::string> groups;
+    for (const SafetensorsEntry& e : f.entries()) {
+      bytes += e.end - e.begin, groups.insert(group(e.name)), ++tensors;
+      EXPECT_EQ(index["weight_map"][e.name], file) << e.name;
+    }
+    EXPECT_TRUE(bytes <= shard || groups.size() == 1) << file << ": " << bytes << " bytes";
+  }
+  const SafetensorsCheckpoint a(one), b(many);
+  ASSERT_EQ(a.names(), b.names());
+  EXPECT_EQ(tensors, a.names().size());
+  for (const std::string& name : a.names()) {
+    const Tensor x = a.view(name), y = b.view(name);
+    ASSERT_EQ(x.nbytes(), y.nbytes()) << name;
+    EXPECT_EQ(std::memcmp(x.raw(), y.raw(), x.nbytes()), 0) << name;
+  }
+  const LoadedModel la = load_model_source(one, 0, "t", false), lb = load_model_source(many, 0, "t", false);
+  ASSERT_TRUE(la.weights.nf4 && lb.weights.nf4);
+  ASSERT_EQ(la.weights.nf4->tensors.size(), lb.weights.nf4->tensors.size());
+  for (const auto& [name, t] : la.weights.nf4->tensors) {
+    const Nf4Tensor& u = lb.weights.nf4->tensors.at(name);
+    EXPECT_EQ(t.codes, u.codes) << name;
+    EXPECT_EQ(t.absmax_codes, u.absmax_codes) << name;
+  }
+  // --force over the other layout: only the new layout's weights files remain.
+  quantize_checkpoint({bf, many, true});
+  EXPECT_TRUE(fs::exists(many + "/model.safetensors"));
+  EXPECT_FALSE(fs::exists(many + "/model.safetensors.index.json"));
+  for (const auto& e : fs::directory_iterator(many))
+    EXPECT_EQ(e.path().filename().string().rfind("model-", 0), std::string::npos) << e.path();
+  quantize_checkpoint({bf, one, true, shard});
+  EXPECT_FALSE(fs::exists(one + "/model.safetensors"));
+  EXPECT_TRUE(fs::exists(one + "/model.safetensors.index.json"));
+  for (const auto& e : fs::directory_iterator(one))
+    EXPECT_EQ(e.path().filename().string().find(".part-"), std::string::npos) << e.path();
 }
 
 namespace {

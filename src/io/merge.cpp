@@ -577,8 +577,7 @@ MergeSummary merge_impl(const MergeOptions& opt) {
   const double scale = lora.cfg.scale();
   ojson weight_map = ojson::object();
   for (size_t s = 0; s < shards.size(); ++s) {
-    const std::string file = shards.size() == 1 ? std::string("model.safetensors")
-                                                : fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, shards.size());
+    const std::string file = shard_file_name(s, shards.size());
     SafetensorsStreamWriter w(staging.path() / file, shards[s]);
     for (const PlannedTensor* t : shards[s]) {
       write_tensor(*t, ckpt, lora, scale, w);
@@ -589,8 +588,7 @@ MergeSummary merge_impl(const MergeOptions& opt) {
     w.finish();
   }
   if (shards.size() > 1) {
-    ojson index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
-    write_text_file(staging.path() / "model.safetensors.index.json", index.dump(2) + "\n", "merge");
+    write_text_file(staging.path() / "model.safetensors.index.json", shard_index_json(weight_map, total), "merge");
   }
 
   // config.json: the input's keys in order, with the stored dtype updated.
@@ -649,7 +647,16 @@ ConvertLoraSummary convert_impl(const std::string& adapter_dir, const std::strin
 
 }  // namespace
 
-uint64_t parse_byte_size(const std::string& text) {
+std::string shard_file_name(size_t s, size_t n) {
+  return n == 1 ? std::string("model.safetensors") : fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, n);
+}
+
+std::string shard_index_json(const nlohmann::ordered_json& weight_map, uint64_t total_size) {
+  const nlohmann::ordered_json index = {{"metadata", {{"total_size", total_size}}}, {"weight_map", weight_map}};
+  return index.dump(2) + "\n";
+}
+
+uint64_t parse_byte_size(const std::string& text, const char* ctx) {
   size_t i = 0;
   while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
   const std::string number = text.substr(0, i);
@@ -671,9 +678,9 @@ uint64_t parse_byte_size(const std::string& text) {
     }
   }
   if (!ok || used != number.size() || !units.count(unit))
-    fail("merge", "'{}' is not a size (examples: 5GB, 500MB, 2GiB, 1000000)", text);
+    fail(ctx, "'{}' is not a size (examples: 5GB, 500MB, 2GiB, 1000000)", text);
   const double bytes = std::floor(value * units.at(unit));
-  if (!(bytes >= 1) || bytes > 9.0e18) fail("merge", "size '{}' is out of range (1 byte .. 9e18 bytes)", text);
+  if (!(bytes >= 1) || bytes > 9.0e18) fail(ctx, "size '{}' is out of range (1 byte .. 9e18 bytes)", text);
   return uint64_t(bytes);
 }
 

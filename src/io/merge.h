@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "core/dtype.h"
 
 namespace qt {
@@ -50,9 +52,15 @@ MergeSummary merge_lora(const MergeOptions& opt);
 // chat_template.jinja) to to_dir; errors "[ctx] <file>: cannot copy: ...".
 void copy_model_side_files(const std::string& from_dir, const std::string& to_dir, const char* ctx);
 
+// Shard s (0-based) of n as the Hub names it: model.safetensors when n == 1, else
+// model-00001-of-0000n.safetensors; and model.safetensors.index.json's text for a sharded checkpoint
+// (weight_map: tensor name -> shard file, kept in the given order).
+std::string shard_file_name(size_t s, size_t n);
+std::string shard_index_json(const nlohmann::ordered_json& weight_map, uint64_t total_size);
+
 // "5GB" = 5e9 bytes; accepts B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of
-// 1024), case-insensitive, an optional space and a decimal number. Throws "[merge] ..." otherwise.
-uint64_t parse_byte_size(const std::string& text);
+// 1024), case-insensitive, an optional space and a decimal number. Throws "[ctx] ..." otherwise.
+uint64_t parse_byte_size(const std::string& text, const char* ctx = "merge");
 
 struct ConvertLoraSummary {
   int64_t expert_modules = 0;  // (layer, projection) expert adapters rewritten

@@ -3,7 +3,10 @@
 
 #include <filesystem>
 #include <fstream>
+#include <cerrno>
+#include <cstring>
 #include <map>
+#include <set>
 #include <sstream>
 #include <nlohmann/json.hpp>
 
@@ -57,6 +60,143 @@ nlohmann::ordered_json bnb_quantization_config(const ModelConfig& cfg, DType dty
   return q;
 }
 
+
+using Named = std::pair<std::string, Tensor>;
+
+uint64_t bytes_of(const std::vector<Named>& ts) {
+  uint64_t n = 0;
+  for (const auto& nt : ts) n += nt.second.nbytes();
+  return n;
+}
+
+// model.safetensors, model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors in `dir`.
+bool is_weights_file(const std::string& name) {
+  if (name == "model.safetensors" || name == "model.safetensors.index.json") return true;
+  return name.size() == 32 && name.compare(0, 6, "model-") == 0 && name.compare(11, 4, "-of-") == 0 &&
+         name.compare(20, 12, ".safetensors") == 0;  // model-00001-of-00002.safetensors
+}
+
+// The output's weights, shard by shard. Each projection's bnb tensors arrive as they are made; when
+// the held ones would pass shard_bytes they are written as a part (model.part-NNNNN.safetensors) and
+// dropped, so host memory holds at most about one shard of NF4 output. finish() writes the rest: if
+// no part was written, one model.safetensors in the order given; else more parts (greedy by size),
+// every part renamed to its Hub shard name, and the index. Weights files of an earlier output in
+// the folder (--force) are removed at the end; parts left by a failure are removed.
+class ShardedOutput {
+ public:
+  struct Written {
+    uint64_t bytes = 0;
+    int64_t shards = 0;
+  };
+  ShardedOutput(fs::path dir, uint64_t shard_bytes) : dir_(std::move(dir)), shard_bytes_(shard_bytes) {}
+  ShardedOutput(const ShardedOutput&) = delete;
+  ShardedOutput& operator=(const ShardedOutput&) = delete;
+  ~ShardedOutput() {
+    if (done_) return;
+    std::error_code ec;
+    for (const Part& p : parts_) fs::remove(dir_ / p.file, ec);
+  }
+
+  void add(const std::string& name, std::vector<Named> ts) {
+    const uint64_t b = bytes_of(ts);
+    if (!held_order_.empty() && held_bytes_ + b > shard_bytes_) flush();
+    held_bytes_ += b;
+    held_order_.push_back(name);
+    held_.emplace(name, std::move(ts));
+  }
+  // The tensors of `name` still held (empty when they went into a part), handed over.
+  std::vector<Named> take_held(const std::string& name) {
+    auto it = held_.find(name);
+    if (it == held_.end()) {
+      QT_ASSERT(written_.count(name), "{}: not quantized", name);
+      return {};
+    }
+    std::vector<Named> ts = std::move(it->second);
+    held_.erase(it);
+    return ts;
+  }
+
+  Written finish(std::vector<Named> rest) {
+    QT_ASSERT(held_.empty(), "{} quantized tensors not written", held_.size());
+    Written w;
+    w.bytes = total_ + bytes_of(rest);
+    std::set<std::string> keep;
+    if (parts_.empty()) {
+      write_safetensors((dir_ / "model.safetensors").string(), rest, {{"format", "pt"}});
+      keep.insert("model.safetensors");
+      w.shards = 1;
+    } else {
+      std::vector<Named> part;
+      uint64_t part_bytes = 0;
+      for (auto& nt : rest) {
+        const uint64_t b = nt.second.nbytes();
+        if (!part.empty() && part_bytes + b > shard_bytes_) write_part(std::move(part)), part = {}, part_bytes = 0;
+        part_bytes += b;
+        part.push_back(std::move(nt));
+      }
+      if (!part.empty()) write_part(std::move(part));
+      const size_t n = parts_.size();
+      if (n > 99999) fail("quantize", "{} shards of at most {} bytes: raise --shard-size", n, shard_bytes_);
+      nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+      for (size_t i = 0; i < n; ++i) {
+        const std::string file = shard_file_name(i, n);
+        if (::rename((dir_ / parts_[i].file).c_str(), (dir_ / file).c_str()) != 0)
+          fail("quantize", "{}: cannot rename {} to it: {}", (dir_ / file).string(), parts_[i].file, std::strerror(errno));
+        parts_[i].file = file;
+        for (const std::string& name : parts_[i].names) weight_map[name] = file;
+        keep.insert(file);
+      }
+      write_file_atomically((dir_ / "model.safetensors.index.json").string(), shard_index_json(weight_map, w.bytes),
+                            "quantize");
+      keep.insert("model.safetensors.index.json");
+      w.shards = int64_t(n);
+    }
+    done_ = true;
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(dir_, ec)) {
+      const std::string name = entry.path().filename().string();
+      if (is_weights_file(name) && !keep.count(name)) fs::remove(entry.path(), ec);
+    }
+    fsync_directory(dir_.string());
+    return w;
+  }
+
+ private:
+  struct Part {
+    std::string file;
+    std::vector<std::string> names;
+  };
+  void flush() {
+    std::vector<Named> ts;
+    for (const std::string& name : held_order_) {
+      auto it = held_.find(name);
+      for (auto& nt : it->second) ts.push_back(std::move(nt));
+      held_.erase(it);
+      written_.insert(name);
+    }
+    held_order_.clear();
+    held_bytes_ = 0;
+    write_part(std::move(ts));
+  }
+  void write_part(std::vector<Named> ts) {
+    Part p;
+    p.file = fmt::format("model.part-{:05d}.safetensors", parts_.size() + 1);
+    for (const auto& nt : ts) p.names.push_back(nt.first);
+    parts_.push_back(p);  // listed first: removed on failure even if the write throws half way
+    write_safetensors((dir_ / p.file).string(), ts, {{"format", "pt"}});
+    total_ += bytes_of(ts);
+  }
+
+  fs::path dir_;
+  uint64_t shard_bytes_;
+  std::map<std::string, std::vector<Named>> held_;
+  std::vector<std::string> held_order_;
+  uint64_t held_bytes_ = 0, total_ = 0;
+  std::set<std::string> written_;
+  std::vector<Part> parts_;
+  bool done_ = false;
+};
+
 }  // namespace
 
 QuantizeSummary quantize_checkpoint(const QuantizeOptions& opt) {
@@ -79,39 +219,38 @@ QuantizeSummary quantize_checkpoint(const QuantizeOptions& opt) {
     fail("quantize", "{}: the model is already quantized (quantization_config)", opt.model_dir);
   if (is_prequantized_checkpoint(opt.model_dir))
     fail("quantize", "{}: the checkpoint already holds 4-bit weights", opt.model_dir);
+  if (opt.shard_bytes == 0) fail("quantize", "the shard size must be positive");
   const ModelConfig cfg = load_hf_config(opt.model_dir);
   const DType dtype = checkpoint_weight_dtype(opt.model_dir);
-  // Streamed: each projection matrix is quantized as it is read and only its bnb tensors are kept.
-  std::map<std::string, std::vector<std::pair<std::string, Tensor>>> bnb;
+  fs::create_directories(out, ec);
+  if (ec) fail("quantize", "--out {}: cannot create it: {}", opt.out_dir, ec.message());
+  // Streamed: each projection matrix is quantized as it is read; its bnb tensors wait in `output`
+  // until a shard's worth is written out.
+  ShardedOutput output(out, opt.shard_bytes);
   WeightsLoadOptions lo;
   lo.dtype = dtype;  // the kept tensors: converted via f32 like every load, so exact for bf16/f16/f32 inputs
   lo.keep_projections = false;
   lo.projection = [&](const std::string& name, const Tensor& values, Tensor&) {
     QT_ASSERT(is_4bit_target(name), "{}: not a 4-bit target", name);
-    bnb.emplace(name, nf4_to_bnb_tensors(name, nf4_quantize(values, dtype)));
+    output.add(name, nf4_to_bnb_tensors(name, nf4_quantize(values, dtype)));
   };
   const ModelWeights w = load_model_weights(opt.model_dir, cfg, lo);
 
+  // The rest in the Hub's tensor order (the whole output when it fits one shard).
   QuantizeSummary sum;
-  std::vector<std::pair<std::string, Tensor>> tensors;
+  std::vector<std::pair<std::string, Tensor>> rest;
   for (const auto& [name, t] : hub_named_tensors(w, true)) {
     if (is_4bit_target(name)) {
-      auto it = bnb.find(name);
-      QT_ASSERT(it != bnb.end(), "{}: not quantized", name);
-      for (auto& nt : it->second) tensors.push_back(std::move(nt));
-      bnb.erase(it);
+      for (auto& nt : output.take_held(name)) rest.push_back(std::move(nt));
       ++sum.quantized;
     } else if (t.defined()) {
-      tensors.emplace_back(name, t);
+      rest.emplace_back(name, t);
       ++sum.kept;
     }
   }
-  QT_ASSERT(bnb.empty(), "{} quantized tensors not written", bnb.size());
-  for (const auto& nt : tensors) sum.bytes += nt.second.nbytes();
-
-  fs::create_directories(out, ec);
-  if (ec) fail("quantize", "--out {}: cannot create it: {}", opt.out_dir, ec.message());
-  write_safetensors((out / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  const ShardedOutput::Written written = output.finish(std::move(rest));
+  sum.bytes = written.bytes;
+  sum.shards = written.shards;
   cfg_json["quantization_config"] = bnb_quantization_config(cfg, dtype);
   write_file_atomically((out / "config.json").string(), cfg_json.dump(2) + "\n", "quantize");
   copy_model_side_files(opt.model_dir, opt.out_dir, "quantize");

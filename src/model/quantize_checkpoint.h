@@ -9,10 +9,11 @@
 // the input dtype, quant_storage uint8, llm_int8_skip_modules = lm_head and the MoE routers); the
 // tokenizer and generation files. Each file is written atomically. The input is streamed from its
 // memory map (model/weights.h WeightsLoadOptions): each projection matrix is quantized as it is read
-// and only its bnb tensors kept, so host memory holds the output (about the NF4 model plus the float
-// tensors) and one source tensor, never the float model; model.safetensors is written at the end
-// (its header, first in the file, needs every tensor's size, and the quant states' JSON sizes are
-// known only after quantizing).
+// and only its bnb tensors kept until a shard's worth (shard_bytes, like `merge --shard-size`) is
+// written out, so host memory holds about one shard of NF4 output, the float tensors and one source
+// tensor, never the float model. An output that fits one shard is model.safetensors, written at the
+// end in the Hub's tensor order; a larger one is model-NNNNN-of-NNNNN.safetensors shards in the order
+// the projections were made (the float tensors last) with model.safetensors.index.json.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -23,12 +24,14 @@ struct QuantizeOptions {
   std::string model_dir;  // config.json + float safetensors
   std::string out_dir;    // must not exist or be empty, unless force
   bool force = false;
+  uint64_t shard_bytes = 5'000'000'000ull;  // the largest shard (a larger single tensor gets its own)
 };
 
 struct QuantizeSummary {
   int64_t quantized = 0;  // matrices stored in NF4 (each expert counts)
   int64_t kept = 0;       // tensors kept in float
-  uint64_t bytes = 0;     // bytes of model.safetensors' tensors
+  uint64_t bytes = 0;     // bytes of the tensors written
+  int64_t shards = 0;     // 1: a single model.safetensors
 };
 
 QuantizeSummary quantize_checkpoint(const QuantizeOptions& opt);
