@@ -323,6 +323,10 @@ TEST(StreamLoadChild, DISABLED_MeasurePeakMemory) {
   if (std::string(mode) == "lean") {
     const LoadedModel m = load_model_source(dir, 0, "t", true, WeightsFor::Cuda);
     nf4 = int64_t(m.weights.nf4->tensors.size());
+  } else if (std::string(mode).rfind("quantize", 0) == 0) {  // quantize-<shard bytes>
+    const char* out = std::getenv("QT_STREAM_MEM_OUT");
+    ASSERT_TRUE(out);
+    nf4 = quantize_checkpoint({dir, out, false, std::stoull(std::string(mode).substr(9))}).quantized;
   } else {
     ModelWeights w = load_model_weights(dir, DType::F32);
     nf4 = nf4_round_trip_weights(w, DType::BF16);
@@ -365,4 +369,38 @@ TEST(StreamLoad, LeanLoadPeakMemoryIsWellBelowTheFloatModel) {
   EXPECT_GT(lean, 0);
   EXPECT_LT(lean, f32_bytes * 4 / 10);
   EXPECT_GT(full, f32_bytes);
+}
+
+// `quantize` in 4 MB shards holds about one shard of its NF4 output, not all of it: its peak resident
+// memory is below the single-file run's by most of the output's size.
+TEST(StreamLoad, ShardedQuantizePeakMemoryHoldsAboutOneShard) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "peak resident memory is not meaningful under AddressSanitizer";
+#endif
+  test::TempDir tmp("stream_mem_quant");
+  const std::string dir = tmp.str() + "/model";
+  write_big_checkpoint(dir);
+  const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
+  auto peak = [&](uint64_t shard, const std::string& out) {
+    const test::CommandResult r = test::run_command(
+        "QT_STREAM_MEM_DIR='" + dir + "' QT_STREAM_MEM_OUT='" + out + "' QT_STREAM_MEM_MODE=quantize-" +
+        std::to_string(shard) + " '" + exe +
+        "' --gtest_filter=StreamLoadChild.DISABLED_MeasurePeakMemory --gtest_also_run_disabled_tests");
+    EXPECT_EQ(r.status, 0) << r.output;
+    const size_t at = r.output.find("PEAK ");
+    EXPECT_NE(at, std::string::npos) << r.output;
+    long long bytes = -1, n = -1;
+    if (at != std::string::npos) std::sscanf(r.output.c_str() + at, "PEAK %lld %lld", &bytes, &n);
+    EXPECT_EQ(n, 4 * 7);
+    return int64_t(bytes);
+  };
+  const uint64_t shard = 4'000'000;
+  const int64_t one = peak(uint64_t(1) << 40, tmp.str() + "/one"), many = peak(shard, tmp.str() + "/many");
+  int64_t output = 0;  // NF4 output bytes
+  for (const auto& e : fs::directory_iterator(tmp.str() + "/many"))
+    if (e.path().extension() == ".safetensors") output += int64_t(fs::file_size(e.path()));
+  std::printf("NF4 output %.1f MB; peak RSS added: one file %.1f MB, %llu-byte shards %.1f MB\n", double(output) / 1e6,
+              double(one) / 1e6, (unsigned long long)shard, double(many) / 1e6);
+  EXPECT_GT(many, 0);
+  EXPECT_LT(many, one - output / 2);
 }
