@@ -13,6 +13,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 
@@ -252,6 +253,52 @@ TEST(CudaGroupedGemm, LoraShapesMatchCpu) {
     check_kgrouped(ctx, T, E, O, r, Routing::Empties, rng);     // dB = dy^T xa
     check_rows(ctx, false, T, E, O, H, Routing::Random, rng, r);  // y = x W^T + xa B^T, fused
     check_rows(ctx, true, T, E, O, H, Routing::Tail, rng, r);     // dx = dy W + t A, fused
+  }
+}
+
+// grouped_gemm_nt_pair (an MoE layer's gate and up in one launch) writes exactly what two
+// grouped_gemm_nt calls write, over poisoned outputs: without second products, with fused LoRA
+// terms of rank 16 (one launch), and with ranks the tensor cores do not fuse (r = 4) or that differ
+// between the two (the fallback: two launches); thin N (rank-sized xa products), N not a multiple
+// of any tile, every routing, several expert counts.
+TEST(CudaGroupedGemm, NtPairEqualsTwoProducts) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(91);
+  struct PairCase {
+    int64_t T, E, N, K, r1, r2;
+    Routing routing;
+  };
+  const PairCase cases[] = {
+      {700, 16, 192, 256, 0, 0, Routing::Random},  {700, 16, 192, 256, 16, 16, Routing::Empties},
+      {517, 4, 136, 200, 16, 16, Routing::Tail},   {300, 8, 16, 264, 0, 0, Routing::Random},
+      {450, 6, 96, 128, 4, 4, Routing::OneExpert}, {450, 6, 96, 128, 16, 0, Routing::Random},
+      {2000, 128, 96, 64, 16, 16, Routing::Random}, {50, 3, 64, 64, 16, 16, Routing::NoRows},
+  };
+  for (const PairCase& c : cases) {
+    const auto off = make_offsets(c.T, c.E, c.routing, rng);
+    auto off_d = cuda::to_device(off);
+    auto X = dev_bf16(randn_bf16(size_t(c.T * c.K), rng));
+    auto W1 = dev_bf16(randn_bf16(size_t(c.E * c.N * c.K), rng, 0.1f)),
+         W2 = dev_bf16(randn_bf16(size_t(c.E * c.N * c.K), rng, 0.1f));
+    auto A1 = dev_bf16(randn_bf16(size_t(c.T * std::max<int64_t>(c.r1, 1)), rng)),
+         A2 = dev_bf16(randn_bf16(size_t(c.T * std::max<int64_t>(c.r2, 1)), rng));
+    auto B1 = dev_bf16(randn_bf16(size_t(c.E * c.N * std::max<int64_t>(c.r1, 1)), rng, 0.1f)),
+         B2 = dev_bf16(randn_bf16(size_t(c.E * c.N * std::max<int64_t>(c.r2, 1)), rng, 0.1f));
+    const cuda::SecondProduct s1{A1.get(), B1.get(), c.r1}, s2{A2.get(), B2.get(), c.r2};
+    auto y1 = dev_poison_bf16(size_t(c.T * c.N)), y2 = dev_poison_bf16(size_t(c.T * c.N));
+    auto p1 = dev_poison_bf16(size_t(c.T * c.N)), p2 = dev_poison_bf16(size_t(c.T * c.N));
+    cuda::grouped_gemm_nt(ctx, y1.get(), X.get(), W1.get(), off_d.get(), c.T, c.E, c.N, c.K, 0.75f, false, s1);
+    cuda::grouped_gemm_nt(ctx, y2.get(), X.get(), W2.get(), off_d.get(), c.T, c.E, c.N, c.K, 0.75f, false, s2);
+    cuda::grouped_gemm_nt_pair(ctx, p1.get(), X.get(), W1.get(), s1, {p2.get(), W2.get(), s2}, off_d.get(), c.T, c.E,
+                               c.N, c.K, 0.75f);
+    const std::string shape = "pair [T" + std::to_string(c.T) + " E" + std::to_string(c.E) + " N" +
+                              std::to_string(c.N) + " K" + std::to_string(c.K) + " r" + std::to_string(c.r1) + "/" +
+                              std::to_string(c.r2) + " " + routing_name(c.routing) + "]";
+    ctx.synchronize();  // the products ran on the context's non-blocking stream
+    const auto a1 = y1.download(), a2 = y2.download(), b1 = p1.download(), b2 = p2.download();
+    EXPECT_EQ(std::memcmp(a1.data(), b1.data(), a1.size() * sizeof(bf16)), 0) << shape << " first";
+    EXPECT_EQ(std::memcmp(a2.data(), b2.data(), a2.size() * sizeof(bf16)), 0) << shape << " second";
   }
 }
 

@@ -76,6 +76,36 @@ struct Ctx {
     cuda::grouped_gemm_nt(ctx, y, x, p.W, off, T(), d.E, p.out, p.in, 1.f, false,
                           cuda::SecondProduct{xa, work.b16.get(), lora.r});
   }
+  // g = x W_gate,e^T (+ LoRA), u = x W_up,e^T (+ LoRA): the two products of one input in one launch
+  // each (grouped_gemm_nt_pair: xa of both, then both base products with their LoRA terms), the
+  // masters of both in the bf16 work copies side by side. With dropout (a mask per projection in the
+  // one xd buffer) the two xa products run one after the other; with LoRA on one of the two only,
+  // proj_forward runs each.
+  void gate_up_forward(bf16* g, bf16* u, const bf16* x) {
+    const int64_t* off = work.offsets.get();
+    const ProjShape pg = proj_shape(w, d, 0), pu = proj_shape(w, d, 1);
+    if (lora.present(0) != lora.present(1)) {
+      proj_forward(0, g, x);
+      proj_forward(1, u, x);
+      return;
+    }
+    if (!lora.present(0)) {
+      cuda::grouped_gemm_nt_pair(ctx, g, x, pg.W, {}, {u, pu.W, {}}, off, T(), d.E, d.I, d.H, 1.f);
+      return;
+    }
+    const int64_t r = lora.r;
+    bf16 *ag = work.a16.get(), *au = ag + d.E * r * d.H, *bg = work.b16.get(), *bu = bg + d.E * d.I * r;
+    lora_bf16(ctx, lora, d, 0, d.H, d.I, ag, bg);
+    lora_bf16(ctx, lora, d, 1, d.H, d.I, au, bu);
+    bf16 *xag = work.xa[0].get(), *xau = work.xa[1].get();
+    if (drop.p > 0) {
+      cuda::grouped_gemm_nt(ctx, xag, lora_input(0, x, d.H), ag, off, T(), d.E, r, d.H, lora.scale, false);
+      cuda::grouped_gemm_nt(ctx, xau, lora_input(1, x, d.H), au, off, T(), d.E, r, d.H, lora.scale, false);
+    } else {
+      cuda::grouped_gemm_nt_pair(ctx, xag, x, ag, {}, {xau, au, {}}, off, T(), d.E, r, d.H, lora.scale);
+    }
+    cuda::grouped_gemm_nt_pair(ctx, g, x, pg.W, {xag, bg, r}, {u, pu.W, {xau, bu, r}}, off, T(), d.E, d.I, d.H, 1.f);
+  }
   // dx (T,in) (+)= dy W_e (+ the LoRA path through the dropout mask); dA_e, dB_e accumulate. t = scale
   // dy B_e carries the scale (as xa does), so without dropout t A_e joins the base product. x is
   // read only before dx is written: dx may be x's buffer.
@@ -117,8 +147,8 @@ void CudaMoeWork::alloc(int64_t cap, int64_t H, int64_t I, int64_t E, int64_t k,
   g = Buffer<bf16>(T * size_t(I)), u = Buffer<bf16>(T * size_t(I)), h = Buffer<bf16>(T * size_t(I));
   for (auto& b : xa) b = Buffer<bf16>(T * size_t(r));
   t = Buffer<bf16>(T * size_t(r));
-  a16 = Buffer<bf16>(size_t(E * r * std::max(H, I)));
-  b16 = Buffer<bf16>(size_t(E * r * std::max(H, I)));
+  a16 = Buffer<bf16>(size_t(2 * E * r * std::max(H, I)));  // gate and up side by side (gate_up_forward)
+  b16 = Buffer<bf16>(size_t(2 * E * r * std::max(H, I)));
   xd = Buffer<bf16>(), dxd = Buffer<bf16>();  // allocated on the first use of dropout
 }
 
@@ -140,8 +170,7 @@ void cuda_moe_forward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoe
                            d.k, d.norm_topk_prob);
   cuda::moe_sort(ctx, work.perm.get(), work.offsets.get(), work.topk_idx.get(), N, d.k, d.E);
   cuda::moe_gather(ctx, work.xs.get(), m, work.perm.get(), T, d.k, d.H);
-  c.proj_forward(0, work.g.get(), work.xs.get());
-  c.proj_forward(1, work.u.get(), work.xs.get());
+  c.gate_up_forward(work.g.get(), work.u.get(), work.xs.get());
   cuda::swiglu_forward(ctx, work.h.get(), work.g.get(), work.u.get(), T * d.I);
   c.proj_forward(2, work.ys.get(), work.h.get());
   cuda::moe_combine(ctx, out, work.ys.get(), work.topk_w.get(), work.perm.get(), T, d.k, d.H);

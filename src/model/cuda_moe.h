@@ -71,7 +71,7 @@ class CudaMoeWork {
   // backward and dropout scratch. The backward reuses the forward's buffers once they are dead: dys
   // and then dxs (T,H) are written over ys, dh (T,I) over h, dg and du over g and u.
   cuda::Buffer<cuda::bf16> t, dlogits, xd, dxd;
-  cuda::Buffer<cuda::bf16> a16, b16;  // bf16 copies of one projection's LoRA A (E,r,in) and B (E,out,r)
+  cuda::Buffer<cuda::bf16> a16, b16;  // bf16 copies of LoRA A (E,r,in) and B (E,out,r): one projection, or gate and up
   cuda::Buffer<float> dtopk_w;
 };
 

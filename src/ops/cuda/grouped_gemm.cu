@@ -97,6 +97,12 @@ struct GroupedArgs {
   const bf16* A2;
   const bf16* B2;
   int64_t Kc2, lda2, ldb2, b2_expert_stride;
+  // NT pair (gate and up in one launch): the column tiles [n_tiles / 2, n_tiles) compute the second
+  // product of the pair, C_p = alpha (A B_p,e + A2_p B2_p,e), with the first's shapes; null: no pair.
+  const bf16* Bp;
+  const bf16* A2p;
+  const bf16* B2p;
+  void* Cp;
   int64_t m_tiles, n_tiles;
   float alpha;
   int accumulate, splits;
@@ -219,9 +225,13 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_mma_kernel(
 
   int64_t e, m0, n0, kbeg, kend, kend2 = 0;
   Operand opA, opB, opA2{}, opB2{};
+  void* Cout = a.C;
   if constexpr (MODE != Mode::TN) {
     const int64_t mt = int64_t(blockIdx.x) / a.n_tiles;
-    n0 = (int64_t(blockIdx.x) % a.n_tiles) * BN;
+    int64_t nt = int64_t(blockIdx.x) % a.n_tiles;
+    const bf16 *B = a.B, *A2 = a.A2, *B2 = a.B2;
+    if (a.Cp != nullptr && nt >= a.n_tiles / 2) nt -= a.n_tiles / 2, B = a.Bp, A2 = a.A2p, B2 = a.B2p, Cout = a.Cp;
+    n0 = nt * BN;
     int64_t tile;
     find_row_tile<BM>(a.offsets, a.E, mt, e, tile);
     if (e < 0) return;
@@ -229,11 +239,11 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_mma_kernel(
     kbeg = 0;
     kend = a.Kc;
     opA = {a.A, a.lda, m0, a.offsets[e + 1]};
-    opB = {a.B + e * a.b_expert_stride, a.ldb, n0, a.Nc};
+    opB = {B + e * a.b_expert_stride, a.ldb, n0, a.Nc};
     if (a.Kc2 > 0) {
       kend2 = a.Kc2;
-      opA2 = {a.A2, a.lda2, m0, a.offsets[e + 1]};
-      opB2 = {a.B2 + e * a.b2_expert_stride, a.ldb2, n0, a.Nc};
+      opA2 = {A2, a.lda2, m0, a.offsets[e + 1]};
+      opB2 = {B2 + e * a.b2_expert_stride, a.ldb2, n0, a.Nc};
     }
   } else {
     int64_t id = blockIdx.x;
@@ -316,7 +326,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS) grouped_mma_kernel(
         if (n >= a.Nc) continue;
         const float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
         if constexpr (MODE != Mode::TN) {
-          __nv_bfloat162* y = reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(a.C) + m * a.Nc + n);
+          __nv_bfloat162* y = reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(Cout) + m * a.Nc + n);
           float2 out = make_float2(a.alpha * v0, a.alpha * v1);
           if (a.accumulate) {
             const float2 old = __bfloat1622float2(*y);
@@ -373,7 +383,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // NT and NN on tensor cores: grid = (row tiles upper bound) x column tiles.
 template <class C, Mode MODE>
 void launch_rows_grouped(Context& ctx, GroupedArgs a, int64_t T) {
-  a.n_tiles = ceil_div(a.Nc, C::BN);
+  a.n_tiles = ceil_div(a.Nc, C::BN) * (a.Cp != nullptr ? 2 : 1);
   const int64_t blocks = (ceil_div(T, C::BM) + a.E) * a.n_tiles;
   QT_CUDA_ASSERT(blocks < (int64_t(1) << 31), "grouped GEMM grid too large");
   launch_mma<C, MODE>(ctx, a, dim3(unsigned(blocks)));
@@ -544,7 +554,8 @@ namespace {
 // second added by the SIMT kernel (two roundings of the output; e.g. LoRA rank 4).
 template <Mode MODE>
 void rows_product(Context& ctx, bf16* C, const bf16* A, const bf16* W, const int64_t* offsets, int64_t T, int64_t E,
-                  int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second) {
+                  int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second,
+                  const NtPair* pair = nullptr) {
   constexpr bool nt = MODE == Mode::NT;
   const auto simt = nt ? &grouped_gemm_nt_simt : &grouped_gemm_nn_simt;
   const GroupedOp op = nt ? GroupedOp::NT : GroupedOp::NN;
@@ -563,6 +574,12 @@ void rows_product(Context& ctx, bf16* C, const bf16* A, const bf16* W, const int
     a.ldb2 = nt ? inner2 : K;
     a.b2_expert_stride = Nc * inner2;
   }
+  if (pair) {  // grouped_gemm_nt_pair checked that both products take this (fused tensor-core) path
+    a.Cp = pair->Y;
+    a.Bp = pair->W;
+    a.A2p = pair->second.a;
+    a.B2p = pair->second.w;
+  }
   launch_rows_by_tile<MODE>(ctx, a, T, E);
   if (inner2 > 0 && !fuse)
     simt(ctx, C, second.a, second.w, offsets, T, E, nt ? N : inner2, nt ? inner2 : K, alpha, true, SecondProduct{});
@@ -574,6 +591,22 @@ void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const 
                      int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second) {
   if (T <= 0 || E <= 0 || N <= 0) return;
   rows_product<Mode::NT>(ctx, Y, X, W, offsets, T, E, N, K, alpha, accumulate, second);
+}
+
+void grouped_gemm_nt_pair(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const SecondProduct& second,
+                          const NtPair& pair, const int64_t* offsets, int64_t T, int64_t E, int64_t N, int64_t K,
+                          float alpha) {
+  if (T <= 0 || E <= 0 || N <= 0) return;
+  // One launch when both products take the same tensor-core path (fused second products alike);
+  // otherwise the two products one after the other, which computes the same bits.
+  auto fused_tc = [&](const bf16* y, const bf16* w, const SecondProduct& s) {
+    return grouped_gemm_tc_ok(GroupedOp::NT, N, K, y, X, w) &&
+           (s.inner == 0 || grouped_gemm_tc_ok(GroupedOp::NT, N, s.inner, y, s.a, s.w));
+  };
+  if (second.inner == pair.second.inner && fused_tc(Y, W, second) && fused_tc(pair.Y, pair.W, pair.second))
+    return rows_product<Mode::NT>(ctx, Y, X, W, offsets, T, E, N, K, alpha, false, second, &pair);
+  rows_product<Mode::NT>(ctx, Y, X, W, offsets, T, E, N, K, alpha, false, second);
+  rows_product<Mode::NT>(ctx, pair.Y, X, pair.W, offsets, T, E, N, K, alpha, false, pair.second);
 }
 
 void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,

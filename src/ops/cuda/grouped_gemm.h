@@ -7,6 +7,7 @@
 //
 //   grouped_gemm_nt:          Y  (T,N) (+)= alpha X (T,K)  W_e^T   W (E,N,K)  (forward: gate_up, down,
 //                                                                   LoRA x A_e^T, xa B_e^T)
+//   grouped_gemm_nt_pair:     two NT products of one X in one launch (gate and up)
 //   grouped_gemm_nn:          dX (T,K) (+)= alpha dY (T,N) W_e     W (E,N,K)  (input gradient)
 //                             both optionally + a second product (SecondProduct: the LoRA term fused)
 //   grouped_gemm_tn_kgrouped: Out (E,M,N) fp32 += scale X_e^T dY_e, X (T,M), dY (T,N), summed over
@@ -44,6 +45,18 @@ struct SecondProduct {
 
 void grouped_gemm_nt(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const int64_t* offsets, int64_t T,
                      int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second = {});
+// Two NT products of one input in one launch (an MoE layer's gate and up: one product over N = 2 x N
+// columns whose second half is the pair's): Y = alpha (X W_e^T + second) and pair.Y = alpha (X
+// pair.W_e^T + pair.second), both (T,N), overwritten. The same bits as two grouped_gemm_nt calls (the
+// fallback when the two would not take the same path).
+struct NtPair {
+  bf16* Y = nullptr;
+  const bf16* W = nullptr;
+  SecondProduct second;
+};
+void grouped_gemm_nt_pair(Context& ctx, bf16* Y, const bf16* X, const bf16* W, const SecondProduct& second,
+                          const NtPair& pair, const int64_t* offsets, int64_t T, int64_t E, int64_t N, int64_t K,
+                          float alpha);
 void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
                      int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second = {});
 // When E x tiles would leave the GPU half idle the rows are split and the fp32 partials live in
