@@ -9,6 +9,7 @@
 #   qwen3-30b-a3b-attn B=1 attention only (no target of its own: how close the NF4 base gets to 16 GiB)
 # LoRA r=16 alpha=16, S=2048, random weights. The 4-bit runs keep the input embeddings in host memory
 # (the default with --load-in-4bit); EMBED_ON_DEVICE=1 adds a 4-bit run with them on the GPU.
+# EXTRA: more `qwentune bench` arguments for every run (e.g. "--offload-activations").
 # Prints one JSON line per run and a table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ for c in $CASES; do
   variants=("" "--load-in-4bit")
   [ "${EMBED_ON_DEVICE:-0}" = 1 ] && variants+=("--load-in-4bit --offload-embeddings false")
   for q in "${variants[@]}"; do
-    bench_case "$Q" "$c" "$OUTDIR/qlora.jsonl" $args --seq 2048 --lora-r 16 --lora-alpha 16 --device cuda --warmup 2 --steps 5 $q
+    bench_case "$Q" "$c" "$OUTDIR/qlora.jsonl" $args --seq 2048 --lora-r 16 --lora-alpha 16 --device cuda --warmup 2 --steps 5 ${EXTRA:-} $q
   done
 done
 python3 - "$OUTDIR/qlora.jsonl" <<'PY'
