@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -377,9 +378,15 @@ TEST(CudaDecoder, RouterAuxLossMatchesCpu) {
 // changes where x_l waits for the backward, not what is computed: two steps of two micro-batches
 // (the second larger: the buffers grow), an evaluation forward between them, give the same loss,
 // gradients and AdamW masters bit for bit as keeping x_l on the device, for 1, 2 and 5 layers, dense
-// and MoE; the device holds two (N,H) buffers instead of L+1.
+// and MoE; the device holds two (N,H) buffers instead of L+1. Every copy is delayed on the device by
+// 3 ms (QT_TEST_COPY_DELAY_US, far longer than a tiny layer's work), so a missing wait on a copy gives
+// stale inputs and a different result.
 TEST(CudaDecoder, LayerInputsOnHostChangeNothing) {
   QT_SKIP_WITHOUT_GPU();
+  setenv("QT_TEST_COPY_DELAY_US", "3000", 1);
+  struct Unset {
+    ~Unset() { unsetenv("QT_TEST_COPY_DELAY_US"); }
+  } unset_at_exit;
   for (const bool moe : {false, true})
     for (const int layers : {1, 2, 5}) {
       const std::string j =

@@ -156,6 +156,8 @@ TEST(CudaTrain, OffloadActivationsChangesNothing) {
     ASSERT_EQ(rb.status, 0) << rb.output;
     EXPECT_EQ(ra.output.find("saved layer inputs in host memory"), std::string::npos) << ra.output;
     EXPECT_NE(rb.output.find("saved layer inputs in host memory"), std::string::npos) << rb.output;
+    EXPECT_EQ(losses(a / "metrics.jsonl", "train", "loss").size(), 6u) << model;
+    EXPECT_EQ(losses(a / "metrics.jsonl", "eval", "eval_loss").size(), 1u) << model;
     EXPECT_EQ(losses(a / "metrics.jsonl", "train", "loss"), losses(b / "metrics.jsonl", "train", "loss")) << model;
     EXPECT_EQ(losses(a / "metrics.jsonl", "train", "grad_norm"), losses(b / "metrics.jsonl", "train", "grad_norm"))
         << model;

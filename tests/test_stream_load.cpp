@@ -190,9 +190,10 @@ TEST(StreamLoad, QuantizeWritesTheSameBytesAsBeforeStreaming) {
 
 // An output larger than --shard-size is written shard by shard as the projections are quantized:
 // model-NNNNN-of-NNNNN.safetensors + the index, every shard within the size unless it holds one
-// weight's tensors alone, the same tensors and bytes as the single-file output, loadable as a 4-bit
-// base with the same NF4 tensors. Writing a single-file output into that folder (--force) leaves no
-// stale shard behind, and the other way round.
+// weight's tensors alone, no weight's bnb tensors split across shards, the same tensors and bytes as
+// the single-file output, loadable as a 4-bit base with the same NF4 tensors. The size bound holds
+// for the whole output (a shard size one byte below it shards). Writing a single-file output into
+// that folder (--force) leaves no stale shard behind (nor parts of a killed run), and the other way round.
 TEST(StreamLoad, QuantizeWritesShardsAsTheyFill) {
   test::TempDir tmp("stream_quant_shards");
   const std::string moe = golden("qwen3_moe_top2_norm"), bf = tmp.str() + "/moe_bf16";
@@ -212,8 +213,13 @@ TEST(StreamLoad, QuantizeWritesShardsAsTheyFill) {
   // weight group of a tensor name: up to ".weight" (a bnb weight's six tensors share one)
   auto group = [](const std::string& n) { return n.substr(0, n.find(".weight") + 7); };
   std::set<std::string> files;
-  for (const auto& [name, file] : index["weight_map"].items()) files.insert(file.get<std::string>());
+  std::map<std::string, std::set<std::string>> files_of_group;
+  for (const auto& [name, file] : index["weight_map"].items()) {
+    files.insert(file.get<std::string>());
+    files_of_group[group(name)].insert(file.get<std::string>());
+  }
   EXPECT_EQ(int64_t(files.size()), sn.shards);
+  for (const auto& [g, fs_of] : files_of_group) EXPECT_EQ(fs_of.size(), 1u) << g << " is split across shards";
   size_t tensors = 0;
   for (int64_t i = 0; i < sn.shards; ++i) {
     const std::string file = fmt::format("model-{:05d}-of-{:05d}.safetensors", i + 1, sn.shards);
@@ -243,12 +249,19 @@ TEST(StreamLoad, QuantizeWritesShardsAsTheyFill) {
     EXPECT_EQ(t.codes, u.codes) << name;
     EXPECT_EQ(t.absmax_codes, u.absmax_codes) << name;
   }
+  // The bound covers the float tensors too: one byte less than the whole output gives shards.
+  EXPECT_EQ(quantize_checkpoint({bf, tmp.str() + "/exact", false, s1.bytes}).shards, 1);
+  EXPECT_GE(quantize_checkpoint({bf, tmp.str() + "/below", false, s1.bytes - 1}).shards, 2);
+  EXPECT_FALSE(fs::exists(tmp.str() + "/below/model.safetensors"));
   // --force over the other layout: only the new layout's weights files remain.
+  std::ofstream(many + "/model.part-00042.safetensors") << "left by a killed run";
   quantize_checkpoint({bf, many, true});
   EXPECT_TRUE(fs::exists(many + "/model.safetensors"));
   EXPECT_FALSE(fs::exists(many + "/model.safetensors.index.json"));
-  for (const auto& e : fs::directory_iterator(many))
+  for (const auto& e : fs::directory_iterator(many)) {
     EXPECT_EQ(e.path().filename().string().rfind("model-", 0), std::string::npos) << e.path();
+    EXPECT_EQ(e.path().filename().string().find(".part-"), std::string::npos) << e.path();
+  }
   quantize_checkpoint({bf, one, true, shard});
   EXPECT_FALSE(fs::exists(one + "/model.safetensors"));
   EXPECT_TRUE(fs::exists(one + "/model.safetensors.index.json"));

@@ -109,6 +109,7 @@ struct CudaDecoder::Impl {
   // prefetches x_{l-1} while layer l runs (x_{L-1} never leaves the device). copied[i] / loaded[i]:
   // the copy out of / into buffer i has run; `computed`: the compute stream's work so far.
   bool inputs_on_host = false;
+  int64_t copy_delay_us = 0;  // QT_TEST_COPY_DELAY_US (tests): a device-side delay before each copy
   cuda::PinnedBuffer<bf16> saved_host;
   std::optional<cuda::Stream> copy_stream;
   std::array<cuda::Event, 2> copied, loaded;
@@ -157,6 +158,7 @@ struct CudaDecoder::Impl {
       : ctx(c), cfg(mc), lcfg(lc), inputs_on_host(opt.layer_inputs_on_host && opt.training), nf4(nf4_base),
         layer_scratch(!opt.training) {
     if (inputs_on_host) copy_stream.emplace();
+    if (const char* d = std::getenv("QT_TEST_COPY_DELAY_US")) copy_delay_us = std::atoll(d);
     const bool embeddings_on_host = opt.embeddings_on_host, training = opt.training;
     L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size;
     bool any_dense = false;
@@ -260,7 +262,10 @@ struct CudaDecoder::Impl {
     xd = Buffer<bf16>(), dxd = Buffer<bf16>();
     const size_t NH = size_t(N * H), NI = size_t(N * I), Nq = size_t(N * qd), Nkv = size_t(N * kvd);
     saved = Buffer<bf16>(size_t(inputs_on_host ? 2 : L + 1) * NH);
-    if (inputs_on_host) saved_host = cuda::PinnedBuffer<bf16>(size_t(std::max<int64_t>(L - 1, 0)) * NH);
+    if (inputs_on_host) {
+      saved_host = cuda::PinnedBuffer<bf16>();  // the old one freed first
+      saved_host = cuda::PinnedBuffer<bf16>(size_t(std::max<int64_t>(L - 1, 0)) * NH);
+    }
     a = Buffer<bf16>(NH), o = Buffer<bf16>(NH), h = Buffer<bf16>(NH), m = Buffer<bf16>(NH), xf = Buffer<bf16>(NH);
     q_raw = Buffer<bf16>(Nq), q = Buffer<bf16>(Nq), attn = Buffer<bf16>(Nq);
     k_raw = Buffer<bf16>(Nkv), k = Buffer<bf16>(Nkv), v = Buffer<bf16>(Nkv);
@@ -338,6 +343,7 @@ struct CudaDecoder::Impl {
   void copy_input(int64_t l, bool to_host) {
     computed.record(ctx.stream());
     QT_CUDA_CHECK(cudaStreamWaitEvent(copy_stream->get(), computed.get(), 0));
+    cuda::delay_stream(copy_stream->get(), copy_delay_us);
     bf16 *dev = saved_at(l), *host = saved_host_at(l);
     QT_CUDA_CHECK(cudaMemcpyAsync(to_host ? host : dev, to_host ? dev : host, size_t(N * H) * sizeof(bf16),
                                   to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, copy_stream->get()));

@@ -39,9 +39,10 @@ struct CudaDecoderOptions {
   // The input embedding table in pinned host memory (see the top of the file); ignored when the
   // embeddings are tied to lm_head.
   bool embeddings_on_host = false;
-  // The saved layer inputs x_0..x_{L-1} of a training forward in pinned host memory: written there
+  // The saved layer inputs x_0..x_{L-2} of a training forward in pinned host memory: written there
   // on a copy stream while the next layer runs and prefetched back one layer ahead of the backward,
-  // so the device holds two (N,H) buffers instead of L+1 (same results bit for bit).
+  // so the device holds two (N,H) buffers instead of L+1 (same results bit for bit). Tests set
+  // QT_TEST_COPY_DELAY_US to delay every copy on the device (a missing wait then shows).
   bool layer_inputs_on_host = false;
 };
 

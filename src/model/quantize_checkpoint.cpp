@@ -69,19 +69,31 @@ uint64_t bytes_of(const std::vector<Named>& ts) {
   return n;
 }
 
-// model.safetensors, model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors in `dir`.
+// model.safetensors, model.safetensors.index.json, model-NNNNN-of-NNNNN.safetensors and the parts
+// of a run that was killed (model.part-NNNNN.safetensors) in `dir`.
 bool is_weights_file(const std::string& name) {
   if (name == "model.safetensors" || name == "model.safetensors.index.json") return true;
-  return name.size() == 32 && name.compare(0, 6, "model-") == 0 && name.compare(11, 4, "-of-") == 0 &&
-         name.compare(20, 12, ".safetensors") == 0;  // model-00001-of-00002.safetensors
+  const bool shard = name.size() == 32 && name.compare(0, 6, "model-") == 0 && name.compare(11, 4, "-of-") == 0 &&
+                     name.compare(20, 12, ".safetensors") == 0;  // model-00001-of-00002.safetensors
+  const bool part = name.size() == 28 && name.compare(0, 11, "model.part-") == 0 &&
+                    name.compare(16, 12, ".safetensors") == 0;  // model.part-00001.safetensors
+  return shard || part;
+}
+
+// The weight a tensor belongs to: a bnb weight's six tensors (X.weight, X.weight.absmax, ...) share
+// "X.weight"; shards never split them (older transformers read a weight's quant state from its shard).
+std::string weight_group(const std::string& name) {
+  const size_t at = name.find(".weight");
+  return at == std::string::npos ? name : name.substr(0, at + 7);
 }
 
 // The output's weights, shard by shard. Each projection's bnb tensors arrive as they are made; when
 // the held ones would pass shard_bytes they are written as a part (model.part-NNNNN.safetensors) and
 // dropped, so host memory holds at most about one shard of NF4 output. finish() writes the rest: if
-// no part was written, one model.safetensors in the order given; else more parts (greedy by size),
-// every part renamed to its Hub shard name, and the index. Weights files of an earlier output in
-// the folder (--force) are removed at the end; parts left by a failure are removed.
+// everything fits one shard, one model.safetensors in the order given; else more parts (greedy by
+// size, a weight's tensors kept together), every part renamed to its Hub shard name, and the index.
+// Weights files of an earlier output in the folder (--force, or parts of a killed run) are removed
+// at the end; parts left by a failure are removed.
 class ShardedOutput {
  public:
   struct Written {
@@ -121,18 +133,21 @@ class ShardedOutput {
     Written w;
     w.bytes = total_ + bytes_of(rest);
     std::set<std::string> keep;
-    if (parts_.empty()) {
+    if (parts_.empty() && w.bytes <= shard_bytes_) {
       write_safetensors((dir_ / "model.safetensors").string(), rest, {{"format", "pt"}});
       keep.insert("model.safetensors");
       w.shards = 1;
     } else {
       std::vector<Named> part;
       uint64_t part_bytes = 0;
-      for (auto& nt : rest) {
-        const uint64_t b = nt.second.nbytes();
+      for (size_t i = 0; i < rest.size();) {  // one weight's tensors (consecutive in `rest`) at a time
+        size_t j = i + 1;
+        while (j < rest.size() && weight_group(rest[j].first) == weight_group(rest[i].first)) ++j;
+        uint64_t b = 0;
+        for (size_t t = i; t < j; ++t) b += rest[t].second.nbytes();
         if (!part.empty() && part_bytes + b > shard_bytes_) write_part(std::move(part)), part = {}, part_bytes = 0;
         part_bytes += b;
-        part.push_back(std::move(nt));
+        for (; i < j; ++i) part.push_back(std::move(rest[i]));
       }
       if (!part.empty()) write_part(std::move(part));
       const size_t n = parts_.size();

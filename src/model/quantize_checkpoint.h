@@ -13,7 +13,8 @@
 // written out, so host memory holds about one shard of NF4 output, the float tensors and one source
 // tensor, never the float model. An output that fits one shard is model.safetensors, written at the
 // end in the Hub's tensor order; a larger one is model-NNNNN-of-NNNNN.safetensors shards in the order
-// the projections were made (the float tensors last) with model.safetensors.index.json.
+// the projections were made (the float tensors last; a weight's bnb tensors never split across
+// shards) with model.safetensors.index.json.
 #pragma once
 #include <cstdint>
 #include <string>

@@ -224,4 +224,22 @@ void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t
   QT_CUDA_LAUNCH_CHECK();
 }
 
+namespace {
+// One thread that returns once the device's global timer has advanced by `ns`.
+__global__ void delay_kernel(int64_t ns) {
+  uint64_t t0 = 0, t = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (int64_t(t - t0) < ns);
+}
+}  // namespace
+
+void delay_stream(cudaStream_t stream, int64_t us) {
+  if (us <= 0) return;
+  delay_kernel<<<1, 1, 0, stream>>>(us * 1000);
+  QT_CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace qt::cuda

@@ -237,8 +237,7 @@ __global__ void token_sum_kernel(bf16* out, const bf16* rows, const float* w, co
   }
 }
 
-// One warp per expert-ordered row p.
-// One warp per row p. The row's dot product is complete (warp_sum) before its gradient is written,
+// One warp per expert-ordered row p. The row's dot product is complete (warp_sum) before its gradient is written,
 // so dys may be ys.
 __global__ void combine_bwd_kernel(bf16* dys, float* dtopk_w, const bf16* dout, const bf16* ys, const float* topk_w,
                                    const int32_t* perm, int64_t Nk, int64_t k, int64_t H, bool accumulate) {

@@ -74,6 +74,9 @@ void swiglu_backward(Context& ctx, bf16* dg, bf16* du, const bf16* dh, const bf1
 void swiglu_backward_inplace(Context& ctx, bf16* g, bf16* u, const bf16* dh, int64_t n);
 // y (n) += x
 void add_inplace(Context& ctx, bf16* y, const bf16* x, int64_t n);
+// Test support: the stream waits about `us` microseconds on the device (a sleeping one-thread kernel),
+// widening the window in which a missing cross-stream dependency shows up as a wrong result.
+void delay_stream(cudaStream_t stream, int64_t us);
 
 // ---- linear and LoRA ---------------------------------------------------------------------
 // y (N,out) = x (N,in) W^T + b; W (out,in) bf16, b (out) bf16 or nullptr.
