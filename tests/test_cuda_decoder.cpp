@@ -84,6 +84,13 @@ void for_each_pair(const LoraAdapter& a, const LoraAdapter& b, F&& f) {
       }
 }
 
+// Every A and B of two fp32 adapters of one structure equal bit for bit.
+void expect_same_bits(const LoraAdapter& a, const LoraAdapter& b, const std::string& what) {
+  for_each_pair(a, b, [&](const Tensor& x, const Tensor& y, const std::string& n) {
+    EXPECT_EQ(std::memcmp(x.data<float>(), y.data<float>(), size_t(x.numel()) * sizeof(float)), 0) << what << " " << n;
+  });
+}
+
 // dropout_p > 0: the training forward with LoRA dropout (masks from the same counter hash).
 void check_parity(bool qwen3, double dropout_p = 0) {
   QT_SKIP_WITHOUT_GPU();
@@ -243,12 +250,9 @@ TEST(CudaDecoder, NonFiniteStepChangesNothing) {
   EXPECT_FALSE(std::isfinite(st.loss_total));
   const auto [m2, v2] = gpu.download_moments();
   const LoraAdapter after = gpu.download_lora();
-  auto same_bits = [](const Tensor& x, const Tensor& y, const std::string& what) {
-    EXPECT_EQ(std::memcmp(x.data<float>(), y.data<float>(), size_t(x.numel()) * sizeof(float)), 0) << what;
-  };
-  for_each_pair(bad, after, same_bits);
-  for_each_pair(m, m2, same_bits);
-  for_each_pair(v, v2, same_bits);
+  expect_same_bits(bad, after, "masters");
+  expect_same_bits(m, m2, "exp_avg");
+  expect_same_bits(v, v2, "exp_avg_sq");
 }
 
 // The router load-balancing loss (output_router_logits) on a tiny 2-layer Qwen3-MoE against the CPU
@@ -418,9 +422,7 @@ TEST(CudaDecoder, LayerInputsOnHostChangeNothing) {
             d->forward_backward(0.01, {.p = 0.1, .seed = 4, .step = step, .micro_batch = b == &large});
           }
         }
-        for_each_pair(host.download_grads(), dev.download_grads(), [&](const Tensor& x, const Tensor& y, const std::string& n) {
-          EXPECT_EQ(std::memcmp(x.data<float>(), y.data<float>(), size_t(x.numel()) * sizeof(float)), 0) << what << " " << n;
-        });
+        expect_same_bits(host.download_grads(), dev.download_grads(), what + " grads");
         for (CudaDecoder* d : {&host, &dev}) d->optimizer_step(step, 1e-2, 0.0, 1.0);
         const auto hs = host.read_step_stats(), ds = dev.read_step_stats();
         EXPECT_EQ(hs.loss_total, ds.loss_total) << what;
@@ -428,9 +430,7 @@ TEST(CudaDecoder, LayerInputsOnHostChangeNothing) {
         for (CudaDecoder* d : {&host, &dev}) d->set_batch(small), d->forward();
         EXPECT_EQ(host.loss_sum(), dev.loss_sum()) << what;
       }
-      for_each_pair(host.download_lora(), dev.download_lora(), [&](const Tensor& x, const Tensor& y, const std::string& n) {
-        EXPECT_EQ(std::memcmp(x.data<float>(), y.data<float>(), size_t(x.numel()) * sizeof(float)), 0) << what << " " << n;
-      });
+      expect_same_bits(host.download_lora(), dev.download_lora(), what + " masters");
       const size_t nh = size_t(large.B * large.S * cfg.hidden_size) * 2;
       EXPECT_EQ(dev.device_bytes() - host.device_bytes(), size_t(layers + 1 - 2) * nh) << what;
     }

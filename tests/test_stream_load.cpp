@@ -350,6 +350,25 @@ TEST(StreamLoadChild, DISABLED_MeasurePeakMemory) {
   std::printf("PEAK %lld %lld\n", (long long)(peak - before), (long long)nf4);
 }
 
+namespace {
+
+// Runs the child test above with `env` (its QT_STREAM_MEM_* variables) and returns the peak resident
+// memory it added; checks that it quantized every projection of write_big_checkpoint's model.
+int64_t child_peak_bytes(const std::string& env) {
+  const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
+  const test::CommandResult r = test::run_command(
+      env + " '" + exe + "' --gtest_filter=StreamLoadChild.DISABLED_MeasurePeakMemory --gtest_also_run_disabled_tests");
+  EXPECT_EQ(r.status, 0) << r.output;
+  const size_t at = r.output.find("PEAK ");
+  EXPECT_NE(at, std::string::npos) << r.output;
+  long long bytes = -1, n = -1;
+  if (at != std::string::npos) std::sscanf(r.output.c_str() + at, "PEAK %lld %lld", &bytes, &n);
+  EXPECT_EQ(n, 4 * 7);  // every projection quantized
+  return int64_t(bytes);
+}
+
+}  // namespace
+
 // The lean load's peak host memory stays well below the f32 model's size (it holds the NF4 model,
 // the small float tensors and one source matrix); the load as it was before streaming, measured the
 // same way, exceeds it (so the measurement can tell the two apart).
@@ -362,19 +381,7 @@ TEST(StreamLoad, LeanLoadPeakMemoryIsWellBelowTheFloatModel) {
   test::TempDir tmp("stream_mem");
   const std::string dir = tmp.str() + "/model";
   const int64_t f32_bytes = write_big_checkpoint(dir);
-  const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
-  auto peak = [&](const char* mode) {
-    const test::CommandResult r =
-        test::run_command("QT_STREAM_MEM_DIR='" + dir + "' QT_STREAM_MEM_MODE=" + mode + " '" + exe +
-                          "' --gtest_filter=StreamLoadChild.DISABLED_MeasurePeakMemory --gtest_also_run_disabled_tests");
-    EXPECT_EQ(r.status, 0) << r.output;
-    const size_t at = r.output.find("PEAK ");
-    EXPECT_NE(at, std::string::npos) << r.output;
-    long long bytes = -1, n = -1;
-    if (at != std::string::npos) std::sscanf(r.output.c_str() + at, "PEAK %lld %lld", &bytes, &n);
-    EXPECT_EQ(n, 4 * 7);  // every projection quantized
-    return int64_t(bytes);
-  };
+  auto peak = [&](const char* mode) { return child_peak_bytes("QT_STREAM_MEM_DIR='" + dir + "' QT_STREAM_MEM_MODE=" + mode); };
   const int64_t lean = peak("lean"), full = peak("full");
   std::printf("f32 model %.1f MB; peak RSS added: lean load %.1f MB (%.0f%%), full load %.1f MB (%.0f%%)\n",
               double(f32_bytes) / 1e6, double(lean) / 1e6, 100.0 * double(lean) / double(f32_bytes),
@@ -393,19 +400,9 @@ TEST(StreamLoad, ShardedQuantizePeakMemoryHoldsAboutOneShard) {
   test::TempDir tmp("stream_mem_quant");
   const std::string dir = tmp.str() + "/model";
   write_big_checkpoint(dir);
-  const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
   auto peak = [&](uint64_t shard, const std::string& out) {
-    const test::CommandResult r = test::run_command(
-        "QT_STREAM_MEM_DIR='" + dir + "' QT_STREAM_MEM_OUT='" + out + "' QT_STREAM_MEM_MODE=quantize-" +
-        std::to_string(shard) + " '" + exe +
-        "' --gtest_filter=StreamLoadChild.DISABLED_MeasurePeakMemory --gtest_also_run_disabled_tests");
-    EXPECT_EQ(r.status, 0) << r.output;
-    const size_t at = r.output.find("PEAK ");
-    EXPECT_NE(at, std::string::npos) << r.output;
-    long long bytes = -1, n = -1;
-    if (at != std::string::npos) std::sscanf(r.output.c_str() + at, "PEAK %lld %lld", &bytes, &n);
-    EXPECT_EQ(n, 4 * 7);
-    return int64_t(bytes);
+    return child_peak_bytes("QT_STREAM_MEM_DIR='" + dir + "' QT_STREAM_MEM_OUT='" + out +
+                            "' QT_STREAM_MEM_MODE=quantize-" + std::to_string(shard));
   };
   const uint64_t shard = 4'000'000;
   const int64_t one = peak(uint64_t(1) << 40, tmp.str() + "/one"), many = peak(shard, tmp.str() + "/many");

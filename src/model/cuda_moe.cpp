@@ -60,6 +60,14 @@ struct Ctx {
     cuda::dropout_forward(ctx, work.xd.get(), x, T(), in, drop.p, drop.key[size_t(i)], work.perm.get());
     return work.xd.get();
   }
+  // xa_i (T,r) = scale drop_i(x) A_e^T (A16: projection i's bf16 A), kept for the backward.
+  bf16* lora_xa(int i, const bf16* x, const bf16* A16) {
+    const ProjShape p = proj_shape(w, d, i);
+    bf16* xa = work.xa[size_t(i)].get();
+    cuda::grouped_gemm_nt(ctx, xa, lora_input(i, x, p.in), A16, work.offsets.get(), T(), d.E, lora.r, p.in, lora.scale,
+                          false);
+    return xa;
+  }
   // y (T,out) = x W_e^T (+ xa B_e^T, xa = scale drop(x) A_e^T saved): the LoRA term rides in the base
   // product as its second k range (SecondProduct), so y is written once; the scale is folded into xa.
   void proj_forward(int i, bf16* y, const bf16* x) {
@@ -70,9 +78,7 @@ struct Ctx {
       return;
     }
     lora_bf16(ctx, lora, d, i, p.in, p.out, work.a16.get(), work.b16.get());
-    bf16* xa = work.xa[size_t(i)].get();
-    cuda::grouped_gemm_nt(ctx, xa, lora_input(i, x, p.in), work.a16.get(), off, T(), d.E, lora.r, p.in, lora.scale,
-                          false);
+    bf16* xa = lora_xa(i, x, work.a16.get());
     cuda::grouped_gemm_nt(ctx, y, x, p.W, off, T(), d.E, p.out, p.in, 1.f, false,
                           cuda::SecondProduct{xa, work.b16.get(), lora.r});
   }
@@ -99,8 +105,8 @@ struct Ctx {
     lora_bf16(ctx, lora, d, 1, d.H, d.I, au, bu);
     bf16 *xag = work.xa[0].get(), *xau = work.xa[1].get();
     if (drop.p > 0) {
-      cuda::grouped_gemm_nt(ctx, xag, lora_input(0, x, d.H), ag, off, T(), d.E, r, d.H, lora.scale, false);
-      cuda::grouped_gemm_nt(ctx, xau, lora_input(1, x, d.H), au, off, T(), d.E, r, d.H, lora.scale, false);
+      lora_xa(0, x, ag);
+      lora_xa(1, x, au);
     } else {
       cuda::grouped_gemm_nt_pair(ctx, xag, x, ag, {}, {xau, au, {}}, off, T(), d.E, r, d.H, lora.scale);
     }
