@@ -149,11 +149,14 @@ int grouped_bench(const std::vector<int64_t>& Ts) {
         const bool base = std::strcmp(op.name, "gate_up") == 0 || std::strcmp(op.name, "down") == 0 ||
                           std::strncmp(op.name, "dx_", 3) == 0;
         if (bias_sd > 0 && !base) continue;
-        // The base products once per row tile (QT_GROUPED_GEMM_TILE; "auto" = the library's choice).
-        for (const char* tile : {"auto", "big", "short", "wide"}) {
+        // The base products once per row tile (QT_GROUPED_GEMM_TILE forces an mma.sync tile; "auto" =
+        // the library's choice; "wgmma:V" a variant of the Hopper kernel, QT_GROUPED_GEMM_WGMMA_BN = V).
+        for (const char* tile : {"auto", "wgmma:256", "wgmma:128", "wgmma:pingpong", "wgmma:128tma", "big", "short", "wide"}) {
           if (!base && std::strcmp(tile, "auto") != 0) break;
-          if (std::strcmp(tile, "auto") == 0) unsetenv("QT_GROUPED_GEMM_TILE");
-          else setenv("QT_GROUPED_GEMM_TILE", tile, 1);
+          unsetenv("QT_GROUPED_GEMM_TILE");
+          unsetenv("QT_GROUPED_GEMM_WGMMA_BN");
+          if (std::strncmp(tile, "wgmma:", 6) == 0) setenv("QT_GROUPED_GEMM_WGMMA_BN", tile + 6, 1);
+          else if (std::strcmp(tile, "auto") != 0) setenv("QT_GROUPED_GEMM_TILE", tile, 1);
           const double ms = median_ms(ctx, op.fn);
           std::printf("{\"op\":\"%s\",\"tile\":\"%s\",\"T\":%ld,\"rows\":%ld,\"E\":%ld,\"routing\":\"%s\","
                       "\"max_rows\":%ld,\"ms\":%.4f,\"tflops\":%.1f,\"gbps\":%.0f}\n",
@@ -162,6 +165,7 @@ int grouped_bench(const std::vector<int64_t>& Ts) {
           std::fflush(stdout);
         }
         unsetenv("QT_GROUPED_GEMM_TILE");
+        unsetenv("QT_GROUPED_GEMM_WGMMA_BN");
       }
     }
   }

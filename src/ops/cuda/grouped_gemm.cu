@@ -46,7 +46,9 @@
 // newer cuBLASLt releases document CUBLASLT_MATRIX_LAYOUT_GROUPED_ROWS_ARRAY / _COLS_ARRAY (per
 // nvmath-python's binding of cublasLtMatrixLayoutAttribute_t), which may allow device-side group
 // sizes: to be measured against these kernels when the toolkit is upgraded.
-// No Hopper wgmma/TMA path yet: mma.sync runs on all three architectures.
+// Hopper: on compute capability 9.0 the NT products with N > 64 (gate_up, down, their LoRA-fused and
+// paired forms) run on the wgmma + TMA kernel of grouped_gemm_wgmma.cu instead (QT_GROUPED_GEMM_WGMMA=0
+// or a forced QT_GROUPED_GEMM_TILE keeps them here); NN, TN and thin shapes stay on mma.sync.
 #include "ops/cuda/grouped_gemm.h"
 
 #include <algorithm>
@@ -55,6 +57,8 @@
 #include <cstring>
 
 #include "ops/cuda/common.cuh"
+#include "ops/cuda/grouped_gemm_wgmma.h"
+#include "ops/cuda/grouped_tiles.cuh"
 #include "ops/cuda/mma.cuh"
 
 namespace qt::cuda {
@@ -163,48 +167,16 @@ __device__ __forceinline__ void load_b_frag(uint32_t (&b)[4], const bf16* sB, in
     ldmatrix_x4_trans(b, sB + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * (BN + 8) + nn + (lane >> 4) * 8);
 }
 
-// Warp 0 finds the expert and its row tile for row-tile index mt (prefix sums of ceil(rows_e/BM));
-// *e = -1 when mt is past the last tile. Every thread returns the same values. The row counts of
-// the first 256 experts are loaded at once (one L2 round trip), then scanned 32 at a time.
+// Warp 0 finds the expert and its row tile for row-tile index mt (grouped_tiles.cuh); every
+// thread returns the same values.
 template <int BM>
 __device__ __forceinline__ void find_row_tile(const int64_t* offsets, int64_t E, int64_t mt, int64_t& e_out,
                                               int64_t& tile_out) {
-  constexpr int kChunks = 8;  // experts 0..255 preloaded; more are loaded chunk by chunk
   __shared__ int64_t s_e, s_tile;
   if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    int64_t pre[kChunks];
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      const int64_t e = c * 32 + lane;
-      pre[c] = e < E ? offsets[e + 1] - offsets[e] : 0;
-    }
-    int64_t before = 0, found = -1, tile = 0;
-    for (int64_t base = 0, c = 0; base < E; base += 32, ++c) {
-      const int64_t e = base + lane;
-      int64_t rows = 0;
-#pragma unroll
-      for (int q = 0; q < kChunks; ++q)
-        if (q == c) rows = pre[q];  // a register pick (no local-memory array)
-      if (c >= kChunks) rows = e < E ? offsets[e + 1] - offsets[e] : 0;
-      const int64_t tiles = (rows + BM - 1) / BM;
-      int64_t inc = tiles;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int64_t v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += v;
-      }
-      const int64_t excl = before + inc - tiles;
-      const unsigned hit = __ballot_sync(0xffffffffu, tiles > 0 && mt >= excl && mt < before + inc);
-      if (hit) {
-        const int src = __ffs(hit) - 1;
-        found = base + src;
-        tile = mt - __shfl_sync(0xffffffffu, excl, src);
-        break;
-      }
-      before += __shfl_sync(0xffffffffu, inc, 31);
-    }
-    if (lane == 0) {
+    int64_t found, tile;
+    warp_find_row_tile<BM>(offsets, E, mt, found, tile);
+    if (threadIdx.x == 0) {
       s_e = found;
       s_tile = tile;
     }
@@ -489,6 +461,10 @@ GroupedArgs rows_args(const bf16* A, const bf16* W, bf16* C, const int64_t* offs
 // The tile of the row-grouped products with Nc > 64: QT_GROUPED_GEMM_TILE = big | short | wide
 // forces one (to measure them against each other: cuda_ops_bench grouped); otherwise Big.
 enum class RowTile { Big, Short, Wide };
+bool row_tile_forced() {
+  const char* v = std::getenv("QT_GROUPED_GEMM_TILE");
+  return v && (std::strcmp(v, "big") == 0 || std::strcmp(v, "short") == 0 || std::strcmp(v, "wide") == 0);
+}
 RowTile pick_row_tile(int64_t T, int64_t E) {
   if (const char* v = std::getenv("QT_GROUPED_GEMM_TILE")) {
     if (std::strcmp(v, "big") == 0) return RowTile::Big;
@@ -580,7 +556,19 @@ void rows_product(Context& ctx, bf16* C, const bf16* A, const bf16* W, const int
     a.A2p = pair->second.a;
     a.B2p = pair->second.w;
   }
-  launch_rows_by_tile<MODE>(ctx, a, T, E);
+  // Hopper: the NT products with N > 64 on wgmma + TMA (grouped_gemm_wgmma.cu) unless a tile of the
+  // mma.sync kernels is forced (QT_GROUPED_GEMM_TILE, to measure them).
+  bool done = false;
+  if constexpr (nt) {
+    if (!row_tile_forced()) {
+      const WgmmaProduct first{C, W, fuse ? second.a : nullptr, fuse ? second.w : nullptr};
+      WgmmaProduct other{};
+      if (pair) other = {pair->Y, pair->W, pair->second.a, pair->second.w};
+      done = grouped_wgmma_nt(ctx, A, first, pair ? &other : nullptr, fuse ? inner2 : 0, offsets, T, E, N, K, alpha,
+                              accumulate);
+    }
+  }
+  if (!done) launch_rows_by_tile<MODE>(ctx, a, T, E);
   if (inner2 > 0 && !fuse)
     simt(ctx, C, second.a, second.w, offsets, T, E, nt ? N : inner2, nt ? inner2 : K, alpha, true, SecondProduct{});
 }
