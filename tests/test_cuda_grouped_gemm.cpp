@@ -237,27 +237,30 @@ TEST(CudaGroupedGemm, EveryRowTileMatchesCpu) {
   }
 }
 
-// The Hopper path (grouped_gemm_wgmma.cu: NT with N > 64, on compute capability 9.0) in each of its
-// variants (QT_GROUPED_GEMM_WGMMA_BN: 256- and 128-column cooperative tiles, ping-pong, the
-// cooperative ones storing whole tiles through TMA): row tails inside and past the experts, column tails inside
-// a tile and past the last expert's weights, K not a multiple of 64 (zero-filled k), K = 8, one row,
-// E > 256, fused LoRA terms of rank 8, 16 and 64 (a second product's k tile mostly zero-filled),
-// rows past offsets[E] untouched. Elsewhere the same cases run on the mma.sync kernels.
+// The Hopper path (grouped_gemm_wgmma.cu: NT and NN with an output wider than 64, on compute
+// capability 9.0) with each of its tiles (QT_GROUPED_GEMM_WGMMA_BN: 256 or 128 columns, storing whole
+// row halves through TMA or every row from registers): row tails inside and past the experts,
+// column tails inside a tile and past the last expert's weights, contracted extents that are not a
+// multiple of 64 (zero-filled k; NN then reads the next expert's weight rows against zeros), K = 8,
+// one row, E > 256, fused LoRA terms of rank 8, 16 and 64, rows past offsets[E] untouched,
+// overwriting and accumulating (check_rows). Elsewhere the same cases run on the mma.sync kernels.
 TEST(CudaGroupedGemm, WgmmaPathMatchesCpu) {
   QT_SKIP_WITHOUT_GPU();
   cuda::Context ctx;
   std::mt19937_64 rng(76);
   std::printf("[wgmma] %s\n", cuda::grouped_wgmma_enabled() ? "enabled (sm_90)" : "not available: mma.sync kernels");
-  for (const char* bn : {"256", "128", "pingpong", "256tma", "128tma"}) {
-    ASSERT_EQ(setenv("QT_GROUPED_GEMM_WGMMA_BN", bn, 1), 0);
-    check_rows(ctx, false, 517, 4, 136, 200, Routing::Random, rng);
-    check_rows(ctx, false, 1200, 3, 520, 96, Routing::Empties, rng);
-    check_rows(ctx, false, 300, 2, 264, 72, Routing::OneExpert, rng);
-    check_rows(ctx, false, 1, 1, 66, 8, Routing::Random, rng);
-    check_rows(ctx, false, 999, 2, 256, 1032, Routing::Tail, rng, 16);
-    check_rows(ctx, false, 2000, 128, 96, 128, Routing::Random, rng, 16);
-    check_rows(ctx, false, 900, 300, 80, 64, Routing::Empties, rng, 64);
-    check_rows(ctx, false, 700, 16, 192, 256, Routing::Random, rng, 8);
+  for (const char* tile : {"256tma", "256", "128", "128tma"}) {
+    ASSERT_EQ(setenv("QT_GROUPED_GEMM_WGMMA_BN", tile, 1), 0);
+    for (const bool nn : {false, true}) {
+      check_rows(ctx, nn, 517, 4, 136, 200, Routing::Random, rng);
+      check_rows(ctx, nn, 1200, 3, 520, 96, Routing::Empties, rng);
+      check_rows(ctx, nn, 300, 2, 264, 72, Routing::OneExpert, rng);
+      check_rows(ctx, nn, 1, 1, 66, 8, Routing::Random, rng);
+      check_rows(ctx, nn, 999, 2, 256, 1032, Routing::Tail, rng, 16);
+      check_rows(ctx, nn, 2000, 128, 96, 128, Routing::Random, rng, 16);
+      check_rows(ctx, nn, 900, 300, 80, 136, Routing::Empties, rng, 64);
+      check_rows(ctx, nn, 700, 16, 192, 256, Routing::Random, rng, 8);
+    }
   }
   unsetenv("QT_GROUPED_GEMM_WGMMA_BN");
 }

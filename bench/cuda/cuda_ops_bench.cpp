@@ -151,7 +151,7 @@ int grouped_bench(const std::vector<int64_t>& Ts) {
         if (bias_sd > 0 && !base) continue;
         // The base products once per row tile (QT_GROUPED_GEMM_TILE forces an mma.sync tile; "auto" =
         // the library's choice; "wgmma:V" a variant of the Hopper kernel, QT_GROUPED_GEMM_WGMMA_BN = V).
-        for (const char* tile : {"auto", "wgmma:256", "wgmma:128", "wgmma:pingpong", "wgmma:128tma", "big", "short", "wide"}) {
+        for (const char* tile : {"auto", "wgmma:256", "wgmma:128tma", "big", "short", "wide"}) {
           if (!base && std::strcmp(tile, "auto") != 0) break;
           unsetenv("QT_GROUPED_GEMM_TILE");
           unsetenv("QT_GROUPED_GEMM_WGMMA_BN");

@@ -46,9 +46,10 @@
 // newer cuBLASLt releases document CUBLASLT_MATRIX_LAYOUT_GROUPED_ROWS_ARRAY / _COLS_ARRAY (per
 // nvmath-python's binding of cublasLtMatrixLayoutAttribute_t), which may allow device-side group
 // sizes: to be measured against these kernels when the toolkit is upgraded.
-// Hopper: on compute capability 9.0 the NT products with N > 64 (gate_up, down, their LoRA-fused and
-// paired forms) run on the wgmma + TMA kernel of grouped_gemm_wgmma.cu instead (QT_GROUPED_GEMM_WGMMA=0
-// or a forced QT_GROUPED_GEMM_TILE keeps them here); NN, TN and thin shapes stay on mma.sync.
+// Hopper: on compute capability 9.0 the NT and NN products with an output wider than 64 (gate_up,
+// down, their input gradients, with LoRA terms fused and gate/up paired) run on the wgmma + TMA
+// kernel of grouped_gemm_wgmma.cu instead (QT_GROUPED_GEMM_WGMMA=0 or a forced QT_GROUPED_GEMM_TILE
+// keeps them here); TN and thin shapes stay on mma.sync.
 #include "ops/cuda/grouped_gemm.h"
 
 #include <algorithm>
@@ -556,16 +557,18 @@ void rows_product(Context& ctx, bf16* C, const bf16* A, const bf16* W, const int
     a.A2p = pair->second.a;
     a.B2p = pair->second.w;
   }
-  // Hopper: the NT products with N > 64 on wgmma + TMA (grouped_gemm_wgmma.cu) unless a tile of the
-  // mma.sync kernels is forced (QT_GROUPED_GEMM_TILE, to measure them).
+  // Hopper: the NT and NN products wider than 64 on wgmma + TMA (grouped_gemm_wgmma.cu) unless a
+  // tile of the mma.sync kernels is forced (QT_GROUPED_GEMM_TILE, to measure them).
   bool done = false;
-  if constexpr (nt) {
-    if (!row_tile_forced()) {
-      const WgmmaProduct first{C, W, fuse ? second.a : nullptr, fuse ? second.w : nullptr};
+  if (!row_tile_forced()) {
+    const WgmmaProduct first{C, W, fuse ? second.a : nullptr, fuse ? second.w : nullptr};
+    if constexpr (nt) {
       WgmmaProduct other{};
       if (pair) other = {pair->Y, pair->W, pair->second.a, pair->second.w};
       done = grouped_wgmma_nt(ctx, A, first, pair ? &other : nullptr, fuse ? inner2 : 0, offsets, T, E, N, K, alpha,
                               accumulate);
+    } else {
+      done = grouped_wgmma_nn(ctx, A, first, fuse ? inner2 : 0, offsets, T, E, N, K, alpha, accumulate);
     }
   }
   if (!done) launch_rows_by_tile<MODE>(ctx, a, T, E);

@@ -1,22 +1,29 @@
-// The row-grouped NT expert product on Hopper (contract in grouped_gemm_wgmma.h):
-//   Y (T,N) (+)= alpha (X (T,K) W_e^T + A2 (T,K2) W2_e^T)   for the rows [offsets[e], offsets[e+1]) of e
-// with fp32 accumulation on wgmma and TMA tile loads, persistent and warp-specialised:
+// The row-grouped expert products on Hopper (contract in grouped_gemm_wgmma.h):
+//   NT  Y  (T,N) (+)= alpha (X (T,K) W_e^T + A2 (T,K2) W2_e^T)   W (E,N,K): B tiles K-major
+//   NN  dX (T,K) (+)= alpha (dY (T,N) W_e + A2 (T,K2) W2_e)      W (E,N,K): B tiles MN-major
+// for the rows [offsets[e], offsets[e+1]) of expert e, with fp32 accumulation on wgmma and TMA tile
+// loads, persistent and warp-specialised. Below, C (rows, Nc) = sum over segments of A_s B_s,e: NT
+// has Nc = N and contracts over K, NN has Nc = K and contracts over N; a segment is one product's k
+// range (the base product, then the LoRA term).
 //
-//   block      384 threads = 3 warpgroups, one per SM; tile BM x BN = 128 x BN of Y, k tiles of 64
-//   producer   warpgroup 0 (one thread): for each of the block's tiles, for each k tile, waits until
-//              stage s is free (empty[s]), then has TMA copy X (128 rows x 64 k) and W_e (BN rows x 64
-//              k) into it (full[s] counts the bytes); the second product's k tiles follow the first's
-//   consumers  warpgroups 1 and 2, rows 0-63 and 64-127 of the tile: wait for full[s], issue 4
-//              wgmma m64 n BN k16 over the stage (one when only the second product's 16 k remain),
-//              keep one k tile's products in flight and free the stage before (empty[s]); at the end
-//              of the tile store bf16(alpha acc [+ Y]) for the rows that are the expert's and n < N
+//   block      384 threads = 3 warpgroups, one per SM; tile 128 x BN of C, k tiles of 64
+//   producer   warpgroup 0 (one thread): for each of the block's tiles, for each k tile (the
+//              segments' one after the other), waits until stage s is free (empty[s]), then has TMA
+//              copy A (128 rows x 64 k) and B_e (BN columns x 64 k) into it (full[s] counts the bytes)
+//   consumers  warpgroups 1 and 2, rows 0-63 and 64-127 of the tile: wait for full[s], issue 4 wgmma
+//              m64 n BN k16 over the stage, keep one k tile's products in flight and free the stage
+//              before (empty[s]); at the end of the tile a warpgroup whose 64 rows all belong to the
+//              expert (and that does not accumulate) writes bf16(alpha acc) to shared memory and has
+//              TMA store it (TMA_STORE; the stores drain while the next tile runs); other rows are
+//              stored from registers, bf16(alpha acc [+ C]) for the expert's rows and columns < Nc
 //   schedule   tile i = mt x n_tiles + nt, blocks take tiles blockIdx.x, + gridDim.x, ...; row tile mt
-//              is found from the offsets on the device (grouped_tiles.cuh), so no host sync; the first
-//              tile past the last expert's rows ends the block. With a pair, the column tiles [n_tiles
-//              / 2, n_tiles) compute the pair's product (its maps and output).
+//              is found from the offsets on the device (grouped_tiles.cuh), so no host sync; the
+//              producer hands it to the consumers beside the tile's first stage. With a pair (NT), the
+//              column tiles [n_tiles / 2, n_tiles) compute the pair's product (its maps and output).
 //   bounds     rows of a tile past the expert's end are loaded (the next expert's rows, or zeros past
-//              T: TMA fills outside the tensor) and computed but never stored; so are columns past N
-//              (the next expert's weights); k past K or K2 is zero-filled, adding nothing.
+//              T: TMA fills outside the tensor) and computed but never stored; so are columns past Nc;
+//              k past a segment's extent reads zeros from A (outside its tensor), so whatever B holds
+//              there (NN: the next expert's first rows) adds exactly nothing.
 // Ring of STAGES stages (A 16 KiB + B BN x 128 bytes each), 128-byte swizzle (hopper.cuh).
 #include "ops/cuda/grouped_gemm_wgmma.h"
 
@@ -35,16 +42,21 @@ namespace qt::cuda {
 
 namespace {
 
-constexpr int kBM = 128, kBK = 64, kThreads = 384;
+constexpr int kBM = 128, kBK = 64, kThreads = 384, kMaxSegments = 2;
+
+struct Segment {
+  CUtensorMap a, b;  // A (T rows, k contiguous); B: NT (E x Nc rows, k contiguous), NN (E x k rows, Nc contiguous)
+};
 
 struct WgmmaArgs {
-  CUtensorMap x, w, a2, w2;      // the first product (a2, w2 unused when K2 = 0)
-  CUtensorMap wp, a2p, w2p;      // the pair's (unused without a pair)
-  CUtensorMap ym, ypm;           // Y and the pair's, for TMA stores of whole tiles (TMA_STORE)
-  bf16* y;
-  bf16* yp;                      // the pair's output; null: no pair
+  Segment seg[2][kMaxSegments];  // [product: first, pair][segment]
+  CUtensorMap ym[2];             // the outputs, for TMA stores of whole 64-row halves (TMA_STORE)
+  bf16* y[2];                    // y[1] null: no pair
   const int64_t* offsets;
-  int64_t E, N, K, K2, n_tiles, tiles;  // n_tiles counts both products' column tiles
+  int64_t E, Nc, n_tiles, tiles;  // n_tiles counts both products' column tiles
+  int segments;
+  int seg_tiles[kMaxSegments];    // k tiles of each segment
+  int32_t seg_brows[kMaxSegments];  // rows of B per expert (NT: Nc, NN: the segment's k extent)
   float alpha;
   int accumulate;
 };
@@ -58,13 +70,16 @@ struct WgmmaCfg {
 };
 
 #if QT_SM90A
-// acc (64 rows x BN) += the stage's A rows (64, at da) times its B tile (BN rows, at db), all 64 k.
-template <int BN>
-__device__ __forceinline__ void mma_k_tile(float (&acc)[BN / 2], uint64_t da, uint64_t db) {
+// acc (64 rows x BN) += the stage's A rows (64, at da) times its B tile (BN columns, at sb), all 64 k.
+template <int BN, bool B_MN>
+__device__ __forceinline__ void mma_k_tile(float (&acc)[BN / 2], uint64_t da, const unsigned char* sb) {
+  using namespace sm90;
+  const uint64_t db = B_MN ? sw128_mn_desc(sb) : sw128_desc(sb);
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {  // the next k16 slice starts 32 bytes (2 descriptor units) further
-    if constexpr (BN == 256) sm90::wgmma_m64n256k16(acc, da + 2 * k, db + 2 * k);
-    else sm90::wgmma_m64n128k16(acc, da + 2 * k, db + 2 * k);
+  for (int k = 0; k < 4; ++k) {  // the next k16 slice: 32 bytes further in A (and a K-major B), 16 rows in MN-major B
+    const uint64_t dbk = db + (B_MN ? 128 : 2) * k;
+    if constexpr (BN == 256) wgmma_m64n256k16<B_MN ? 1 : 0>(acc, da + 2 * k, dbk);
+    else wgmma_m64n128k16<B_MN ? 1 : 0>(acc, da + 2 * k, dbk);
   }
 }
 
@@ -85,38 +100,27 @@ struct TileInfo {
 };
 #endif
 
-// PINGPONG = false ("cooperative"): both consumer warpgroups work on one tile, rows 0-63 and 64-127,
-// wgmma m64 n BN; PINGPONG = true: the two take alternate tiles, each all 128 rows (two m64 products
-// per k16 slice); their turns alternate through the stage ring itself (tile i + 1's stages follow
-// tile i's) and an order barrier (a warpgroup starts waiting for its tile's stages only after the
-// other has issued all of its previous tile's products: the stage barriers' phases, told apart by
-// parity only, are then never two ahead), so one warpgroup's epilogue runs under the other's products.
-template <int BN, int STAGES, bool PINGPONG, bool TMA_STORE>
-__global__ void __launch_bounds__(kThreads, 1) grouped_wgmma_nt_kernel(const __grid_constant__ WgmmaArgs p) {
+template <int BN, int STAGES, bool TMA_STORE, bool B_MN>
+__global__ void __launch_bounds__(kThreads, 1) grouped_wgmma_kernel(const __grid_constant__ WgmmaArgs p) {
 #if QT_SM90A
   using namespace sm90;
   using C = WgmmaCfg<BN, STAGES, TMA_STORE>;
-  static_assert(!(PINGPONG && TMA_STORE), "one output tile buffer: cooperative only");
-  constexpr int MW = PINGPONG ? 128 : 64;  // rows per consumer warpgroup
-  constexpr int HALVES = MW / 64;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
   __shared__ TileInfo info[STAGES];
-  __shared__ __align__(8) uint64_t order[2];  // PINGPONG: warpgroup w may start its next tile's products
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);                   // the producer's arrive (with the stage's bytes)
-      mbar_init(&empty[s], PINGPONG ? 4 : 8);   // one arrive per consuming warp
+      mbar_init(&full[s], 1);   // the producer's arrive (with the stage's bytes)
+      mbar_init(&empty[s], 8);  // one arrive per consumer warp
     }
-    mbar_init(&order[0], 4);
-    mbar_init(&order[1], 4);
     mbar_fence_init();
   }
   __syncthreads();
 
-  const int k_tiles1 = int((p.K + kBK - 1) / kBK), k_tiles = k_tiles1 + int((p.K2 + kBK - 1) / kBK);
-  const int64_t half = p.yp != nullptr ? p.n_tiles / 2 : p.n_tiles;  // column tiles per product
+  int k_tiles = 0;
+  for (int i = 0; i < p.segments; ++i) k_tiles += p.seg_tiles[i];
+  const int64_t half = p.y[1] != nullptr ? p.n_tiles / 2 : p.n_tiles;  // column tiles per product
   const int warpgroup = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // warp-uniform for the compiler
   // 384 threads x 168 registers at entry; the producer warpgroup keeps 56, the consumers get 224
   // (setmaxnreg: each role is one branch of this if / else).
@@ -129,25 +133,27 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_wgmma_nt_kernel(const __g
       int64_t e, rt;
       warp_find_row_tile<kBM>(p.offsets, p.E, tile / p.n_tiles, e, rt);
       int64_t nt = tile % p.n_tiles;
-      const bool second = nt >= half;
-      if (second) nt -= half;
-      const int32_t m0 = int32_t(p.offsets[e] + rt * kBM), b0 = int32_t(e * p.N + nt * BN);
-      const CUtensorMap* mw = second ? &p.wp : &p.w;
-      const CUtensorMap* ma2 = second ? &p.a2p : &p.a2;
-      const CUtensorMap* mw2 = second ? &p.w2p : &p.w2;
+      const int prod = nt >= half ? 1 : 0;
+      nt -= prod * half;
+      const int32_t m0 = int32_t(p.offsets[e] + rt * kBM), n0 = int32_t(nt * BN);
       if (threadIdx.x == 0) {
-        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        int sg = 0, kl = 0;  // segment, k tile within it
+        for (int kt = 0; kt < k_tiles; ++kt, ++it, ++kl) {
+          while (kl >= p.seg_tiles[sg]) kl -= p.seg_tiles[sg++];
           const int s = it % STAGES;
           mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
-          if (kt == 0) info[s] = TileInfo{m0, p.offsets[e + 1], int32_t(nt), second ? 1 : 0};
+          if (kt == 0) info[s] = TileInfo{m0, p.offsets[e + 1], int32_t(nt), prod};
           mbar_arrive_expect_tx(&full[s], C::STAGE_BYTES);
           unsigned char* sa = smem + size_t(s) * C::STAGE_BYTES;
-          if (kt < k_tiles1) {
-            tma_load_2d(sa, &p.x, kt * kBK, m0, &full[s]);
-            tma_load_2d(sa + C::A_BYTES, mw, kt * kBK, b0, &full[s]);
+          const Segment& g = p.seg[prod][sg];
+          tma_load_2d(sa, &g.a, kl * kBK, m0, &full[s]);
+          const int32_t brow0 = int32_t(e) * p.seg_brows[sg];
+          if constexpr (!B_MN) {
+            tma_load_2d(sa + C::A_BYTES, &g.b, kl * kBK, brow0 + n0, &full[s]);
           } else {
-            tma_load_2d(sa, ma2, (kt - k_tiles1) * kBK, m0, &full[s]);
-            tma_load_2d(sa + C::A_BYTES, mw2, (kt - k_tiles1) * kBK, b0, &full[s]);
+#pragma unroll
+            for (int b = 0; b < BN / 64; ++b)  // 64-column boxes of 64 k rows
+              tma_load_2d(sa + C::A_BYTES + b * (64 * 128), &g.b, n0 + b * 64, brow0 + kl * kBK, &full[s]);
           }
         }
       }
@@ -156,98 +162,82 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_wgmma_nt_kernel(const __g
   } else {  // consumers
     regs_alloc<224>();
     const int64_t tiles = warp_count_row_tiles(p.offsets, p.E) * p.n_tiles;
-  const int cw = warpgroup - 1, warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;
-  constexpr int R = BN / 2;  // accumulators per thread and 64-row half
-  float acc[HALVES][R];
-  int64_t local = 0;  // the block's tiles so far (both warpgroups'): its stages start at local * k_tiles
-  uint32_t order_waits = 0;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++local) {
-    if constexpr (PINGPONG) {
-      if ((local & 1) != cw) continue;  // the other warpgroup's turn
-      if (local > 0) mbar_wait(&order[cw], order_waits++ & 1);  // its previous tile's products are issued
-    }
+    const int cw = warpgroup - 1, warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32;
+    const int g = lane / 4, t = lane % 4;
+    constexpr int R = BN / 2;  // accumulators per thread
+    float acc[R];
+    int64_t it = 0;
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
 #pragma unroll
-    for (int hf = 0; hf < HALVES; ++hf)
-#pragma unroll
-      for (int i = 0; i < R; ++i) acc[hf][i] = 0.0f;
-    int prev = -1;
-    TileInfo ti{};
-    int64_t it = local * k_tiles;
-    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-      const int s = int(it % STAGES);
-      mbar_wait(&full[s], uint32_t(it / STAGES) & 1);
-      if (kt == 0) ti = info[s];
-      const unsigned char* sa = smem + size_t(s) * C::STAGE_BYTES;
-      const uint64_t db = sw128_desc(sa + C::A_BYTES);
-      // all four k16 slices, also in the second product's tile where only K2 = 16 may hold data
-      // (the rest is zero-filled): a branch between the products makes the compiler serialise them
-#pragma unroll
-      for (int hf = 0; hf < HALVES; ++hf) fence_regs(acc[hf]);
-      wgmma_fence();
-#pragma unroll
-      for (int hf = 0; hf < HALVES; ++hf) mma_k_tile<BN>(acc[hf], sw128_desc(sa + (PINGPONG ? hf : cw) * 64 * 128), db);
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous k tile's products are done: its stage is free
-#pragma unroll
-      for (int hf = 0; hf < HALVES; ++hf) fence_regs(acc[hf]);
+      for (int i = 0; i < R; ++i) acc[i] = 0.0f;
+      int prev = -1;
+      TileInfo ti{};
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = int(it % STAGES);
+        mbar_wait(&full[s], uint32_t(it / STAGES) & 1);
+        if (kt == 0) ti = info[s];
+        const unsigned char* sa = smem + size_t(s) * C::STAGE_BYTES;
+        // all four k16 slices, also where a segment's last tile is mostly zero-filled (K2 = 16): a
+        // branch between the products would make the compiler serialise them
+        fence_regs(acc);
+        wgmma_fence();
+        mma_k_tile<BN, B_MN>(acc, sw128_desc(sa + cw * 64 * 128), sa + C::A_BYTES);
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous k tile's products are done: its stage is free
+        fence_regs(acc);
+        if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+        prev = s;
+      }
+      wgmma_wait<0>();
+      fence_regs(acc);
       if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
-      prev = s;
-    }
-    if (PINGPONG && lane == 0) mbar_arrive(&order[cw ^ 1]);  // the other warpgroup's turn
-    wgmma_wait<0>();
-#pragma unroll
-    for (int hf = 0; hf < HALVES; ++hf) fence_regs(acc[hf]);
-    if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
 
-    if constexpr (TMA_STORE) {
-      // This warpgroup's 64 rows wholly inside the expert's (and not accumulating into Y): through
-      // shared memory and TMA stores (whole 128-byte lines, in flight while the next tile's products
-      // run), 128 columns at a time through the warpgroup's 16 KiB buffer.
-      if (ti.m0 + (cw + 1) * 64 <= ti.m_end && !p.accumulate) {
-        const bool issuer = threadIdx.x % 128 == 0;
-        unsigned char* cs = smem + size_t(STAGES) * C::STAGE_BYTES + cw * (64 * 128 * 2);
-        const CUtensorMap* ym = ti.second ? &p.ypm : &p.ym;
+      if constexpr (TMA_STORE) {
+        // This warpgroup's 64 rows wholly inside the expert's (and not accumulating): through shared
+        // memory and TMA stores (whole 128-byte lines, in flight while the next tile's products
+        // run), 128 columns at a time through the warpgroup's 16 KiB buffer.
+        if (ti.m0 + (cw + 1) * 64 <= ti.m_end && !p.accumulate) {
+          const bool issuer = threadIdx.x % 128 == 0;
+          unsigned char* cs = smem + size_t(STAGES) * C::STAGE_BYTES + cw * (64 * 128 * 2);
+          const CUtensorMap* ym = &p.ym[ti.second];
 #pragma unroll
-        for (int part = 0; part < BN / 128; ++part) {
-          if (issuer) bulk_wait_read<0>();  // the buffer's previous stores have read it
-          named_barrier_sync(2 + cw, 128);
+          for (int part = 0; part < BN / 128; ++part) {
+            if (issuer) bulk_wait_read<0>();  // the buffer's previous stores have read it
+            named_barrier_sync(2 + cw, 128);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = warp * 16 + g + 8 * h;
+            for (int h = 0; h < 2; ++h) {
+              const int r = warp * 16 + g + 8 * h;
 #pragma unroll
-            for (int jj = 0; jj < 16; ++jj) {  // 16-byte chunk jj % 8 of box jj / 8, swizzled as TMA reads it
-              const int j = part * 16 + jj, chunk = (jj % 8) ^ (r % 8);
-              *reinterpret_cast<__nv_bfloat162*>(cs + (jj / 8) * (64 * 128) + r * 128 + chunk * 16 + 4 * t) =
-                  __floats2bfloat162_rn(p.alpha * acc[0][4 * j + 2 * h], p.alpha * acc[0][4 * j + 2 * h + 1]);
+              for (int jj = 0; jj < 16; ++jj) {  // 16-byte chunk jj % 8 of box jj / 8, swizzled as TMA reads it
+                const int j = part * 16 + jj, chunk = (jj % 8) ^ (r % 8);
+                *reinterpret_cast<__nv_bfloat162*>(cs + (jj / 8) * (64 * 128) + r * 128 + chunk * 16 + 4 * t) =
+                    __floats2bfloat162_rn(p.alpha * acc[4 * j + 2 * h], p.alpha * acc[4 * j + 2 * h + 1]);
+              }
+            }
+            fence_proxy_async_smem();
+            named_barrier_sync(2 + cw, 128);
+            if (issuer) {
+              const int32_t col = ti.nt * BN + part * 128, row = int32_t(ti.m0) + cw * 64;
+              tma_store_2d(ym, col, row, cs);
+              tma_store_2d(ym, col + 64, row, cs + 64 * 128);
+              bulk_commit();
             }
           }
-          fence_proxy_async_smem();
-          named_barrier_sync(2 + cw, 128);
-          if (issuer) {
-            const int32_t col = ti.nt * BN + part * 128, row = int32_t(ti.m0) + cw * 64;
-            tma_store_2d(ym, col, row, cs);
-            tma_store_2d(ym, col + 64, row, cs + 64 * 128);
-            bulk_commit();
-          }
+          continue;
         }
-        continue;
       }
-    }
-    bf16* y = ti.second ? p.yp : p.y;
-    const int64_t n0 = int64_t(ti.nt) * BN + 2 * t;
-#pragma unroll
-    for (int hf = 0; hf < HALVES; ++hf)
+      bf16* y = p.y[ti.second];
+      const int64_t n0 = int64_t(ti.nt) * BN + 2 * t;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t m = ti.m0 + (PINGPONG ? hf : cw) * 64 + warp * 16 + g + 8 * h;
+        const int64_t m = ti.m0 + cw * 64 + warp * 16 + g + 8 * h;
         if (m >= ti.m_end) continue;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           const int64_t n = n0 + 8 * j;
-          if (n >= p.N) continue;
-          __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(y + m * p.N + n);
-          float2 v = make_float2(p.alpha * acc[hf][4 * j + 2 * h], p.alpha * acc[hf][4 * j + 2 * h + 1]);
+          if (n >= p.Nc) continue;
+          __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(y + m * p.Nc + n);
+          float2 v = make_float2(p.alpha * acc[4 * j + 2 * h], p.alpha * acc[4 * j + 2 * h + 1]);
           if (p.accumulate) {
             const float2 old = __bfloat1622float2(*out);
             v.x += old.x;
@@ -256,8 +246,8 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_wgmma_nt_kernel(const __g
           *out = __floats2bfloat162_rn(v.x, v.y);
         }
       }
-  }
-  if (TMA_STORE && threadIdx.x % 128 == 0) bulk_wait<0>();  // the last stores are done before the block ends
+    }
+    if (TMA_STORE && threadIdx.x % 128 == 0) bulk_wait<0>();  // the last stores are done before the block ends
   }
 #else
   __trap();  // built without sm_90a: grouped_wgmma_enabled() keeps the host from launching this
@@ -293,41 +283,101 @@ bool encode_map(CUtensorMap* m, const void* ptr, int64_t rows, int64_t cols, int
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The variant: QT_GROUPED_GEMM_WGMMA_BN = 128 | 256 | pingpong | 128tma | 256tma forces one (to
-// measure them); otherwise 256-column tiles with TMA stores. The TMA stores need rows of Y in whole
-// 16-byte units (N % 8 == 0); otherwise the same tiles store from registers.
-enum class Variant { Coop128, Coop256, Pingpong128, Coop256Tma, Coop128Tma };
-Variant pick_variant(int64_t N) {
-  Variant v = Variant::Coop256Tma;
+// The tile: QT_GROUPED_GEMM_WGMMA_BN = 128 | 256 | 128tma | 256tma forces one (to measure them);
+// otherwise 256 columns (128 when Nc <= 128) with TMA stores. The TMA stores need the output rows
+// in whole 16-byte units (Nc % 8 == 0); otherwise the same tiles store from registers.
+struct Tile {
+  int bn;
+  bool tma_store;
+};
+Tile pick_tile(int64_t Nc) {
+  Tile t{Nc <= 128 ? 128 : 256, true};
   if (const char* e = std::getenv("QT_GROUPED_GEMM_WGMMA_BN")) {
-    if (std::strcmp(e, "128") == 0) v = Variant::Coop128;
-    else if (std::strcmp(e, "256") == 0) v = Variant::Coop256;
-    else if (std::strcmp(e, "pingpong") == 0) v = Variant::Pingpong128;
-    else if (std::strcmp(e, "128tma") == 0) v = Variant::Coop128Tma;
+    if (std::strcmp(e, "128") == 0) t = {128, false};
+    else if (std::strcmp(e, "256") == 0) t = {256, false};
+    else if (std::strcmp(e, "128tma") == 0) t = {128, true};
+    else if (std::strcmp(e, "256tma") == 0) t = {256, true};
   }
-  if (N % 8 != 0 && v == Variant::Coop256Tma) v = Variant::Coop256;
-  if (N % 8 != 0 && v == Variant::Coop128Tma) v = Variant::Coop128;
-  return v;
+  if (Nc % 8 != 0) t.tma_store = false;
+  return t;
 }
 
-template <int BN, int STAGES, bool PINGPONG, bool TMA_STORE = false>
+template <int BN, int STAGES, bool TMA_STORE, bool B_MN>
 void launch(Context& ctx, WgmmaArgs& a, int64_t T) {
   using C = WgmmaCfg<BN, STAGES, TMA_STORE>;
+  const auto kernel = grouped_wgmma_kernel<BN, STAGES, TMA_STORE, B_MN>;
   QT_CUDA_ASSERT(C::SMEM <= ctx.max_smem_per_block(), "wgmma grouped GEMM stages do not fit in shared memory");
   static std::atomic<uint64_t> configured{0};
   int dev = 0;
   QT_CUDA_CHECK(cudaGetDevice(&dev));
   const uint64_t bit = uint64_t(1) << (dev & 63);
   if (!(configured.load() & bit)) {
-    QT_CUDA_CHECK(cudaFuncSetAttribute(grouped_wgmma_nt_kernel<BN, STAGES, PINGPONG, TMA_STORE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(C::SMEM)));
+    QT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::SMEM)));
     configured.fetch_or(bit);
   }
-  a.n_tiles = (a.N + BN - 1) / BN * (a.yp != nullptr ? 2 : 1);
+  a.n_tiles = (a.Nc + BN - 1) / BN * (a.y[1] != nullptr ? 2 : 1);
   a.tiles = ((T + kBM - 1) / kBM + a.E) * a.n_tiles;  // an upper bound on the row tiles, times columns
   const int64_t grid = std::min<int64_t>(a.tiles, ctx.sm_count());
-  grouped_wgmma_nt_kernel<BN, STAGES, PINGPONG, TMA_STORE><<<unsigned(grid), kThreads, C::SMEM, ctx.stream()>>>(a);
+  kernel<<<unsigned(grid), kThreads, C::SMEM, ctx.stream()>>>(a);
   QT_CUDA_LAUNCH_CHECK();
+}
+
+template <bool B_MN>
+void launch_tile(Context& ctx, WgmmaArgs& a, int64_t T, Tile tile) {
+  if (tile.bn == 256) {
+    if (tile.tma_store) launch<256, 4, true, B_MN>(ctx, a, T);
+    else launch<256, 4, false, B_MN>(ctx, a, T);
+  } else {
+    if (tile.tma_store) launch<128, 6, true, B_MN>(ctx, a, T);
+    else launch<128, 6, false, B_MN>(ctx, a, T);
+  }
+}
+
+// The operands of one output: C (T, Nc) = sum_s A_s (T, k_s) B_s,e, the segments' maps encoded for
+// the tile (NT: B_s (E x Nc rows, k_s contiguous); NN: B_s (E x k_s rows, Nc contiguous)).
+bool encode_product(Segment (&seg)[kMaxSegments], const bf16* const (&A)[kMaxSegments],
+                    const bf16* const (&B)[kMaxSegments], const int64_t (&k)[kMaxSegments], int segments, bool b_mn,
+                    int64_t T, int64_t E, int64_t Nc, int bn) {
+  for (int i = 0; i < segments; ++i) {
+    if (!encode_map(&seg[i].a, A[i], T, k[i], kBM)) return false;
+    if (!(b_mn ? encode_map(&seg[i].b, B[i], E * k[i], Nc, 64) : encode_map(&seg[i].b, B[i], E * Nc, k[i], bn)))
+      return false;
+  }
+  return true;
+}
+
+// The shared part of grouped_wgmma_nt / _nn: C (T, Nc) (+)= alpha (A B_e + a2 w2_e) for one or two
+// products (pair: NT only), contracting over k (and k2).
+bool run(Context& ctx, bool b_mn, const bf16* A, int64_t k, const WgmmaProduct& first, const WgmmaProduct* pair,
+         int64_t k2, const int64_t* offsets, int64_t T, int64_t E, int64_t Nc, float alpha, bool accumulate) {
+  if (!grouped_wgmma_enabled() || Nc <= 64 || Nc % 2 != 0 || k <= 0 || k % 8 != 0 || k2 % 8 != 0) return false;
+  const int64_t max_rows = std::max(E * (b_mn ? std::max(k, k2) : Nc), T);
+  if (max_rows >= (int64_t(1) << 31)) return false;  // TMA coordinates are 32-bit
+  if (!aligned16(first.Y) || (pair && !aligned16(pair->Y))) return false;
+  const Tile tile = pick_tile(Nc);
+  WgmmaArgs a{};
+  a.segments = k2 > 0 ? 2 : 1;
+  const int64_t ks[kMaxSegments] = {k, k2};
+  for (int i = 0; i < a.segments; ++i) {
+    a.seg_tiles[i] = int((ks[i] + kBK - 1) / kBK);
+    a.seg_brows[i] = int32_t(b_mn ? ks[i] : Nc);
+  }
+  const WgmmaProduct* prods[2] = {&first, pair};
+  for (int q = 0; q < (pair ? 2 : 1); ++q) {
+    const bf16* const As[kMaxSegments] = {A, prods[q]->a2};
+    const bf16* const Bs[kMaxSegments] = {prods[q]->W, prods[q]->w2};
+    if (!encode_product(a.seg[q], As, Bs, ks, a.segments, b_mn, T, E, Nc, tile.bn)) return false;
+    if (tile.tma_store && !encode_map(&a.ym[q], prods[q]->Y, T, Nc, 64)) return false;
+    a.y[q] = prods[q]->Y;
+  }
+  a.offsets = offsets;
+  a.E = E;
+  a.Nc = Nc;
+  a.alpha = alpha;
+  a.accumulate = accumulate ? 1 : 0;
+  if (b_mn) launch_tile<true>(ctx, a, T, tile);
+  else launch_tile<false>(ctx, a, T, tile);
+  return true;
 }
 
 }  // namespace
@@ -347,45 +397,12 @@ bool grouped_wgmma_enabled() {
 bool grouped_wgmma_nt(Context& ctx, const bf16* X, const WgmmaProduct& first, const WgmmaProduct* pair,
                       int64_t inner2, const int64_t* offsets, int64_t T, int64_t E, int64_t N, int64_t K, float alpha,
                       bool accumulate) {
-  if (!grouped_wgmma_enabled() || N <= 64 || N % 2 != 0 || K % 8 != 0 || inner2 % 8 != 0 || K <= 0) return false;
-  if (T >= (int64_t(1) << 31) || E * N >= (int64_t(1) << 31)) return false;
-  const auto ok = [&](const WgmmaProduct& q) {
-    return aligned16(q.Y) && aligned16(q.W) && (inner2 == 0 || (aligned16(q.a2) && aligned16(q.w2)));
-  };
-  if (!aligned16(X) || !ok(first) || (pair && !ok(*pair))) return false;
-  const Variant variant = pick_variant(N);
-  const int bn = variant == Variant::Coop256 || variant == Variant::Coop256Tma ? 256 : 128;
-  const bool tma_store = variant == Variant::Coop256Tma || variant == Variant::Coop128Tma;
-  WgmmaArgs a{};
-  bool enc = encode_map(&a.x, X, T, K, kBM) && encode_map(&a.w, first.W, E * N, K, bn);
-  if (inner2 > 0) enc = enc && encode_map(&a.a2, first.a2, T, inner2, kBM) && encode_map(&a.w2, first.w2, E * N, inner2, bn);
-  if (pair) {
-    enc = enc && encode_map(&a.wp, pair->W, E * N, K, bn);
-    if (inner2 > 0)
-      enc = enc && encode_map(&a.a2p, pair->a2, T, inner2, kBM) && encode_map(&a.w2p, pair->w2, E * N, inner2, bn);
-  }
-  if (tma_store) {  // the outputs, in (64 rows x 64) boxes
-    enc = enc && encode_map(&a.ym, first.Y, T, N, 64);
-    if (pair) enc = enc && encode_map(&a.ypm, pair->Y, T, N, 64);
-  }
-  if (!enc) return false;
-  a.y = first.Y;
-  a.yp = pair ? pair->Y : nullptr;
-  a.offsets = offsets;
-  a.E = E;
-  a.N = N;
-  a.K = K;
-  a.K2 = inner2;
-  a.alpha = alpha;
-  a.accumulate = accumulate ? 1 : 0;
-  switch (variant) {
-    case Variant::Coop128: launch<128, 6, false>(ctx, a, T); break;
-    case Variant::Pingpong128: launch<128, 6, true>(ctx, a, T); break;
-    case Variant::Coop256: launch<256, 4, false>(ctx, a, T); break;
-    case Variant::Coop256Tma: launch<256, 4, false, true>(ctx, a, T); break;
-    case Variant::Coop128Tma: launch<128, 6, false, true>(ctx, a, T); break;
-  }
-  return true;
+  return run(ctx, false, X, K, first, pair, inner2, offsets, T, E, N, alpha, accumulate);
+}
+
+bool grouped_wgmma_nn(Context& ctx, const bf16* dY, const WgmmaProduct& out, int64_t inner2, const int64_t* offsets,
+                      int64_t T, int64_t E, int64_t N, int64_t K, float alpha, bool accumulate) {
+  return run(ctx, true, dY, N, out, nullptr, inner2, offsets, T, E, K, alpha, accumulate);
 }
 
 }  // namespace qt::cuda
