@@ -11,6 +11,7 @@
 // 2e-4 max|ref|. A block that forgets a tile leaves the random initial output: far out of bounds.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -263,6 +264,61 @@ TEST(CudaGroupedGemm, WgmmaPathMatchesCpu) {
     }
   }
   unsetenv("QT_GROUPED_GEMM_WGMMA_BN");
+}
+
+// grouped_gemm_nn_sum (an MoE layer's gate and up input gradients in one product): dX = alpha (dY1
+// W1_e + t1 A1_e + dY2 W2_e + t2 A2_e) against the CPU, over a poisoned dX, with LoRA terms of rank 0,
+// 8 and 16 (fused: one rounding), rank 4 or ranks that differ (two grouped_gemm_nn calls: two
+// roundings, the bf16-intermediate tolerance); every routing, contracted extents not a multiple of 64.
+TEST(CudaGroupedGemm, NnSumMatchesCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  cuda::Context ctx;
+  std::mt19937_64 rng(77);
+  struct SumCase {
+    int64_t T, E, N, K, r1, r2;
+    Routing routing;
+  };
+  const SumCase cases[] = {
+      {700, 16, 192, 256, 0, 0, Routing::Random},    {700, 16, 192, 256, 16, 16, Routing::Empties},
+      {999, 3, 136, 200, 8, 8, Routing::Tail},       {450, 6, 96, 128, 4, 4, Routing::OneExpert},
+      {450, 6, 96, 136, 16, 8, Routing::Random},     {2000, 128, 72, 264, 16, 16, Routing::Random},
+      {50, 3, 64, 96, 16, 16, Routing::NoRows},
+  };
+  for (const SumCase& c : cases) {
+    const auto off = make_offsets(c.T, c.E, c.routing, rng);
+    auto off_d = cuda::to_device(off);
+    const auto dY1 = randn_bf16(size_t(c.T * c.N), rng), dY2 = randn_bf16(size_t(c.T * c.N), rng);
+    const auto W1 = randn_bf16(size_t(c.E * c.N * c.K), rng, 0.1f), W2 = randn_bf16(size_t(c.E * c.N * c.K), rng, 0.1f);
+    const auto t1 = randn_bf16(size_t(c.T * c.r1), rng), t2 = randn_bf16(size_t(c.T * c.r2), rng);
+    const auto A1 = randn_bf16(size_t(c.E * c.r1 * c.K), rng, 0.1f), A2 = randn_bf16(size_t(c.E * c.r2 * c.K), rng, 0.1f);
+    auto dY1_d = dev_bf16(dY1), dY2_d = dev_bf16(dY2), W1_d = dev_bf16(W1), W2_d = dev_bf16(W2);
+    auto t1_d = dev_bf16(t1), t2_d = dev_bf16(t2), A1_d = dev_bf16(A1), A2_d = dev_bf16(A2);
+    const std::vector<float> zeros(size_t(c.T * c.K), 0.0f);
+    const float alpha = 0.75f;
+    auto ref = ref_rows(zeros, dY1, W1, t1, A1, off, c.T, c.K, c.N, c.r1, alpha, false, true);
+    const auto ref2 = ref_rows(zeros, dY2, W2, t2, A2, off, c.T, c.K, c.N, c.r2, alpha, false, true);
+    for (size_t i = 0; i < ref.size(); ++i) ref[i] += ref2[i];
+    auto dX = dev_poison_bf16(size_t(c.T * c.K));
+    cuda::grouped_gemm_nn_sum(ctx, dX.get(), {dY1_d.get(), W1_d.get(), {t1_d.get(), A1_d.get(), c.r1}},
+                              {dY2_d.get(), W2_d.get(), {t2_d.get(), A2_d.get(), c.r2}}, off_d.get(), c.T, c.E, c.N,
+                              c.K, alpha);
+    const bool fused = c.r1 == c.r2 && c.r1 % 8 == 0;
+    const std::string shape = "nn_sum [T" + std::to_string(c.T) + " E" + std::to_string(c.E) + " N" +
+                              std::to_string(c.N) + " K" + std::to_string(c.K) + " r" + std::to_string(c.r1) + "/" +
+                              std::to_string(c.r2) + " " + routing_name(c.routing) + "]";
+    // Rows past offsets[E] are not written: they keep the poison (NaN); the routed rows are compared.
+    auto got = host_f32(dX);
+    int64_t written_unrouted = 0;
+    for (int64_t row = 0; row < c.T; ++row)
+      if (expert_of(off, row) < 0)
+        for (int64_t k = 0; k < c.K; ++k) {
+          const size_t i = size_t(row * c.K + k);
+          written_unrouted += std::isnan(got[i]) ? 0 : 1;
+          got[i] = ref[i] = 0.0f;
+        }
+    EXPECT_EQ(written_unrouted, 0) << shape << ": rows past offsets[E] written";
+    expect_close(shape, got, ref, kBf16Rtol, fused ? kAtolReduction : kAtolBf16Intermediate);
+  }
 }
 
 // The LoRA products of one expert-parallel adapter (x (T,H), A (E,r,H), B (E,O,r)) at r = 4, 16, 64:

@@ -112,6 +112,38 @@ struct Ctx {
     }
     cuda::grouped_gemm_nt_pair(ctx, g, x, pg.W, {xag, bg, r}, {u, pu.W, {xau, bu, r}}, off, T(), d.E, d.I, d.H, 1.f);
   }
+  // dx (T,H) = the input gradient of gate and up together, dg W_g,e + du W_u,e + t_g A_g,e + t_u A_u,e
+  // in one product (grouped_gemm_nn_sum: dx written once), with t = scale dy B_e of each (both in
+  // work.t) and dA, dB of both accumulated as proj_backward does; with dropout, or LoRA on one of the
+  // two only, proj_backward for each (the second accumulating into dx).
+  void gate_up_backward(bf16* dx, const bf16* dg, const bf16* du, const bf16* x) {
+    if (drop.p > 0 || lora.present(0) != lora.present(1)) {
+      proj_backward(0, dx, dg, x, false);
+      proj_backward(1, dx, du, x, true);
+      return;
+    }
+    const int64_t* off = work.offsets.get();
+    const ProjShape pg = proj_shape(w, d, 0), pu = proj_shape(w, d, 1);
+    if (!lora.present(0)) {
+      cuda::grouped_gemm_nn_sum(ctx, dx, {dg, pg.W, {}}, {du, pu.W, {}}, off, T(), d.E, d.I, d.H, 1.f);
+      return;
+    }
+    const int64_t r = lora.r;
+    bf16 *ag = work.a16.get(), *au = ag + d.E * r * d.H, *bg = work.b16.get(), *bu = bg + d.E * d.I * r;
+    lora_bf16(ctx, lora, d, 0, d.H, d.I, ag, bg);
+    lora_bf16(ctx, lora, d, 1, d.H, d.I, au, bu);
+    bf16 *tg = work.t.get(), *tu = tg + T() * r;
+    const bf16* dys[2] = {dg, du};
+    const bf16* bs[2] = {bg, bu};
+    bf16* ts[2] = {tg, tu};
+    for (int i = 0; i < 2; ++i) {
+      cuda::grouped_gemm_nn(ctx, ts[i], dys[i], bs[i], off, T(), d.E, d.I, r, lora.scale, false);  // t = s dy B_e
+      cuda::grouped_gemm_tn_kgrouped(ctx, lora.dA[size_t(i)], ts[i], x, off, T(), d.E, r, d.H, 1.f);
+      cuda::grouped_gemm_tn_kgrouped(ctx, lora.dB[size_t(i)], dys[i], work.xa[size_t(i)].get(), off, T(), d.E, d.I, r,
+                                     1.f);
+    }
+    cuda::grouped_gemm_nn_sum(ctx, dx, {dg, pg.W, {tg, ag, r}}, {du, pu.W, {tu, au, r}}, off, T(), d.E, d.I, d.H, 1.f);
+  }
   // dx (T,in) (+)= dy W_e (+ the LoRA path through the dropout mask); dA_e, dB_e accumulate. t = scale
   // dy B_e carries the scale (as xa does), so without dropout t A_e joins the base product. x is
   // read only before dx is written: dx may be x's buffer.
@@ -152,7 +184,7 @@ void CudaMoeWork::alloc(int64_t cap, int64_t H, int64_t I, int64_t E, int64_t k,
   xs = Buffer<bf16>(T * size_t(H)), ys = Buffer<bf16>(T * size_t(H));
   g = Buffer<bf16>(T * size_t(I)), u = Buffer<bf16>(T * size_t(I)), h = Buffer<bf16>(T * size_t(I));
   for (auto& b : xa) b = Buffer<bf16>(T * size_t(r));
-  t = Buffer<bf16>(T * size_t(r));
+  t = Buffer<bf16>(2 * T * size_t(r));  // gate's and up's side by side (gate_up_backward)
   a16 = Buffer<bf16>(size_t(2 * E * r * std::max(H, I)));  // gate and up side by side (gate_up_forward)
   b16 = Buffer<bf16>(size_t(2 * E * r * std::max(H, I)));
   xd = Buffer<bf16>(), dxd = Buffer<bf16>();  // allocated on the first use of dropout
@@ -196,8 +228,7 @@ void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMo
                              d.k, d.H, /*accumulate=*/false);
   c.proj_backward(2, dh, dys, work.h.get(), false);
   cuda::swiglu_backward_inplace(ctx, dg, du, dh, T * d.I);
-  c.proj_backward(0, dxs, dg, work.xs.get(), false);
-  c.proj_backward(1, dxs, du, work.xs.get(), true);
+  c.gate_up_backward(dxs, dg, du, work.xs.get());
   cuda::moe_gather_backward(ctx, dm, dxs, work.perm.get(), T, d.k, d.H);
   // Through the routing weights: top-k / renorm / softmax -> logits -> m W_r^T.
   zero_async(ctx, work.dlogits, N * d.E);

@@ -70,7 +70,7 @@ class CudaMoeWork {
   std::array<cuda::Buffer<cuda::bf16>, 3> xa;  // (T,r) scale * dropout(x) A^T per projection (LoRA scale folded in)
   // backward and dropout scratch. The backward reuses the forward's buffers once they are dead: dys
   // and then dxs (T,H) are written over ys, dh (T,I) over h, dg and du over g and u.
-  cuda::Buffer<cuda::bf16> t, dlogits, xd, dxd;
+  cuda::Buffer<cuda::bf16> t, dlogits, xd, dxd;  // t (2,T,r): scale dy B_e of one projection, or of gate and up
   cuda::Buffer<cuda::bf16> a16, b16;  // bf16 copies of LoRA A (E,r,in) and B (E,out,r): one projection, or gate and up
   cuda::Buffer<float> dtopk_w;
 };

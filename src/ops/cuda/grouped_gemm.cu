@@ -606,6 +606,18 @@ void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, cons
   rows_product<Mode::NN>(ctx, dX, dY, W, offsets, T, E, N, K, alpha, accumulate, second);
 }
 
+void grouped_gemm_nn_sum(Context& ctx, bf16* dX, const NnTerm& one, const NnTerm& two, const int64_t* offsets,
+                         int64_t T, int64_t E, int64_t N, int64_t K, float alpha) {
+  if (T <= 0 || E <= 0 || K <= 0) return;
+  const int64_t r = one.second.inner;
+  if (r == two.second.inner && !row_tile_forced() &&
+      grouped_wgmma_nn_sum(ctx, dX, one.dY, {nullptr, one.W, one.second.a, one.second.w}, two.dY,
+                           {nullptr, two.W, two.second.a, two.second.w}, r, offsets, T, E, N, K, alpha))
+    return;
+  grouped_gemm_nn(ctx, dX, one.dY, one.W, offsets, T, E, N, K, alpha, false, one.second);
+  grouped_gemm_nn(ctx, dX, two.dY, two.W, offsets, T, E, N, K, alpha, true, two.second);
+}
+
 void grouped_gemm_tn_kgrouped(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,
                               int64_t T, int64_t E, int64_t M, int64_t N, float scale) {
   if (T <= 0 || E <= 0 || M <= 0 || N <= 0) return;

@@ -9,6 +9,7 @@
 //                                                                   LoRA x A_e^T, xa B_e^T)
 //   grouped_gemm_nt_pair:     two NT products of one X in one launch (gate and up)
 //   grouped_gemm_nn:          dX (T,K) (+)= alpha dY (T,N) W_e     W (E,N,K)  (input gradient)
+//   grouped_gemm_nn_sum:      the sum of two such products (gate and up) written once
 //                             both optionally + a second product (SecondProduct: the LoRA term fused)
 //   grouped_gemm_tn_kgrouped: Out (E,M,N) fp32 += scale X_e^T dY_e, X (T,M), dY (T,N), summed over
 //                             the rows of expert e (LoRA weight gradients dA_e = t^T x, dB_e = dy^T xa)
@@ -59,6 +60,17 @@ void grouped_gemm_nt_pair(Context& ctx, bf16* Y, const bf16* X, const bf16* W, c
                           float alpha);
 void grouped_gemm_nn(Context& ctx, bf16* dX, const bf16* dY, const bf16* W, const int64_t* offsets, int64_t T,
                      int64_t E, int64_t N, int64_t K, float alpha, bool accumulate, const SecondProduct& second = {});
+// dX (T,K) = alpha (dY1 W1_e + second1 + dY2 W2_e + second2), overwritten: the input gradients of two
+// projections of one input (an MoE layer's gate and up, N = I) summed in one product, so dX is
+// written once (on Hopper: one wgmma launch with four k ranges). Elsewhere, or when the two second
+// products differ in rank, two grouped_gemm_nn calls (the second accumulating: dX rounded twice).
+struct NnTerm {
+  const bf16* dY = nullptr;
+  const bf16* W = nullptr;
+  SecondProduct second;
+};
+void grouped_gemm_nn_sum(Context& ctx, bf16* dX, const NnTerm& one, const NnTerm& two, const int64_t* offsets,
+                         int64_t T, int64_t E, int64_t N, int64_t K, float alpha);
 // When E x tiles would leave the GPU half idle the rows are split and the fp32 partials live in
 // ctx.scratch() (growing it synchronises once: run a warm-up step before capturing a graph).
 void grouped_gemm_tn_kgrouped(Context& ctx, float* Out, const bf16* X, const bf16* dY, const int64_t* offsets,

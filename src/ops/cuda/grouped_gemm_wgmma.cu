@@ -42,7 +42,7 @@ namespace qt::cuda {
 
 namespace {
 
-constexpr int kBM = 128, kBK = 64, kThreads = 384, kMaxSegments = 2;
+constexpr int kBM = 128, kBK = 64, kThreads = 384, kMaxSegments = 4;
 
 struct Segment {
   CUtensorMap a, b;  // A (T rows, k contiguous); B: NT (E x Nc rows, k contiguous), NN (E x k rows, Nc contiguous)
@@ -333,42 +333,50 @@ void launch_tile(Context& ctx, WgmmaArgs& a, int64_t T, Tile tile) {
   }
 }
 
-// The operands of one output: C (T, Nc) = sum_s A_s (T, k_s) B_s,e, the segments' maps encoded for
-// the tile (NT: B_s (E x Nc rows, k_s contiguous); NN: B_s (E x k_s rows, Nc contiguous)).
-bool encode_product(Segment (&seg)[kMaxSegments], const bf16* const (&A)[kMaxSegments],
-                    const bf16* const (&B)[kMaxSegments], const int64_t (&k)[kMaxSegments], int segments, bool b_mn,
-                    int64_t T, int64_t E, int64_t Nc, int bn) {
-  for (int i = 0; i < segments; ++i) {
-    if (!encode_map(&seg[i].a, A[i], T, k[i], kBM)) return false;
-    if (!(b_mn ? encode_map(&seg[i].b, B[i], E * k[i], Nc, 64) : encode_map(&seg[i].b, B[i], E * Nc, k[i], bn)))
-      return false;
+// One output's k segments: C (T, Nc) = sum_s A_s (T, k_s) B_s,e, with B_s (E x Nc rows, k_s
+// contiguous) for NT or (E x k_s rows, Nc contiguous) for NN.
+struct Segments {
+  const bf16* a[kMaxSegments] = {};
+  const bf16* b[kMaxSegments] = {};
+  int64_t k[kMaxSegments] = {};
+  int n = 0;
+  void add(const bf16* a_, const bf16* b_, int64_t k_) {
+    a[n] = a_;
+    b[n] = b_;
+    k[n++] = k_;
   }
-  return true;
-}
+};
 
-// The shared part of grouped_wgmma_nt / _nn: C (T, Nc) (+)= alpha (A B_e + a2 w2_e) for one or two
-// products (pair: NT only), contracting over k (and k2).
-bool run(Context& ctx, bool b_mn, const bf16* A, int64_t k, const WgmmaProduct& first, const WgmmaProduct* pair,
-         int64_t k2, const int64_t* offsets, int64_t T, int64_t E, int64_t Nc, float alpha, bool accumulate) {
-  if (!grouped_wgmma_enabled() || Nc <= 64 || Nc % 2 != 0 || k <= 0 || k % 8 != 0 || k2 % 8 != 0) return false;
-  const int64_t max_rows = std::max(E * (b_mn ? std::max(k, k2) : Nc), T);
+// The shared part of the entry points: Y[q] (T, Nc) (+)= alpha sum_s A_s B_s,e for one product, or
+// two (q = 0, 1: an NT pair, its segments of the same extents).
+bool run(Context& ctx, bool b_mn, bf16* const (&Y)[2], const Segments (&segs)[2], int products,
+         const int64_t* offsets, int64_t T, int64_t E, int64_t Nc, float alpha, bool accumulate) {
+  if (!grouped_wgmma_enabled() || Nc <= 64 || Nc % 2 != 0) return false;
+  const Segments& s0 = segs[0];
+  int64_t max_rows = std::max(T, E * Nc);
+  for (int i = 0; i < s0.n; ++i) {
+    if (s0.k[i] <= 0 || s0.k[i] % 8 != 0) return false;
+    max_rows = std::max(max_rows, E * s0.k[i]);
+  }
   if (max_rows >= (int64_t(1) << 31)) return false;  // TMA coordinates are 32-bit
-  if (!aligned16(first.Y) || (pair && !aligned16(pair->Y))) return false;
   const Tile tile = pick_tile(Nc);
   WgmmaArgs a{};
-  a.segments = k2 > 0 ? 2 : 1;
-  const int64_t ks[kMaxSegments] = {k, k2};
-  for (int i = 0; i < a.segments; ++i) {
-    a.seg_tiles[i] = int((ks[i] + kBK - 1) / kBK);
-    a.seg_brows[i] = int32_t(b_mn ? ks[i] : Nc);
+  a.segments = s0.n;
+  for (int i = 0; i < s0.n; ++i) {
+    a.seg_tiles[i] = int((s0.k[i] + kBK - 1) / kBK);
+    a.seg_brows[i] = int32_t(b_mn ? s0.k[i] : Nc);
   }
-  const WgmmaProduct* prods[2] = {&first, pair};
-  for (int q = 0; q < (pair ? 2 : 1); ++q) {
-    const bf16* const As[kMaxSegments] = {A, prods[q]->a2};
-    const bf16* const Bs[kMaxSegments] = {prods[q]->W, prods[q]->w2};
-    if (!encode_product(a.seg[q], As, Bs, ks, a.segments, b_mn, T, E, Nc, tile.bn)) return false;
-    if (tile.tma_store && !encode_map(&a.ym[q], prods[q]->Y, T, Nc, 64)) return false;
-    a.y[q] = prods[q]->Y;
+  for (int q = 0; q < products; ++q) {
+    if (!aligned16(Y[q])) return false;
+    for (int i = 0; i < s0.n; ++i) {
+      Segment& g = a.seg[q][i];
+      const int64_t k = s0.k[i];
+      if (!encode_map(&g.a, segs[q].a[i], T, k, kBM)) return false;
+      if (!(b_mn ? encode_map(&g.b, segs[q].b[i], E * k, Nc, 64) : encode_map(&g.b, segs[q].b[i], E * Nc, k, tile.bn)))
+        return false;
+    }
+    if (tile.tma_store && !encode_map(&a.ym[q], Y[q], T, Nc, 64)) return false;
+    a.y[q] = Y[q];
   }
   a.offsets = offsets;
   a.E = E;
@@ -378,6 +386,14 @@ bool run(Context& ctx, bool b_mn, const bf16* A, int64_t k, const WgmmaProduct& 
   if (b_mn) launch_tile<true>(ctx, a, T, tile);
   else launch_tile<false>(ctx, a, T, tile);
   return true;
+}
+
+// A product and its LoRA term as segments.
+Segments segments_of(const bf16* A, const bf16* W, int64_t k, const bf16* a2, const bf16* w2, int64_t k2) {
+  Segments s;
+  s.add(A, W, k);
+  if (k2 > 0) s.add(a2, w2, k2);
+  return s;
 }
 
 }  // namespace
@@ -397,12 +413,32 @@ bool grouped_wgmma_enabled() {
 bool grouped_wgmma_nt(Context& ctx, const bf16* X, const WgmmaProduct& first, const WgmmaProduct* pair,
                       int64_t inner2, const int64_t* offsets, int64_t T, int64_t E, int64_t N, int64_t K, float alpha,
                       bool accumulate) {
-  return run(ctx, false, X, K, first, pair, inner2, offsets, T, E, N, alpha, accumulate);
+  bf16* const Y[2] = {first.Y, pair ? pair->Y : nullptr};
+  Segments segs[2] = {segments_of(X, first.W, K, first.a2, first.w2, inner2), {}};
+  if (pair) segs[1] = segments_of(X, pair->W, K, pair->a2, pair->w2, inner2);
+  return run(ctx, false, Y, segs, pair ? 2 : 1, offsets, T, E, N, alpha, accumulate);
 }
 
 bool grouped_wgmma_nn(Context& ctx, const bf16* dY, const WgmmaProduct& out, int64_t inner2, const int64_t* offsets,
                       int64_t T, int64_t E, int64_t N, int64_t K, float alpha, bool accumulate) {
-  return run(ctx, true, dY, N, out, nullptr, inner2, offsets, T, E, K, alpha, accumulate);
+  bf16* const Y[2] = {out.Y, nullptr};
+  const Segments segs[2] = {segments_of(dY, out.W, N, out.a2, out.w2, inner2), {}};
+  return run(ctx, true, Y, segs, 1, offsets, T, E, K, alpha, accumulate);
+}
+
+bool grouped_wgmma_nn_sum(Context& ctx, bf16* dX, const bf16* dY1, const WgmmaProduct& one, const bf16* dY2,
+                          const WgmmaProduct& two, int64_t inner2, const int64_t* offsets, int64_t T, int64_t E,
+                          int64_t N, int64_t K, float alpha) {
+  bf16* const Y[2] = {dX, nullptr};
+  Segments s;
+  s.add(dY1, one.W, N);
+  s.add(dY2, two.W, N);
+  if (inner2 > 0) {
+    s.add(one.a2, one.w2, inner2);
+    s.add(two.a2, two.w2, inner2);
+  }
+  const Segments segs[2] = {s, {}};
+  return run(ctx, true, Y, segs, 1, offsets, T, E, K, alpha, false);
 }
 
 }  // namespace qt::cuda

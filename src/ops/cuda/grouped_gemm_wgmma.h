@@ -34,5 +34,11 @@ bool grouped_wgmma_nt(Context& ctx, const bf16* X, const WgmmaProduct& first, co
 // The same for NN (out.Y = dX (T,K)), no pair; K is the output width.
 bool grouped_wgmma_nn(Context& ctx, const bf16* dY, const WgmmaProduct& out, int64_t inner2, const int64_t* offsets,
                       int64_t T, int64_t E, int64_t N, int64_t K, float alpha, bool accumulate);
+// dX (T,K) = alpha (dY1 one.W_e + one.a2 one.w2_e + dY2 two.W_e + two.a2 two.w2_e), overwritten: the
+// input gradients of two projections of one input (an MoE layer's gate and up) as one product
+// (one.Y and two.Y are not used).
+bool grouped_wgmma_nn_sum(Context& ctx, bf16* dX, const bf16* dY1, const WgmmaProduct& one, const bf16* dY2,
+                          const WgmmaProduct& two, int64_t inner2, const int64_t* offsets, int64_t T, int64_t E,
+                          int64_t N, int64_t K, float alpha);
 
 }  // namespace qt::cuda
