@@ -178,6 +178,16 @@ __device__ __forceinline__ bool warp_any_visible(const int* rseg, int64_t r_firs
   return __any_sync(0xffffffffu, row_sees_any(rseg, r_first, cseg, c_first, n, rows_are_queries, lane >> 1, lane & 1));
 }
 
+// Whether every (row, column) pair of the warp's 16 rows (segment ids rseg[0..15]) and the tile's n
+// columns (cseg[0..n-1]) shares one segment (always without segments): the masks then reduce to the
+// causal one. Each lane compares a row and n / 32 columns with row 0.
+__device__ __forceinline__ bool warp_one_segment(const int* rseg, const int* cseg, int n, int lane) {
+  const int s0 = rseg[0];
+  bool same = rseg[lane & 15] == s0;
+  for (int c = lane; c < n; c += 32) same &= cseg[c] == s0;
+  return __all_sync(0xffffffffu, same);
+}
+
 // The same for the block's 64 x n tile (thread: row tid >> 1, half tid & 1). Starts with a barrier
 // (the segment ids were just written by other threads) and ends with one.
 static_assert(kTcWarps * 32 == 2 * kTile && kTile == 64, "block_any_visible: two threads per tile row");
@@ -284,11 +294,19 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_fwd_kernel(bf16* out, float*
     zero(s);
     mma_abt<kTile / 8, HD>(s, Qs, LD, r0, Ks, LD, 0, lane);
     float mx[2] = {-INFINITY, -INFINITY};
-    for_each_elem(s, r0, g, t, [&](float& x, int hr, int r, int c) {
-      const bool vis = j0 + c <= row0 + r && qseg[r] == kseg[c];
-      x = vis ? x * sl2 : -INFINITY;
-      mx[hr] = fmaxf(mx[hr], x);
-    });
+    // A tile wholly below the diagonal within one document needs no mask (the common case).
+    if (j0 + kTile - 1 <= row0 + r0 && (!segment || warp_one_segment(qseg + r0, kseg, kTile, lane))) {
+      for_each_elem(s, r0, g, t, [&](float& x, int hr, int, int) {
+        x *= sl2;
+        mx[hr] = fmaxf(mx[hr], x);
+      });
+    } else {
+      for_each_elem(s, r0, g, t, [&](float& x, int hr, int r, int c) {
+        const bool vis = j0 + c <= row0 + r && qseg[r] == kseg[c];
+        x = vis ? x * sl2 : -INFINITY;
+        mx[hr] = fmaxf(mx[hr], x);
+      });
+    }
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
@@ -365,10 +383,14 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     zero(dp);
     mma_abt<kTile / 8, HD>(p, Qs, LD, r0, Ks, LD, 0, lane);
     mma_abt<kTile / 8, HD>(dp, dOs, LD, r0, Vs, LD, 0, lane);
-    for_each_elem(p, r0, g, t, [&](float& x, int hr, int r, int c) {
-      const bool vis = j0 + c <= row0 + r && qseg[r] == kseg[c];
-      x = vis ? exp2f(x * sl2 - lse2[hr]) : 0.0f;
-    });
+    if (j0 + kTile - 1 <= row0 + r0 && (!segment || warp_one_segment(qseg + r0, kseg, kTile, lane))) {
+      for_each_elem(p, r0, g, t, [&](float& x, int hr, int, int) { x = exp2f(x * sl2 - lse2[hr]); });
+    } else {
+      for_each_elem(p, r0, g, t, [&](float& x, int hr, int r, int c) {
+        const bool vis = j0 + c <= row0 + r && qseg[r] == kseg[c];
+        x = vis ? exp2f(x * sl2 - lse2[hr]) : 0.0f;
+      });
+    }
 #pragma unroll
     for (int nt = 0; nt < kTile / 8; ++nt)
 #pragma unroll
@@ -455,10 +477,15 @@ __global__ void __launch_bounds__(kTcWarps * 32)
           float p[QT / 8][4], dp[QT / 8][4];
           zero(p);
           mma_abt<QT / 8, HD>(p, Ks, LD, k0, Qs, LD, 0, lane);  // S^T (16 keys x QT queries)
-          for_each_elem(p, k0, g, t, [&](float& x, int, int r, int c) {
-            const bool vis = j0 + r <= i0 + c && i0 + c < S && qseg[c] == kseg[r];
-            x = vis ? exp2f(x * sl2 - lse2[c]) : 0.0f;
-          });
+          // keys all before the tile's first query, every query < S, one document: no mask
+          if (j0 + k0 + 15 <= i0 && i0 + QT <= S && (!segment || warp_one_segment(kseg + k0, qseg, QT, lane))) {
+            for_each_elem(p, k0, g, t, [&](float& x, int, int, int c) { x = exp2f(x * sl2 - lse2[c]); });
+          } else {
+            for_each_elem(p, k0, g, t, [&](float& x, int, int r, int c) {
+              const bool vis = j0 + r <= i0 + c && i0 + c < S && qseg[c] == kseg[r];
+              x = vis ? exp2f(x * sl2 - lse2[c]) : 0.0f;
+            });
+          }
           mma_frag_b<HD / 8, QT>(dv_acc, p, dOs, LD, lane);
           zero(dp);
           mma_abt<QT / 8, HD>(dp, Vs, LD, k0, dOs, LD, 0, lane);  // dP^T
