@@ -22,8 +22,8 @@
 //              column tiles [n_tiles / 2, n_tiles) compute the pair's product (its maps and output).
 //   bounds     rows of a tile past the expert's end are loaded (the next expert's rows, or zeros past
 //              T: TMA fills outside the tensor) and computed but never stored; so are columns past Nc;
-//              k past a segment's extent reads zeros from A (outside its tensor), so whatever B holds
-//              there (NN: the next expert's first rows) adds exactly nothing.
+//              k past a segment's extent reads zeros from A and B (outside their tensors: NN reads
+//              B through a 3-D map (E, k, Nc), so not the next expert's first rows), adding nothing.
 // Ring of STAGES stages (A 16 KiB + B BN x 128 bytes each), 128-byte swizzle (hopper.cuh).
 #include "ops/cuda/grouped_gemm_wgmma.h"
 
@@ -56,7 +56,6 @@ struct WgmmaArgs {
   int64_t E, Nc, n_tiles, tiles;  // n_tiles counts both products' column tiles
   int segments;
   int seg_tiles[kMaxSegments];    // k tiles of each segment
-  int32_t seg_brows[kMaxSegments];  // rows of B per expert (NT: Nc, NN: the segment's k extent)
   float alpha;
   int accumulate;
 };
@@ -147,13 +146,12 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_wgmma_kernel(const __grid
           unsigned char* sa = smem + size_t(s) * C::STAGE_BYTES;
           const Segment& g = p.seg[prod][sg];
           tma_load_2d(sa, &g.a, kl * kBK, m0, &full[s]);
-          const int32_t brow0 = int32_t(e) * p.seg_brows[sg];
           if constexpr (!B_MN) {
-            tma_load_2d(sa + C::A_BYTES, &g.b, kl * kBK, brow0 + n0, &full[s]);
+            tma_load_2d(sa + C::A_BYTES, &g.b, kl * kBK, int32_t(e * p.Nc) + n0, &full[s]);
           } else {
 #pragma unroll
-            for (int b = 0; b < BN / 64; ++b)  // 64-column boxes of 64 k rows
-              tma_load_2d(sa + C::A_BYTES + b * (64 * 128), &g.b, n0 + b * 64, brow0 + kl * kBK, &full[s]);
+            for (int b = 0; b < BN / 64; ++b)  // 64-column boxes of 64 k rows of expert e (zeros past its k)
+              tma_load_3d(sa + C::A_BYTES + b * (64 * 128), &g.b, n0 + b * 64, kl * kBK, int32_t(e), &full[s]);
           }
         }
       }
@@ -283,6 +281,21 @@ bool encode_map(CUtensorMap* m, const void* ptr, int64_t rows, int64_t cols, int
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// W (E, k, cols) bf16 as a 3-D tensor read in (64 rows of k x 64 cols) boxes, 128-byte swizzled: a
+// box reaching past an expert's k rows is zero-filled there (not the next expert's rows).
+bool encode_map_3d(CUtensorMap* m, const void* ptr, int64_t E, int64_t k, int64_t cols) {
+  const auto fn = encode_fn();
+  if (!fn || cols % 8 != 0 || !aligned16(ptr) || E <= 0 || k <= 0 || cols <= 0 || E * k > (int64_t(1) << 32))
+    return false;
+  const cuuint64_t dims[3] = {cuuint64_t(cols), cuuint64_t(k), cuuint64_t(E)};
+  const cuuint64_t strides[2] = {cuuint64_t(cols) * 2, cuuint64_t(k * cols) * 2};
+  const cuuint32_t box[3] = {cuuint32_t(kBK), 64, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  return fn(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // The tile: QT_GROUPED_GEMM_WGMMA_BN = 128 | 256 | 128tma | 256tma forces one (to measure them);
 // otherwise 256 columns (128 when Nc <= 128) with TMA stores. The TMA stores need the output rows
 // in whole 16-byte units (Nc % 8 == 0); otherwise the same tiles store from registers.
@@ -364,7 +377,6 @@ bool run(Context& ctx, bool b_mn, bf16* const (&Y)[2], const Segments (&segs)[2]
   a.segments = s0.n;
   for (int i = 0; i < s0.n; ++i) {
     a.seg_tiles[i] = int((s0.k[i] + kBK - 1) / kBK);
-    a.seg_brows[i] = int32_t(b_mn ? s0.k[i] : Nc);
   }
   for (int q = 0; q < products; ++q) {
     if (!aligned16(Y[q])) return false;
@@ -372,7 +384,7 @@ bool run(Context& ctx, bool b_mn, bf16* const (&Y)[2], const Segments (&segs)[2]
       Segment& g = a.seg[q][i];
       const int64_t k = s0.k[i];
       if (!encode_map(&g.a, segs[q].a[i], T, k, kBM)) return false;
-      if (!(b_mn ? encode_map(&g.b, segs[q].b[i], E * k, Nc, 64) : encode_map(&g.b, segs[q].b[i], E * Nc, k, tile.bn)))
+      if (!(b_mn ? encode_map_3d(&g.b, segs[q].b[i], E, k, Nc) : encode_map(&g.b, segs[q].b[i], E * Nc, k, tile.bn)))
         return false;
     }
     if (tile.tma_store && !encode_map(&a.ym[q], Y[q], T, Nc, 64)) return false;
@@ -396,18 +408,33 @@ Segments segments_of(const bf16* A, const bf16* W, int64_t k, const bf16* a2, co
   return s;
 }
 
+__global__ void sm90a_probe_kernel(int* out) { *out = QT_SM90A; }
+
+// Whether the code the current device runs was compiled for sm_90a (a build for plain sm_90, or PTX
+// JIT-compiled from an older target, has only the trapping stubs of the kernels above). Asked once,
+// with one host synchronisation (the first grouped product, e.g. in a warm-up step).
+bool device_code_has_sm90a() {
+  int* d = nullptr;
+  int h = 0;
+  if (cudaMalloc(&d, sizeof(int)) != cudaSuccess) return false;
+  sm90a_probe_kernel<<<1, 1>>>(d);
+  const bool ok = cudaGetLastError() == cudaSuccess && cudaMemcpy(&h, d, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+  cudaFree(d);
+  return ok && h == 1;
+}
+
 }  // namespace
 
 bool grouped_wgmma_enabled() {
-  static const int cc_major = [] {
+  static const bool usable = [] {
     int dev = 0, major = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-      return 0;
-    return major;
+      return false;
+    return major == 9 && encode_fn() != nullptr && device_code_has_sm90a();
   }();
   if (const char* v = std::getenv("QT_GROUPED_GEMM_WGMMA"); v && std::strcmp(v, "0") == 0) return false;
-  return cc_major == 9 && encode_fn() != nullptr;
+  return usable;
 }
 
 bool grouped_wgmma_nt(Context& ctx, const bf16* X, const WgmmaProduct& first, const WgmmaProduct* pair,

@@ -19,8 +19,9 @@ struct WgmmaProduct {
   const bf16* w2 = nullptr;
 };
 
-// Whether the current device runs the sm_90a kernels (compute capability 9.0) and QT_GROUPED_GEMM_WGMMA
-// is not "0" (which keeps every product on the mma.sync kernels, to measure one against the other).
+// Whether the current device runs the sm_90a kernels (compute capability 9.0 and a build with the
+// sm_90a target, probed once) and QT_GROUPED_GEMM_WGMMA is not "0" (which keeps every product on the
+// mma.sync kernels, to measure one against the other).
 bool grouped_wgmma_enabled();
 
 // Launches the product (and the pair's second product when `pair` is non-null, same shapes and

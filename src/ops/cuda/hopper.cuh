@@ -67,6 +67,15 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, i
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(k0), "r"(row0), "r"(smem_addr(bar))
       : "memory");
 }
+// The same from a 3-D tensor map: the (64 x box rows x 1) box at (c0, c1, c2).
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* tensor_map, int32_t c0, int32_t c1, int32_t c2,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
+}
 __device__ __forceinline__ void tma_prefetch_map(const void* tensor_map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tensor_map)) : "memory");
 }
