@@ -225,14 +225,15 @@ TEST(CudaDecoder, AccumulatesMicroBatches) {
   EXPECT_NEAR(st.grad_norm, std::sqrt(sum_sq), 1e-9 * std::sqrt(sum_sq));
 }
 
-// A non-finite loss skips the update on the device: masters and moments keep their bits.
-TEST(CudaDecoder, NonFiniteStepChangesNothing) {
-  QT_SKIP_WITHOUT_GPU();
+// A non-finite loss skips the update on the device: masters and moments keep their bits (also
+// where they live in host memory).
+void check_non_finite_step(bool on_host) {
+  SCOPED_TRACE(on_host ? "LoRA states on the host" : "LoRA states on the device");
   std::mt19937_64 rng(5);
   TinySetup t = tiny_setup(true, rng);
   const Batch b = tiny_batch(rng);
   cuda::Context ctx;
-  CudaDecoder gpu(ctx, t.w, t.lora);
+  CudaDecoder gpu(ctx, t.w, t.lora, {.lora_states_on_host = on_host});
   gpu.set_batch(b);
   gpu.zero_grads();
   gpu.forward_backward();
@@ -253,6 +254,11 @@ TEST(CudaDecoder, NonFiniteStepChangesNothing) {
   expect_same_bits(bad, after, "masters");
   expect_same_bits(m, m2, "exp_avg");
   expect_same_bits(v, v2, "exp_avg_sq");
+}
+TEST(CudaDecoder, NonFiniteStepChangesNothing) {
+  QT_SKIP_WITHOUT_GPU();
+  check_non_finite_step(false);
+  check_non_finite_step(true);
 }
 
 // The router load-balancing loss (output_router_logits) on a tiny 2-layer Qwen3-MoE against the CPU
@@ -378,15 +384,15 @@ TEST(CudaDecoder, RouterAuxLossMatchesCpu) {
   EXPECT_LE(moved, int64_t(0.02 * 2 * 2 * double(batch.B * batch.S * 2)));
 }
 
-// layer_inputs_on_host (the saved layer inputs in pinned host memory, copied on a second stream)
-// changes where x_l waits for the backward, not what is computed: two steps of two micro-batches
+// An offload option changes where data waits, not what is computed: two steps of two micro-batches
 // (the second larger: the buffers grow), an evaluation forward between them, give the same loss,
-// gradients and AdamW masters bit for bit as keeping x_l on the device, for 1, 2 and 5 layers, dense
-// and MoE; the device holds two (N,H) buffers instead of L+1. Every copy is delayed on the device by
-// 3 ms (QT_TEST_COPY_DELAY_US, far longer than a tiny layer's work), so a missing wait on a copy gives
-// stale inputs and a different result.
-TEST(CudaDecoder, LayerInputsOnHostChangeNothing) {
-  QT_SKIP_WITHOUT_GPU();
+// gradients, gradient norm, AdamW masters and moments bit for bit as the plain decoder, for 1, 2 and
+// 5 layers, dense and MoE, with LoRA dropout. Every copy is delayed on the device by 3 ms
+// (QT_TEST_COPY_DELAY_US, far longer than a tiny layer's work), so a missing wait on a copy gives
+// stale data and a different result. bytes_saved(cfg, layers, largest batch tokens, masters) = how
+// many fewer device bytes the offloading decoder must hold.
+template <typename BytesSaved>
+void expect_offload_changes_nothing(const CudaDecoderOptions& opt, BytesSaved&& bytes_saved) {
   setenv("QT_TEST_COPY_DELAY_US", "3000", 1);
   struct Unset {
     ~Unset() { unsetenv("QT_TEST_COPY_DELAY_US"); }
@@ -410,9 +416,10 @@ TEST(CudaDecoder, LayerInputsOnHostChangeNothing) {
         large.position_ids.push_back(int32_t(i)), large.segment_ids.push_back(0);
       }
       cuda::Context ctx;
-      CudaDecoder host(ctx, cfg, lc, 9, false, {.layer_inputs_on_host = true}), dev(ctx, cfg, lc, 9);
-      ASSERT_TRUE(host.layer_inputs_on_host());
-      ASSERT_FALSE(dev.layer_inputs_on_host());
+      CudaDecoder host(ctx, cfg, lc, 9, false, opt), dev(ctx, cfg, lc, 9);
+      EXPECT_EQ(host.layer_inputs_on_host(), opt.layer_inputs_on_host);
+      EXPECT_EQ(host.lora_states_on_host(), opt.lora_states_on_host);
+      ASSERT_FALSE(dev.layer_inputs_on_host() || dev.lora_states_on_host());
       const std::string what = (moe ? "moe, " : "dense, ") + std::to_string(layers) + " layers";
       for (int step = 1; step <= 2; ++step) {
         for (CudaDecoder* d : {&host, &dev}) {
@@ -423,17 +430,90 @@ TEST(CudaDecoder, LayerInputsOnHostChangeNothing) {
           }
         }
         expect_same_bits(host.download_grads(), dev.download_grads(), what + " grads");
-        for (CudaDecoder* d : {&host, &dev}) d->optimizer_step(step, 1e-2, 0.0, 1.0);
+        for (CudaDecoder* d : {&host, &dev}) d->optimizer_step(step, 1e-2, 0.0, 1e-4);
         const auto hs = host.read_step_stats(), ds = dev.read_step_stats();
         EXPECT_EQ(hs.loss_total, ds.loss_total) << what;
         EXPECT_EQ(hs.grad_norm, ds.grad_norm) << what;
+        EXPECT_GT(hs.grad_norm, 1e-4) << what << ": the clipping is exercised";
         for (CudaDecoder* d : {&host, &dev}) d->set_batch(small), d->forward();
         EXPECT_EQ(host.loss_sum(), dev.loss_sum()) << what;
       }
-      expect_same_bits(host.download_lora(), dev.download_lora(), what + " masters");
-      const size_t nh = size_t(large.B * large.S * cfg.hidden_size) * 2;
-      EXPECT_EQ(dev.device_bytes() - host.device_bytes(), size_t(layers + 1 - 2) * nh) << what;
+      const LoraAdapter masters = dev.download_lora();
+      expect_same_bits(host.download_lora(), masters, what + " masters");
+      const auto [hm, hv] = host.download_moments();
+      const auto [dm, dv] = dev.download_moments();
+      expect_same_bits(hm, dm, what + " exp_avg");
+      expect_same_bits(hv, dv, what + " exp_avg_sq");
+      EXPECT_EQ(dev.device_bytes() - host.device_bytes(), bytes_saved(cfg, layers, large.B * large.S, masters)) << what;
     }
+}
+
+// layer_inputs_on_host (the saved layer inputs in pinned host memory, copied on a second stream):
+// the device holds two (N,H) buffers instead of L+1.
+TEST(CudaDecoder, LayerInputsOnHostChangeNothing) {
+  QT_SKIP_WITHOUT_GPU();
+  expect_offload_changes_nothing({.layer_inputs_on_host = true},
+                                 [](const ModelConfig& cfg, int layers, int64_t tokens, const LoraAdapter&) {
+                                   return size_t(layers + 1 - 2) * size_t(tokens * cfg.hidden_size) * 2;
+                                 });
+}
+
+// Parameters of each layer of an adapter.
+std::vector<int64_t> lora_params_per_layer(const LoraAdapter& a) {
+  std::vector<int64_t> out;
+  for (const auto& layer : a.layers) {
+    int64_t n = 0;
+    for (const auto& p : layer.slot)
+      if (p.present()) n += p.A.numel() + p.B.numel();
+    out.push_back(n);
+  }
+  return out;
+}
+
+// lora_states_on_host (masters, gradients and moments in pinned host memory, streamed per layer and
+// per optimizer chunk), alone and with the saved layer inputs on the host too: the device holds two
+// layers' masters and two layers' gradients (a slot rounded up to an even size) instead of four flat
+// buffers of every parameter.
+TEST(CudaDecoder, LoraStatesOnHostChangeNothing) {
+  QT_SKIP_WITHOUT_GPU();
+  const auto saved = [](bool inputs_too) {
+    return [inputs_too](const ModelConfig& cfg, int layers, int64_t tokens, const LoraAdapter& masters) {
+      const std::vector<int64_t> per = lora_params_per_layer(masters);
+      int64_t total = 0, slot = 0;
+      for (int64_t n : per) total += n, slot = std::max(slot, n);
+      slot += slot % 2;
+      size_t bytes = size_t(4 * total - 4 * slot) * sizeof(float);
+      if (inputs_too) bytes += size_t(layers + 1 - 2) * size_t(tokens * cfg.hidden_size) * 2;
+      return bytes;
+    };
+  };
+  expect_offload_changes_nothing({.lora_states_on_host = true}, saved(false));
+  expect_offload_changes_nothing({.layer_inputs_on_host = true, .lora_states_on_host = true}, saved(true));
+}
+
+// A resume pushes masters and moments into the host state (upload_state) and a checkpoint reads them
+// back (download_lora / download_moments): the same bits either way, and the next step of a decoder
+// resumed with lora_states_on_host equals that of a plain decoder resumed from the same state.
+TEST(CudaDecoder, LoraStatesOnHostResume) {
+  QT_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(5);
+  TinySetup t = tiny_setup(true, rng);
+  const Batch batch = tiny_batch(rng);
+  cuda::Context ctx;
+  CudaDecoder src(ctx, t.w, t.lora);
+  src.zero_grads(), src.set_batch(batch), src.forward_backward(), src.optimizer_step(1, 1e-2, 0.0, 1.0);
+  const LoraAdapter w = src.download_lora();
+  const auto [m, v] = src.download_moments();
+  CudaDecoder host(ctx, t.w, t.lora, {.lora_states_on_host = true}), dev(ctx, t.w, t.lora);
+  for (CudaDecoder* d : {&host, &dev}) d->upload_state(w, m, v);
+  expect_same_bits(host.download_lora(), w, "uploaded masters");
+  expect_same_bits(host.download_moments().second, v, "uploaded exp_avg_sq");
+  expect_same_bits(host.download_grads(), dev.download_grads(), "zero gradients before any step");
+  for (CudaDecoder* d : {&host, &dev})
+    d->zero_grads(), d->set_batch(batch), d->forward_backward(), d->optimizer_step(2, 1e-2, 0.01, 1.0);
+  EXPECT_EQ(host.read_step_stats().grad_norm, dev.read_step_stats().grad_norm);
+  expect_same_bits(host.download_lora(), dev.download_lora(), "masters after the resumed step");
+  expect_same_bits(host.download_moments().first, dev.download_moments().first, "exp_avg after the resumed step");
 }
 
 }  // namespace

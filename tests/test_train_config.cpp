@@ -90,11 +90,15 @@ TEST(TrainConfig, OffloadEmbeddings) {
   EXPECT_FALSE(resolve_embeddings_on_host(on.offload_embeddings, tied, /*four_bit=*/false));
 }
 
-// The saved layer inputs stay on the GPU unless the key asks for host memory.
-TEST(TrainConfig, OffloadActivations) {
-  EXPECT_FALSE(parse_train_config(kMinimal, "c").offload_activations);
+// The saved layer inputs and the LoRA states stay on the GPU unless a key asks for host memory.
+TEST(TrainConfig, OffloadActivationsAndLora) {
+  const TrainConfig plain = parse_train_config(kMinimal, "c");
+  EXPECT_FALSE(plain.offload_activations);
+  EXPECT_FALSE(plain.offload_lora);
   EXPECT_TRUE(parse_train_config(std::string(kMinimal) + "offload_activations: true\n", "c").offload_activations);
+  EXPECT_TRUE(parse_train_config(std::string(kMinimal) + "offload_lora: true\n", "c").offload_lora);
   EXPECT_THROW(parse_train_config(std::string(kMinimal) + "offload_activations: sometimes\n", "c"), Error);
+  EXPECT_THROW(parse_train_config(std::string(kMinimal) + "offload_lora: 2\n", "c"), Error);
 }
 
 TEST(TrainConfig, AxolotlStyleFile) {
@@ -314,7 +318,7 @@ TEST(TrainConfig, HelpDocumentsEveryKey) {
     const std::string line = help.substr(at, help.find('\n', at) - at);
     EXPECT_TRUE(line.find("; default: ") != std::string::npos || line.find("; required") != std::string::npos) << line;
   }
-  EXPECT_EQ(n, 38u);
+  EXPECT_EQ(n, 39u);
   EXPECT_NE(help.find("peft_use_rslora"), std::string::npos);
   EXPECT_NE(help.find("Usage: qwentune train CONFIG.yaml"), std::string::npos);
 }

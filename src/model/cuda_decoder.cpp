@@ -88,7 +88,27 @@ struct CudaDecoder::Impl {
   std::vector<std::array<SlotRef, kNumLoraSlots>> slots;
   LoraConfig lcfg;
   int64_t n_lora = 0;
-  Buffer<float> lora, grad, m1, m2;
+  Buffer<float> lora, grad, m1, m2;  // flat (n_lora); empty with lora_states_on_host
+  // Layer l's LoRA elements are [layer_off[l], layer_off[l+1]) of the flat layout (layers ascending);
+  // layer_sq[l] = the sum of squares of its gradient, combined in layer order into sum_sq.
+  std::vector<int64_t> layer_off;
+  Buffer<double> layer_sq;
+  // lora_states_on_host: masters, gradients and moments in pinned host memory (flat, the same
+  // layout); the device has two slots of `slot_elems` for masters (lora_ring) and two for gradients
+  // (grad_ring), layer l in slot l % 2. Masters come up on `in_stream` one layer ahead; a layer's
+  // gradient starts at zero (first micro-batch of a step) or comes up from the host, and goes back on
+  // `out_stream` after the layer's backward. optimizer_step streams the flat state through the four
+  // slots as two banks of (master, m, v, grad) chunks. ring_layer[i]: the layer whose masters slot i
+  // holds (-1: none). grads_pending: zero_grads ran and no backward since (the host gradients are
+  // stale and count as zero).
+  bool states_on_host = false;
+  int64_t slot_elems = 0;
+  cuda::PinnedBuffer<float> h_lora, h_grad, h_m1, h_m2;
+  Buffer<float> lora_ring, grad_ring;
+  std::optional<cuda::Stream> in_stream, out_stream;
+  std::array<cuda::Event, 2> lora_loaded, grad_loaded, grad_saved, bank_loaded, bank_done, bank_saved;
+  std::array<int64_t, 2> ring_layer{-1, -1};
+  bool grads_pending = true;
   Buffer<double> sum_sq, loss, loss_total;
   Buffer<int64_t> count_dev;
   Buffer<int> skip;
@@ -155,9 +175,10 @@ struct CudaDecoder::Impl {
   const char* fwd_phase(const char* fwd, const char* re) const { return recomputing ? re : fwd; }
 
   Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base, const CudaDecoderOptions& opt)
-      : ctx(c), cfg(mc), lcfg(lc), inputs_on_host(opt.layer_inputs_on_host && opt.training), nf4(nf4_base),
-        layer_scratch(!opt.training) {
+      : ctx(c), cfg(mc), lcfg(lc), states_on_host(opt.lora_states_on_host && opt.training),
+        inputs_on_host(opt.layer_inputs_on_host && opt.training), nf4(nf4_base), layer_scratch(!opt.training) {
     if (inputs_on_host) copy_stream.emplace();
+    if (states_on_host) in_stream.emplace(), out_stream.emplace();
     if (const char* d = std::getenv("QT_TEST_COPY_DELAY_US")) copy_delay_us = std::atoll(d);
     const bool embeddings_on_host = opt.embeddings_on_host, training = opt.training;
     L = cfg.num_hidden_layers, H = cfg.hidden_size, V = cfg.vocab_size;
@@ -183,9 +204,11 @@ struct CudaDecoder::Impl {
     layers.resize(size_t(L));
     slots.resize(size_t(L));
     woff.resize(size_t(L));
+    layer_off.assign(size_t(L + 1), 0);
     int64_t single_elems = 0, expert_elems = 0;
     for (int64_t l = 0; l < L; ++l) {
       DeviceLayer& d = layers[l];
+      layer_off[size_t(l)] = n_lora;
       d.input_norm = Buffer<bf16>(size_t(H));
       d.post_norm = Buffer<bf16>(size_t(H));
       if (cfg.qk_norm) d.q_norm = Buffer<bf16>(size_t(hd)), d.k_norm = Buffer<bf16>(size_t(hd));
@@ -212,16 +235,27 @@ struct CudaDecoder::Impl {
         if (sh.experts == 0) max_in = std::max(max_in, sh.in);
       }
       expert_elems = std::max(expert_elems, expert_off);
+      layer_off[size_t(l) + 1] = n_lora;
+      slot_elems = std::max(slot_elems, n_lora - layer_off[size_t(l)]);
     }
+    slot_elems += slot_elems % 2;  // two halves: one optimizer chunk's arrays
     for (int64_t l = 0; l < L; ++l)
       for (int s = 0; s < kNumLoraSlots; ++s)
         if (slots[l][s].E > 0 || layer_scratch) woff[l][s] += single_elems;
     if (nf4) wscratch = Buffer<bf16>(size_t(single_elems + expert_elems));
-    lora = Buffer<float>(size_t(n_lora));
-    if (training) {
-      grad = Buffer<float>(size_t(n_lora)), m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
-      m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
+    if (states_on_host) {
+      h_lora = cuda::PinnedBuffer<float>(size_t(n_lora)), h_grad = cuda::PinnedBuffer<float>(size_t(n_lora));
+      h_m1 = cuda::PinnedBuffer<float>(size_t(n_lora)), h_m2 = cuda::PinnedBuffer<float>(size_t(n_lora));
+      std::fill_n(h_m1.get(), n_lora, 0.f), std::fill_n(h_m2.get(), n_lora, 0.f);
+      lora_ring = Buffer<float>(size_t(2 * slot_elems)), grad_ring = Buffer<float>(size_t(2 * slot_elems));
+    } else {
+      lora = Buffer<float>(size_t(n_lora));
+      if (training) {
+        grad = Buffer<float>(size_t(n_lora)), m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
+        m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
+      }
     }
+    if (training) layer_sq = Buffer<double>(size_t(std::max<int64_t>(L, 1))), layer_sq.fill_bytes(0);
     sum_sq = Buffer<double>(1), loss = Buffer<double>(1), loss_total = Buffer<double>(1);
     count_dev = Buffer<int64_t>(1), skip = Buffer<int>(1);
     loss.fill_bytes(0), loss_total.fill_bytes(0), sum_sq.fill_bytes(0), skip.fill_bytes(0);
@@ -317,8 +351,8 @@ struct CudaDecoder::Impl {
     for (int i = 0; i < 3; ++i) {
       const SlotRef& sr = slots[l][kLoraGate + i];
       if (!sr.present) continue;
-      m.A[size_t(i)] = lora.get() + sr.a_off, m.B[size_t(i)] = lora.get() + sr.b_off;
-      m.dA[size_t(i)] = grad.get() + sr.a_off, m.dB[size_t(i)] = grad.get() + sr.b_off;
+      m.A[size_t(i)] = master_at(l, sr.a_off), m.B[size_t(i)] = master_at(l, sr.b_off);
+      if (grad.size() || states_on_host) m.dA[size_t(i)] = grad_at(l, sr.a_off), m.dB[size_t(i)] = grad_at(l, sr.b_off);
     }
     return m;
   }
@@ -350,9 +384,113 @@ struct CudaDecoder::Impl {
     (to_host ? copied : loaded)[size_t(l % 2)].record(copy_stream->get());
   }
   void wait_for(const cuda::Event& e) { QT_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), e.get(), 0)); }
+  static void stream_wait(cudaStream_t s, const cuda::Event& e) { QT_CUDA_CHECK(cudaStreamWaitEvent(s, e.get(), 0)); }
+
+  // Where the kernels find the masters / gradient of layer l at flat offset `off`.
+  int64_t layer_elems(int64_t l) const { return layer_off[size_t(l) + 1] - layer_off[size_t(l)]; }
+  float* master_at(int64_t l, int64_t off) const {
+    return states_on_host ? lora_ring.get() + (l % 2) * slot_elems + (off - layer_off[size_t(l)]) : lora.get() + off;
+  }
+  float* grad_at(int64_t l, int64_t off) const {
+    return states_on_host ? grad_ring.get() + (l % 2) * slot_elems + (off - layer_off[size_t(l)]) : grad.get() + off;
+  }
+  // An asynchronous copy of n floats on stream s, after QT_TEST_COPY_DELAY_US (tests).
+  void copy_floats(float* dst, const float* src, int64_t n, cudaMemcpyKind kind, cudaStream_t s) const {
+    if (n <= 0) return;
+    cuda::delay_stream(s, copy_delay_us);
+    QT_CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(float), kind, s));
+  }
+  // lora_states_on_host: queues layer l's masters into slot l % 2 on in_stream, after the compute
+  // stream's work so far (the slot's previous layer) — unless the slot already holds them.
+  void fetch_masters(int64_t l) {
+    if (!states_on_host || l < 0 || l >= L || ring_layer[size_t(l % 2)] == l) return;
+    computed.record(ctx.stream());
+    stream_wait(in_stream->get(), computed);
+    copy_floats(master_at(l, layer_off[size_t(l)]), h_lora.get() + layer_off[size_t(l)], layer_elems(l),
+                cudaMemcpyHostToDevice, in_stream->get());
+    lora_loaded[size_t(l % 2)].record(in_stream->get());
+    ring_layer[size_t(l % 2)] = l;
+  }
+  // Before layer l runs: its masters are in their slot (no-op without lora_states_on_host).
+  void await_masters(int64_t l) {
+    if (!states_on_host) return;
+    QT_ASSERT(ring_layer[size_t(l % 2)] == l, "layer {}'s LoRA masters were not fetched", l);
+    wait_for(lora_loaded[size_t(l % 2)]);
+  }
+  // The backward of layer l will accumulate into slot l % 2: queues the host gradient's copy up
+  // (later micro-batches of a step) once the slot's previous gradient has left for the host.
+  void fetch_grads(int64_t l) {
+    if (!states_on_host || l < 0 || grads_pending) return;
+    stream_wait(in_stream->get(), grad_saved[size_t(l % 2)]);
+    copy_floats(grad_at(l, layer_off[size_t(l)]), h_grad.get() + layer_off[size_t(l)], layer_elems(l),
+                cudaMemcpyHostToDevice, in_stream->get());
+    grad_loaded[size_t(l % 2)].record(in_stream->get());
+  }
+  void await_grads(int64_t l) {
+    if (!states_on_host) return;
+    if (!grads_pending) return wait_for(grad_loaded[size_t(l % 2)]);
+    wait_for(grad_saved[size_t(l % 2)]);  // the first micro-batch starts from zero
+    QT_CUDA_CHECK(cudaMemsetAsync(grad_at(l, layer_off[size_t(l)]), 0, size_t(layer_elems(l)) * sizeof(float),
+                                  ctx.stream()));
+  }
+  // layer_sq[l] = the sum of squares of layer l's gradient (where grad_at finds it).
+  void layer_sum_squares(int64_t l) {
+    QT_CUDA_CHECK(cudaMemsetAsync(layer_sq.get() + l, 0, sizeof(double), ctx.stream()));
+    cuda::sum_squares(ctx, layer_sq.get() + l, grad_at(l, layer_off[size_t(l)]), layer_elems(l));
+  }
+  // lora_states_on_host, after layer l's backward: its gradient's sum of squares (the last
+  // micro-batch's is the step's) and the gradient's copy to the host on out_stream.
+  void finish_layer_grads(int64_t l) {
+    if (!states_on_host) return;
+    layer_sum_squares(l);
+    computed.record(ctx.stream());
+    stream_wait(out_stream->get(), computed);
+    copy_floats(h_grad.get() + layer_off[size_t(l)], grad_at(l, layer_off[size_t(l)]), layer_elems(l),
+                cudaMemcpyDeviceToHost, out_stream->get());
+    grad_saved[size_t(l % 2)].record(out_stream->get());
+  }
   bf16* xa_of(int s) const { return xa.get() + size_t(s) * size_t(N * r); }
   // Zeroes the first N tokens' part of a per-token buffer (every buffer holds cap tokens).
   void zero(Buffer<bf16>& b) { QT_CUDA_CHECK(cudaMemsetAsync(b.get(), 0, b.bytes() / size_t(cap) * size_t(N), ctx.stream())); }
+
+  // lora_states_on_host: update(w, g, m, v, n) over the flat state in chunks of slot_elems / 2, bank
+  // b = chunk % 2 being (master, m) in lora slot b and (gradient, v) in grad slot b: the chunk comes
+  // up on in_stream once the bank's previous chunk has gone back, is updated on the compute stream,
+  // and goes back (master, m, v) on out_stream. The compute stream then waits for every copy back.
+  template <typename Update>
+  void stream_optimizer(Update&& update) {
+    if (grads_pending) {  // no backward since zero_grads: the step's gradients are zero
+      ctx.synchronize();
+      std::fill_n(h_grad.get(), n_lora, 0.f);
+      grads_pending = false;
+    }
+    const int64_t C = slot_elems / 2;
+    computed.record(ctx.stream());  // the backward's last readers of the slots
+    stream_wait(in_stream->get(), computed);
+    for (int64_t off = 0, i = 0; off < n_lora; off += C, ++i) {
+      const size_t b = size_t(i % 2);
+      const int64_t n = std::min(C, n_lora - off);
+      float *w = lora_ring.get() + int64_t(b) * slot_elems, *m = w + C;
+      float *g = grad_ring.get() + int64_t(b) * slot_elems, *v = g + C;
+      cudaStream_t in = in_stream->get(), out = out_stream->get();
+      stream_wait(in, bank_saved[b]);
+      copy_floats(w, h_lora.get() + off, n, cudaMemcpyHostToDevice, in);
+      copy_floats(g, h_grad.get() + off, n, cudaMemcpyHostToDevice, in);
+      copy_floats(m, h_m1.get() + off, n, cudaMemcpyHostToDevice, in);
+      copy_floats(v, h_m2.get() + off, n, cudaMemcpyHostToDevice, in);
+      bank_loaded[b].record(in);
+      wait_for(bank_loaded[b]);
+      update(w, g, m, v, n);
+      bank_done[b].record(ctx.stream());
+      stream_wait(out, bank_done[b]);
+      copy_floats(h_lora.get() + off, w, n, cudaMemcpyDeviceToHost, out);
+      copy_floats(h_m1.get() + off, m, n, cudaMemcpyDeviceToHost, out);
+      copy_floats(h_m2.get() + off, v, n, cudaMemcpyDeviceToHost, out);
+      bank_saved[b].record(out);
+    }
+    for (const cuda::Event& e : bank_saved) wait_for(e);
+    ring_layer = {-1, -1};  // the slots held optimizer chunks
+  }
 
   // y = x W^T (+ b) (+ LoRA)
   // The LoRA input of slot s: x, or dropout(x) written to xd.
@@ -367,8 +505,8 @@ struct CudaDecoder::Impl {
     const SlotRef& sr = slots[l][s];
     cuda::linear_forward(ctx, y, x, wt(l, s), bias, N, sr.in, sr.out);
     if (sr.present)
-      cuda::lora_forward(ctx, y, xa_of(s), lora_input(l, s, x), lora.get() + sr.a_off, lora.get() + sr.b_off, scale, N,
-                         sr.in, sr.out, r);
+      cuda::lora_forward(ctx, y, xa_of(s), lora_input(l, s, x), master_at(l, sr.a_off), master_at(l, sr.b_off), scale,
+                         N, sr.in, sr.out, r);
   }
   // dx (+)= dy W (+ the LoRA path, through the dropout mask); dA, dB accumulate. accumulate false:
   // dx's old contents are ignored (the first product into a buffer: no zeroing, no staging pass).
@@ -382,8 +520,8 @@ struct CudaDecoder::Impl {
       dlora_x = dxd.get();
       QT_CUDA_CHECK(cudaMemsetAsync(dlora_x, 0, size_t(N * sr.in) * sizeof(bf16), ctx.stream()));
     }
-    cuda::lora_backward(ctx, dlora_x, grad.get() + sr.a_off, grad.get() + sr.b_off, dy, xin, xa_of(s),
-                        lora.get() + sr.a_off, lora.get() + sr.b_off, scale, N, sr.in, sr.out, r);
+    cuda::lora_backward(ctx, dlora_x, grad_at(l, sr.a_off), grad_at(l, sr.b_off), dy, xin, xa_of(s),
+                        master_at(l, sr.a_off), master_at(l, sr.b_off), scale, N, sr.in, sr.out, r);
     if (drop.active()) cuda::dropout_backward(ctx, dxp, dxd.get(), N, sr.in, drop.p, drop_key(l, s));
   }
 
@@ -473,9 +611,12 @@ struct CudaDecoder::Impl {
     }
     const bool offload = inputs_on_host && backward;
     cuda::embedding_forward(ctx, saved_at(0), ids.get(), embed_table, N, V, H);
+    fetch_masters(0);
     for (int64_t l = 0; l < L; ++l) {
       if (offload && l <= L - 2) copy_input(l, /*to_host=*/true);
       if (offload && l >= 1) wait_for(copied[size_t((l + 1) % 2)]);  // x_{l-1} has left the buffer x_{l+1} goes to
+      fetch_masters(l + 1);  // into the slot layer l-1 used
+      await_masters(l);
       layer_forward(l, saved_at(l), saved_at(l + 1));
     }
     cuda::rmsnorm_forward(ctx, xf.get(), rstdf.get(), saved_at(L), final_norm.get(), N, H, cfg.rms_norm_eps);
@@ -498,15 +639,24 @@ struct CudaDecoder::Impl {
     cuda::add_f64(ctx, loss_total.get(), loss.get());
     zero(dx);
     cuda::rmsnorm_backward(ctx, dx.get(), nullptr, dxf(), saved_at(L), final_norm.get(), rstdf.get(), N, H);
+    fetch_masters(L - 1), fetch_grads(L - 1);
     for (int64_t l = L - 1; l >= 0; --l) {
       prof.mark(ctx, "bwd.other");
       if (offload && l < L - 1) wait_for(loaded[size_t(l % 2)]);
       if (offload && l >= 1) copy_input(l - 1, /*to_host=*/false);
+      fetch_masters(l - 1), fetch_grads(l - 1);  // into the slots layer l+1 used
+      await_masters(l);
       recomputing = true;  // x_out goes to `o` (free by then): x_{l+1} stays as saved
       layer_forward(l, saved_at(l), o.get());
       recomputing = false;
+      await_grads(l);
       layer_backward(l, saved_at(l));
+      finish_layer_grads(l);
       if (layer_backward_hook) layer_backward_hook(l);
+    }
+    if (states_on_host) {  // every gradient is on the host before anything later reads it there
+      grads_pending = false;
+      for (const cuda::Event& e : grad_saved) wait_for(e);
     }
   }
 
@@ -554,10 +704,18 @@ struct CudaDecoder::Impl {
         if (sr.present) f(sr, p.A, p.B);
       }
   }
-  LoraAdapter download(const Buffer<float>& src) const {
-    QT_ASSERT(src.size() == lora.size(), "gradients or moments of an inference-only CudaDecoder");
+  // The flat state `which` ('w' masters, 'g' gradients, 'm' / 'v' moments) as an adapter.
+  LoraAdapter download(char which) const {
+    QT_ASSERT(which == 'w' || layer_sq.size(), "gradients or moments of an inference-only CudaDecoder");
     ctx.synchronize();
-    std::vector<float> host = src.download();
+    std::vector<float> host;
+    if (states_on_host) {
+      const float* src = which == 'w' ? h_lora.get() : which == 'g' ? h_grad.get() : which == 'm' ? h_m1.get() : h_m2.get();
+      if (which == 'g' && grads_pending) host.assign(size_t(n_lora), 0.f);
+      else host.assign(src, src + n_lora);
+    } else {
+      host = (which == 'w' ? lora : which == 'g' ? grad : which == 'm' ? m1 : m2).download();
+    }
     LoraAdapter out;
     out.cfg = lcfg;
     out.layers.resize(size_t(L));
@@ -573,7 +731,8 @@ struct CudaDecoder::Impl {
     });
     return out;
   }
-  void upload(Buffer<float>& dst, const LoraAdapter& src) {
+  // Replaces the flat state `which` ('w', 'm' or 'v') with an adapter's values.
+  void upload(char which, const LoraAdapter& src) {
     std::vector<float> host(static_cast<size_t>(n_lora));
     for_each_slot(src, [&](const SlotRef& sr, const Tensor& A, const Tensor& Bm) {
       const Tensor a32 = A.to(DType::F32), b32 = Bm.to(DType::F32);
@@ -583,7 +742,12 @@ struct CudaDecoder::Impl {
       std::copy_n(b32.data<float>(), b32.numel(), host.data() + sr.b_off);
     });
     ctx.synchronize();
-    dst.upload(host);
+    if (states_on_host) {
+      std::copy(host.begin(), host.end(), which == 'w' ? h_lora.get() : which == 'm' ? h_m1.get() : h_m2.get());
+      ring_layer = {-1, -1};
+    } else {
+      (which == 'w' ? lora : which == 'm' ? m1 : m2).upload(host);
+    }
   }
 };
 
@@ -621,7 +785,7 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelWeights& w, const LoraAd
     if (p.nf4) p.upload_nf4(l, *w.nf4);
     if (d.moe) upload_as_bf16(ctx, d.router.get(), lw.mlp.router);
   }
-  p.upload(p.lora, lora);
+  p.upload('w', lora);
   guard.release();
 }
 
@@ -636,14 +800,20 @@ CudaDecoder::CudaDecoder(cuda::Context& ctx, const ModelConfig& cfg, const LoraC
     if (role == 'w') cuda::fill_normal(ctx, x, n, 0.f, 0.02f, seed * 1000003ull + ++k);
     else cuda::fill_constant(ctx, x, n, role == 'n' ? 1.f : 0.f);
   });
-  for (int64_t l = 0; l < p.L; ++l)
+  for (int64_t l = 0; l < p.L; ++l) {
     for (int s = 0; s < kNumLoraSlots; ++s) {
       const SlotRef& sr = p.slots[l][s];
       if (!sr.present) continue;
-      cuda::fill_normal(ctx, p.lora.get() + sr.a_off, sr.copies() * p.r * sr.in, 0.f,
+      cuda::fill_normal(ctx, p.master_at(l, sr.a_off), sr.copies() * p.r * sr.in, 0.f,
                         float(1.0 / std::sqrt(double(sr.in))), seed * 1000003ull + ++k);
-      cuda::fill_normal(ctx, p.lora.get() + sr.b_off, sr.copies() * sr.out * p.r, 0.f, 0.01f, seed * 1000003ull + ++k);
+      cuda::fill_normal(ctx, p.master_at(l, sr.b_off), sr.copies() * sr.out * p.r, 0.f, 0.01f, seed * 1000003ull + ++k);
     }
+    if (p.states_on_host && p.layer_elems(l) > 0) {  // made in the layer's slot, kept on the host
+      ctx.synchronize();
+      QT_CUDA_CHECK(cudaMemcpy(p.h_lora.get() + p.layer_off[size_t(l)], p.master_at(l, p.layer_off[size_t(l)]),
+                               size_t(p.layer_elems(l)) * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+  }
   if (p.nf4) p.random_nf4(seed);
   ctx.synchronize();
   guard.release();
@@ -681,14 +851,19 @@ int64_t CudaDecoder::count() const { return p_->count; }
 
 void CudaDecoder::zero_grads() {
   Impl& p = *p_;
-  QT_CUDA_CHECK(cudaMemsetAsync(p.grad.get(), 0, p.grad.bytes(), p.ctx.stream()));
+  if (p.states_on_host) {
+    p.grads_pending = true;  // the next backward starts each layer's gradient from zero
+    QT_CUDA_CHECK(cudaMemsetAsync(p.layer_sq.get(), 0, p.layer_sq.bytes(), p.ctx.stream()));
+  }
+  if (p.grad.size()) QT_CUDA_CHECK(cudaMemsetAsync(p.grad.get(), 0, p.grad.bytes(), p.ctx.stream()));
   QT_CUDA_CHECK(cudaMemsetAsync(p.loss_total.get(), 0, sizeof(double), p.ctx.stream()));
 }
 
 void CudaDecoder::forward_backward(double grad_scale, const LoraDropout& dropout) {
   const double gs = grad_scale > 0 ? grad_scale : (p_->count ? 1.0 / double(p_->count) : 0.0);
   QT_ASSERT(dropout.p >= 0 && dropout.p < 1, "dropout probability {}", dropout.p);
-  QT_ASSERT(p_->grad.size() == p_->lora.size(), "forward_backward on an inference-only CudaDecoder");
+  QT_ASSERT(p_->layer_sq.size(), "forward_backward on an inference-only CudaDecoder");
+  QT_ASSERT(!(p_->states_on_host && p_->layer_backward_hook), "lora_states_on_host with a layer backward hook");
   p_->drop = dropout;
   p_->run(true, float(gs));
   p_->drop = {};
@@ -700,14 +875,24 @@ void CudaDecoder::optimizer_step(int64_t step, double lr, double weight_decay, d
                                  double beta2, double eps) {
   Impl& p = *p_;
   QT_ASSERT(step >= 1, "optimizer step {} must be >= 1", step);
-  QT_ASSERT(p.m1.size() == p.lora.size(), "optimizer_step on an inference-only CudaDecoder");
+  QT_ASSERT(p.layer_sq.size(), "optimizer_step on an inference-only CudaDecoder");
+  // The global sum of squares from per-layer sums in layer order (the same arithmetic on both paths;
+  // with states on the host the backward formed them while each layer's gradient was on the device).
+  if (!p.states_on_host)
+    for (int64_t l = 0; l < p.L; ++l) p.layer_sum_squares(l);
   QT_CUDA_CHECK(cudaMemsetAsync(p.sum_sq.get(), 0, sizeof(double), p.ctx.stream()));
-  cuda::sum_squares(p.ctx, p.sum_sq.get(), p.grad.get(), p.n_lora);
+  cuda::sum_f64(p.ctx, p.sum_sq.get(), p.layer_sq.get(), p.L);
   cuda::step_guard(p.ctx, p.skip.get(), p.sum_sq.get(), p.loss_total.get());
-  if (max_norm > 0) cuda::clip_by_sum_squares(p.ctx, p.grad.get(), p.n_lora, p.sum_sq.get(), max_norm);
   const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
-  cuda::adamw_step(p.ctx, p.lora.get(), p.grad.get(), p.m1.get(), p.m2.get(), p.n_lora, 1.0 - lr * weight_decay, beta1,
-                   beta2, lr / bc1, std::sqrt(bc2), eps, p.skip.get());
+  const auto update = [&](float* w, float* g, float* m, float* v, int64_t n) {
+    if (max_norm > 0) cuda::clip_by_sum_squares(p.ctx, g, n, p.sum_sq.get(), max_norm);
+    cuda::adamw_step(p.ctx, w, g, m, v, n, 1.0 - lr * weight_decay, beta1, beta2, lr / bc1, std::sqrt(bc2), eps,
+                     p.skip.get());
+  };
+  if (p.states_on_host)
+    p.stream_optimizer(update);
+  else
+    update(p.lora.get(), p.grad.get(), p.m1.get(), p.m2.get(), p.n_lora);
   p.prof.mark(p.ctx, "optimizer");
 }
 
@@ -738,13 +923,13 @@ Tensor CudaDecoder::logits() const {
 }
 
 std::pair<LoraAdapter, LoraAdapter> CudaDecoder::download_moments() const {
-  return {p_->download(p_->m1), p_->download(p_->m2)};
+  return {p_->download('m'), p_->download('v')};
 }
 
 void CudaDecoder::upload_state(const LoraAdapter& lora, const LoraAdapter& exp_avg, const LoraAdapter& exp_avg_sq) {
-  p_->upload(p_->lora, lora);
-  p_->upload(p_->m1, exp_avg);
-  p_->upload(p_->m2, exp_avg_sq);
+  p_->upload('w', lora);
+  p_->upload('m', exp_avg);
+  p_->upload('v', exp_avg_sq);
 }
 
 std::vector<CudaDecoder::GradRange> CudaDecoder::grad_layout() const {
@@ -758,7 +943,10 @@ std::vector<CudaDecoder::GradRange> CudaDecoder::grad_layout() const {
       }
   return out;
 }
-float* CudaDecoder::grad_data() { return p_->grad.get(); }
+float* CudaDecoder::grad_data() {
+  QT_ASSERT(!p_->states_on_host, "grad_data with the LoRA gradients in host memory");
+  return p_->grad.get();
+}
 
 double CudaDecoder::aux_loss() const {
   if (!p_->any_moe) return 0.0;
@@ -794,7 +982,7 @@ CudaDecoder::LayerView CudaDecoder::layer_view(int64_t l) {
   for (int s = 0; s < kNumLoraSlots; ++s) {
     v.w[size_t(s)] = p.wt(l, s);
     const SlotRef& sr = p.slots[size_t(l)][size_t(s)];
-    if (sr.present) v.A[size_t(s)] = p.lora.get() + sr.a_off, v.B[size_t(s)] = p.lora.get() + sr.b_off;
+    if (sr.present) v.A[size_t(s)] = p.master_at(l, sr.a_off), v.B[size_t(s)] = p.master_at(l, sr.b_off);
   }
   return v;
 }
@@ -804,16 +992,17 @@ const cuda::bf16* CudaDecoder::lm_head() const { return p_->lm_head; }
 int64_t CudaDecoder::lora_rank() const { return p_->r; }
 float CudaDecoder::lora_scale() const { return p_->scale; }
 
-LoraAdapter CudaDecoder::download_grads() const { return p_->download(p_->grad); }
-LoraAdapter CudaDecoder::download_lora() const { return p_->download(p_->lora); }
+LoraAdapter CudaDecoder::download_grads() const { return p_->download('g'); }
+LoraAdapter CudaDecoder::download_lora() const { return p_->download('w'); }
 
 bool CudaDecoder::embeddings_on_host() const { return p_->embed_host.size() > 0; }
 bool CudaDecoder::layer_inputs_on_host() const { return p_->inputs_on_host; }
+bool CudaDecoder::lora_states_on_host() const { return p_->states_on_host; }
 
 size_t CudaDecoder::device_bytes() const {
   const Impl& p = *p_;
   size_t n = p.embed.bytes() + p.lm_head_own.bytes() + p.final_norm.bytes() + p.lora.bytes() + p.grad.bytes() +
-             p.m1.bytes() + p.m2.bytes();
+             p.m1.bytes() + p.m2.bytes() + p.lora_ring.bytes() + p.grad_ring.bytes() + p.layer_sq.bytes();
   for (auto& d : p.layers) {
     n += d.input_norm.bytes() + d.post_norm.bytes() + d.q_norm.bytes() + d.k_norm.bytes() + d.q_b.bytes() +
          d.k_b.bytes() + d.v_b.bytes();

@@ -5,8 +5,9 @@
 // bf16 scratch right before the product that needs them: one attention / dense-MLP projection at a
 // time, or one MoE layer's experts together; see Impl::wt); optionally the untied input embedding
 // table in pinned host memory (embeddings_on_host: only the N looked-up rows cross the bus); fp32 LoRA
-// masters, their gradients and AdamW moments in four flat buffers (one sum of squares, one clip and
-// one AdamW launch per step). Per-layer activation checkpointing: the forward keeps only each layer's
+// masters, their gradients and AdamW moments in four flat buffers (one clip and one AdamW launch per
+// step; optionally in pinned host memory, streamed through two layers' worth of device buffers:
+// lora_states_on_host). Per-layer activation checkpointing: the forward keeps only each layer's
 // input x_l (N,H) bf16 (optionally in pinned host memory: layer_inputs_on_host); the backward
 // recomputes layer l from x_l into one set of per-layer work buffers, then runs its backward. The lm_head and the loss are fused chunk by chunk (the (N,V)
 // logits never exist; the chunks live in a layer work buffer that is idle while the head runs).
@@ -44,6 +45,14 @@ struct CudaDecoderOptions {
   // so the device holds two (N,H) buffers instead of L+1 (same results bit for bit). Tests set
   // QT_TEST_COPY_DELAY_US to delay every copy on the device (a missing wait then shows).
   bool layer_inputs_on_host = false;
+  // The LoRA training state (fp32 masters, gradients and AdamW moments, 16 bytes per parameter) in
+  // pinned host memory: the device holds two layers' masters and gradients (slots used in turn),
+  // fetched one layer ahead of the forward and the backward on a copy stream; each layer's gradient
+  // goes back to the host after its backward (and comes up again for the next micro-batch's), and
+  // optimizer_step streams the state through the same slots in chunks (clip + AdamW on the device,
+  // the same arithmetic). Same results bit for bit; for LoRA on every expert of a large MoE model
+  // (Qwen3-30B-A3B r=16: 12.6 GiB of state). Not with a layer_backward_hook (data parallelism).
+  bool lora_states_on_host = false;
 };
 
 class CudaDecoder {
@@ -114,6 +123,8 @@ class CudaDecoder {
   bool embeddings_on_host() const;
   // Whether the training forward keeps the saved layer inputs in host memory.
   bool layer_inputs_on_host() const;
+  // Whether the LoRA masters, gradients and moments live in host memory.
+  bool lora_states_on_host() const;
 
   // Data parallelism (train/train_engine_cuda.cpp): the flat fp32 gradient buffer on the device,
   // one range per LoRA matrix in buffer order (layers ascending), the step's loss total (one double
@@ -125,7 +136,7 @@ class CudaDecoder {
     int64_t layer = 0;
   };
   std::vector<GradRange> grad_layout() const;
-  float* grad_data();
+  float* grad_data();  // not with lora_states_on_host
   double* loss_total_data();
   void set_layer_backward_hook(std::function<void(int64_t layer)> hook);  // empty: none
 

@@ -91,6 +91,10 @@ const std::vector<KeySpec>& keys() {
       {"offload_activations", &C::offload_activations, "bool", "false",
        "CUDA: keep the layer inputs saved for the backward (activation checkpoints) in pinned host memory, "
        "copied out and prefetched back beside the compute: two layers' worth on the GPU instead of one per layer."},
+      {"offload_lora", &C::offload_lora, "bool", "false",
+       "CUDA, one GPU: keep the LoRA training state (fp32 weights, gradients, AdamW moments: 16 bytes per "
+       "parameter) in pinned host memory, streamed through two layers' worth on the GPU; for LoRA on every "
+       "expert of a large MoE model. Same results; each step moves the state over the bus."},
       {"lora_r", &C::lora_r, "int", "8", "LoRA rank r (PEFT default)."},
       {"lora_alpha", &C::lora_alpha, "float", "8", "LoRA alpha; the update is scaled by alpha / r (PEFT default)."},
       {"lora_dropout", &C::lora_dropout, "float", "0.0", "Dropout on the LoRA input, in [0, 1) (PEFT default)."},

@@ -94,6 +94,7 @@ std::unique_ptr<TrainEngine> make_cpu_engine(const ModelWeights& w, LoraAdapter&
 struct CudaOffload {
   bool embeddings = false;    // the input embedding table (see resolve_embeddings_on_host)
   bool layer_inputs = false;  // the saved layer inputs of the training forward (offload_activations)
+  bool lora_states = false;   // LoRA masters, gradients and AdamW moments (offload_lora; one GPU only)
 };
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt,
                                               const DataParallel& dp = {}, const CudaOffload& offload = {});

@@ -39,8 +39,13 @@ int select_device(const DataParallel& dp) {
   return dp.local_rank;
 }
 
-CudaDecoderOptions decoder_options(const CudaOffload& off) {
-  return {.training = true, .embeddings_on_host = off.embeddings, .layer_inputs_on_host = off.layer_inputs};
+CudaDecoderOptions decoder_options(const CudaOffload& off, const DataParallel& dp) {
+  if (off.lora_states && dp.collective())
+    fail("train", "offload_lora works on one GPU only: the gradients of a data-parallel step are all-reduced on the GPU");
+  return {.training = true,
+          .embeddings_on_host = off.embeddings,
+          .layer_inputs_on_host = off.layer_inputs,
+          .lora_states_on_host = off.lora_states};
 }
 
 std::unique_ptr<dist::NcclComm> join_comm(const DataParallel& dp, int device) {
@@ -54,7 +59,7 @@ class CudaEngine final : public TrainEngine {
   CudaEngine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt, const DataParallel& dp,
              const CudaOffload& off)
       : device_(select_device(dp)), comm_(join_comm(dp, device_)), cfg_(opt.config()),
-        dec_(ctx_, w, lora, decoder_options(off)),
+        dec_(ctx_, w, lora, decoder_options(off, dp)),
         steps_(opt.step_count()), nf4_(w.nf4 != nullptr), aux_coef_(w.cfg.output_router_logits ? w.cfg.router_aux_loss_coef : 0.0) {
     if (steps_ > 0) load_from_host(lora, opt);  // a resumed run: AdamW's moments too
     plan_buckets(dp);
@@ -62,7 +67,7 @@ class CudaEngine final : public TrainEngine {
   CudaEngine(const ModelConfig& cfg, const LoraConfig& lcfg, uint64_t seed, bool load_in_4bit, const DataParallel& dp,
              const CudaOffload& off)
       : device_(select_device(dp)), comm_(join_comm(dp, device_)),
-        dec_(ctx_, cfg, lcfg, seed, load_in_4bit, decoder_options(off)),
+        dec_(ctx_, cfg, lcfg, seed, load_in_4bit, decoder_options(off, dp)),
         nf4_(load_in_4bit), aux_coef_(cfg.output_router_logits ? cfg.router_aux_loss_coef : 0.0) {
     plan_buckets(dp);
   }
@@ -70,6 +75,7 @@ class CudaEngine final : public TrainEngine {
     return "cuda (" + cuda::current_device_name() + (nf4_ ? ", NF4 base weights on the device" : "") +
            (dec_.embeddings_on_host() ? ", input embeddings in host memory" : "") +
            (dec_.layer_inputs_on_host() ? ", saved layer inputs in host memory" : "") +
+           (dec_.lora_states_on_host() ? ", LoRA states in host memory" : "") +
            (comm_ ? fmt::format(", GPU {}, NCCL rank {} of {}, {} gradient buckets", device_, comm_->rank(),
                                 comm_->world_size(), reducer_->plan().size())
                   : std::string()) +

@@ -40,6 +40,7 @@ struct BenchArgs {
   bool load_in_4bit = false;
   std::optional<bool> offload_embeddings;  // unset: train's default (resolve_embeddings_on_host)
   bool offload_activations = false;        // the saved layer inputs in pinned host memory
+  bool offload_lora = false;               // LoRA masters, gradients and AdamW moments in pinned host memory
   int gpus = 0;  // 0: the single-process benchmark; N >= 1: N data-parallel ranks through the engine
 };
 
@@ -73,7 +74,8 @@ Batch random_batch(const BenchArgs& a, int64_t vocab, std::mt19937_64& rng) {
 
 CudaOffload bench_offload(const BenchArgs& a, const ModelConfig& cfg) {
   return {.embeddings = resolve_embeddings_on_host(a.offload_embeddings, cfg, a.load_in_4bit),
-          .layer_inputs = a.offload_activations};
+          .layer_inputs = a.offload_activations,
+          .lora_states = a.offload_lora};
 }
 
 double median(std::vector<double> v) {
@@ -91,7 +93,10 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
   cuda::Context ctx;
   const CudaOffload off = bench_offload(a, cfg);
   CudaDecoder dec(ctx, cfg, bench_lora_config(a), a.seed, a.load_in_4bit,
-                  {.training = true, .embeddings_on_host = off.embeddings, .layer_inputs_on_host = off.layer_inputs});
+                  {.training = true,
+                   .embeddings_on_host = off.embeddings,
+                   .layer_inputs_on_host = off.layer_inputs,
+                   .lora_states_on_host = off.lora_states});
   std::mt19937_64 rng(a.seed + 2);
   dec.set_batch(random_batch(a, cfg.vocab_size, rng));
   cuda::Event t0, t1;
@@ -120,6 +125,7 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
                         {"load_in_4bit", a.load_in_4bit},
                         {"embeddings_on_host", dec.embeddings_on_host()},
                         {"layer_inputs_on_host", dec.layer_inputs_on_host()},
+                        {"lora_states_on_host", dec.lora_states_on_host()},
                         {"step", "forward+backward(recompute)+clip+adamw"},
                         {"median_step_s", med},
                         {"tokens_per_s", double(a.batch * a.seq) / med},
@@ -278,6 +284,8 @@ void register_bench_command(CLI::App& app) {
                 "never for tied embeddings)");
   c->add_flag("--offload-activations", a->offload_activations,
               "The saved layer inputs (activation checkpoints) in pinned host memory");
+  c->add_flag("--offload-lora", a->offload_lora,
+              "The LoRA masters, gradients and AdamW moments in pinned host memory (one GPU)");
   c->callback([a] { run_bench(*a); });
 }
 

@@ -143,6 +143,12 @@ void sum_squares(Context& ctx, double* sum_sq, const float* x, int64_t n) {
   QT_CUDA_LAUNCH_CHECK();
 }
 
+void sum_f64(Context& ctx, double* out, const double* x, int64_t n) {
+  if (n <= 0) return;
+  sum_partials_kernel<<<1, 32, 0, ctx.stream()>>>(out, x, int(n));
+  QT_CUDA_LAUNCH_CHECK();
+}
+
 void scale_inplace(Context& ctx, float* x, int64_t n, float c) {
   if (n <= 0) return;
   scale_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, c);

@@ -153,6 +153,9 @@ void add_f64(Context& ctx, double* acc, const double* x);
 // The sum is NaN or inf exactly when some value is (fp32 squares cannot overflow fp64), which
 // doubles as the finite check.
 void sum_squares(Context& ctx, double* sum_sq, const float* x, int64_t n);
+// *out ADDS x[0] + x[1] + ... + x[n-1] (device fp64, summed left to right by one thread): per-layer
+// sums of squares combined into the global one in a fixed order.
+void sum_f64(Context& ctx, double* out, const double* x, int64_t n);
 // x (n) *= c (fp32 multiply, as the CPU's clipping)
 void scale_inplace(Context& ctx, float* x, int64_t n, float c);
 
