@@ -384,23 +384,29 @@ TEST(CudaDecoder, RouterAuxLossMatchesCpu) {
   EXPECT_LE(moved, int64_t(0.02 * 2 * 2 * double(batch.B * batch.S * 2)));
 }
 
+// Every device copy delayed by 3 ms (QT_TEST_COPY_DELAY_US, far longer than a tiny layer's work)
+// while it lives, so a missing wait on a copy gives stale data and a different result.
+struct DelayedCopies {
+  DelayedCopies() { setenv("QT_TEST_COPY_DELAY_US", "3000", 1); }
+  ~DelayedCopies() { unsetenv("QT_TEST_COPY_DELAY_US"); }
+};
+
 // An offload option changes where data waits, not what is computed: two steps of two micro-batches
-// (the second larger: the buffers grow), an evaluation forward between them, give the same loss,
-// gradients, gradient norm, AdamW masters and moments bit for bit as the plain decoder, for 1, 2 and
-// 5 layers, dense and MoE, with LoRA dropout. Every copy is delayed on the device by 3 ms
-// (QT_TEST_COPY_DELAY_US, far longer than a tiny layer's work), so a missing wait on a copy gives
-// stale data and a different result. bytes_saved(cfg, layers, largest batch tokens, masters) = how
-// many fewer device bytes the offloading decoder must hold.
+// (the second larger: the buffers grow), an evaluation forward between them, then a step with no
+// micro-batch, give the same loss, gradients (before and after the clipping step), gradient norm,
+// AdamW masters and moments bit for bit as the plain decoder, for 1, 2 and 5 layers, dense, MoE and
+// mixed (every second layer MoE: layers of unequal size), with LoRA dropout and clipping, every copy
+// delayed. bytes_saved(cfg, layers, largest batch tokens, masters) = how many fewer device bytes the
+// offloading decoder must hold.
 template <typename BytesSaved>
 void expect_offload_changes_nothing(const CudaDecoderOptions& opt, BytesSaved&& bytes_saved) {
-  setenv("QT_TEST_COPY_DELAY_US", "3000", 1);
-  struct Unset {
-    ~Unset() { unsetenv("QT_TEST_COPY_DELAY_US"); }
-  } unset_at_exit;
-  for (const bool moe : {false, true})
+  const DelayedCopies delayed;
+  for (const char* kind : {"dense", "moe", "mixed"})
     for (const int layers : {1, 2, 5}) {
+      const bool moe = std::string(kind) != "dense";
       const std::string j =
           std::string(R"({"model_type":)") + (moe ? R"("qwen3_moe")" : R"("qwen3")") +
+          (std::string(kind) == "mixed" ? R"(,"decoder_sparse_step":2)" : "") +
           R"(,"vocab_size":256,"hidden_size":64,"intermediate_size":96,"moe_intermediate_size":32,
           "num_experts":8,"num_experts_per_tok":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
           "tie_word_embeddings":false,"num_hidden_layers":)" + std::to_string(layers) + "}";
@@ -420,7 +426,7 @@ void expect_offload_changes_nothing(const CudaDecoderOptions& opt, BytesSaved&& 
       EXPECT_EQ(host.layer_inputs_on_host(), opt.layer_inputs_on_host);
       EXPECT_EQ(host.lora_states_on_host(), opt.lora_states_on_host);
       ASSERT_FALSE(dev.layer_inputs_on_host() || dev.lora_states_on_host());
-      const std::string what = (moe ? "moe, " : "dense, ") + std::to_string(layers) + " layers";
+      const std::string what = std::string(kind) + ", " + std::to_string(layers) + " layers";
       for (int step = 1; step <= 2; ++step) {
         for (CudaDecoder* d : {&host, &dev}) {
           d->zero_grads();
@@ -435,9 +441,14 @@ void expect_offload_changes_nothing(const CudaDecoderOptions& opt, BytesSaved&& 
         EXPECT_EQ(hs.loss_total, ds.loss_total) << what;
         EXPECT_EQ(hs.grad_norm, ds.grad_norm) << what;
         EXPECT_GT(hs.grad_norm, 1e-4) << what << ": the clipping is exercised";
+        expect_same_bits(host.download_grads(), dev.download_grads(), what + " clipped grads");
         for (CudaDecoder* d : {&host, &dev}) d->set_batch(small), d->forward();
         EXPECT_EQ(host.loss_sum(), dev.loss_sum()) << what;
       }
+      for (CudaDecoder* d : {&host, &dev}) d->zero_grads(), d->optimizer_step(3, 1e-2, 0.0, 1e-4);  // no micro-batch
+      EXPECT_FALSE(host.read_step_stats().skipped) << what;
+      EXPECT_EQ(host.read_step_stats().grad_norm, 0.0) << what;
+      expect_same_bits(host.download_grads(), dev.download_grads(), what + " zero grads");
       const LoraAdapter masters = dev.download_lora();
       expect_same_bits(host.download_lora(), masters, what + " masters");
       const auto [hm, hv] = host.download_moments();
@@ -458,14 +469,16 @@ TEST(CudaDecoder, LayerInputsOnHostChangeNothing) {
                                  });
 }
 
-// Parameters of each layer of an adapter.
-std::vector<int64_t> lora_params_per_layer(const LoraAdapter& a) {
+// Floats of each layer's part of the decoder's flat LoRA layout: every tensor and the layer's end
+// padded to 64 floats (cuda_decoder.cpp kLoraAlign).
+std::vector<int64_t> padded_lora_elems_per_layer(const LoraAdapter& a) {
+  const auto pad = [](int64_t n) { return (n + 63) / 64 * 64; };
   std::vector<int64_t> out;
   for (const auto& layer : a.layers) {
     int64_t n = 0;
     for (const auto& p : layer.slot)
-      if (p.present()) n += p.A.numel() + p.B.numel();
-    out.push_back(n);
+      if (p.present()) n = pad(pad(n) + p.A.numel()) + p.B.numel();
+    out.push_back(pad(n));
   }
   return out;
 }
@@ -478,10 +491,10 @@ TEST(CudaDecoder, LoraStatesOnHostChangeNothing) {
   QT_SKIP_WITHOUT_GPU();
   const auto saved = [](bool inputs_too) {
     return [inputs_too](const ModelConfig& cfg, int layers, int64_t tokens, const LoraAdapter& masters) {
-      const std::vector<int64_t> per = lora_params_per_layer(masters);
+      const std::vector<int64_t> per = padded_lora_elems_per_layer(masters);
       int64_t total = 0, slot = 0;
       for (int64_t n : per) total += n, slot = std::max(slot, n);
-      slot += slot % 2;
+      slot = (slot + 127) / 128 * 128;  // two halves of 64-float multiples
       size_t bytes = size_t(4 * total - 4 * slot) * sizeof(float);
       if (inputs_too) bytes += size_t(layers + 1 - 2) * size_t(tokens * cfg.hidden_size) * 2;
       return bytes;
@@ -492,8 +505,10 @@ TEST(CudaDecoder, LoraStatesOnHostChangeNothing) {
 }
 
 // A resume pushes masters and moments into the host state (upload_state) and a checkpoint reads them
-// back (download_lora / download_moments): the same bits either way, and the next step of a decoder
-// resumed with lora_states_on_host equals that of a plain decoder resumed from the same state.
+// back (download_lora / download_moments): the same bits either way. The decoders run a forward
+// first, so the device slots hold the old masters when the upload replaces them: the next forward
+// and training step of the decoder with lora_states_on_host equal those of a plain decoder resumed
+// from the same state (every copy delayed).
 TEST(CudaDecoder, LoraStatesOnHostResume) {
   QT_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(5);
@@ -504,16 +519,24 @@ TEST(CudaDecoder, LoraStatesOnHostResume) {
   src.zero_grads(), src.set_batch(batch), src.forward_backward(), src.optimizer_step(1, 1e-2, 0.0, 1.0);
   const LoraAdapter w = src.download_lora();
   const auto [m, v] = src.download_moments();
+  const DelayedCopies delayed;
   CudaDecoder host(ctx, t.w, t.lora, {.lora_states_on_host = true}), dev(ctx, t.w, t.lora);
-  for (CudaDecoder* d : {&host, &dev}) d->upload_state(w, m, v);
-  expect_same_bits(host.download_lora(), w, "uploaded masters");
-  expect_same_bits(host.download_moments().second, v, "uploaded exp_avg_sq");
   expect_same_bits(host.download_grads(), dev.download_grads(), "zero gradients before any step");
+  for (CudaDecoder* d : {&host, &dev}) d->set_batch(batch), d->forward();
+  const double before = host.loss_sum();
+  EXPECT_EQ(before, dev.loss_sum()) << "before the upload";
+  for (CudaDecoder* d : {&host, &dev}) d->upload_state(w, m, v), d->forward();
+  EXPECT_EQ(host.loss_sum(), dev.loss_sum()) << "after the upload";
+  EXPECT_NE(host.loss_sum(), before) << "the uploaded masters change the loss (stale slots would not)";
+  expect_same_bits(host.download_lora(), w, "uploaded masters");
+  expect_same_bits(host.download_moments().first, m, "uploaded exp_avg");
+  expect_same_bits(host.download_moments().second, v, "uploaded exp_avg_sq");
   for (CudaDecoder* d : {&host, &dev})
     d->zero_grads(), d->set_batch(batch), d->forward_backward(), d->optimizer_step(2, 1e-2, 0.01, 1.0);
   EXPECT_EQ(host.read_step_stats().grad_norm, dev.read_step_stats().grad_norm);
   expect_same_bits(host.download_lora(), dev.download_lora(), "masters after the resumed step");
   expect_same_bits(host.download_moments().first, dev.download_moments().first, "exp_avg after the resumed step");
+  expect_same_bits(host.download_moments().second, dev.download_moments().second, "exp_avg_sq after the resumed step");
 }
 
 }  // namespace

@@ -40,6 +40,12 @@ struct DeviceLayer {
   std::array<CudaNf4Group, kNumLoraSlots> nf4;
 };
 
+// Every LoRA tensor starts at a multiple of kLoraAlign floats (256 bytes) of the flat layout, and so
+// of a device slot with lora_states_on_host: the kernels see the same alignment on both paths (a GEMM's
+// algorithm may depend on it), so the results are the same bits. The padding holds zeros.
+constexpr int64_t kLoraAlign = 64;
+int64_t align_elems(int64_t n, int64_t to = kLoraAlign) { return (n + to - 1) / to * to; }
+
 // One LoRA slot: offsets of A (r,in) and B (out,r) in the flat fp32 buffers.
 struct SlotRef {
   bool present = false;
@@ -230,15 +236,16 @@ struct CudaDecoder::Impl {
         if (!nf4) d.w[s] = Buffer<bf16>(size_t(ref.copies() * sh.in * sh.out));
         if (!lc.targets(LoraSlot(s))) continue;
         ref.present = true;
-        ref.a_off = n_lora, n_lora += ref.copies() * r * sh.in;
-        ref.b_off = n_lora, n_lora += ref.copies() * sh.out * r;
+        ref.a_off = align_elems(n_lora), n_lora = ref.a_off + ref.copies() * r * sh.in;
+        ref.b_off = align_elems(n_lora), n_lora = ref.b_off + ref.copies() * sh.out * r;
         if (sh.experts == 0) max_in = std::max(max_in, sh.in);
       }
       expert_elems = std::max(expert_elems, expert_off);
+      n_lora = align_elems(n_lora);
       layer_off[size_t(l) + 1] = n_lora;
       slot_elems = std::max(slot_elems, n_lora - layer_off[size_t(l)]);
     }
-    slot_elems += slot_elems % 2;  // two halves: one optimizer chunk's arrays
+    slot_elems = align_elems(slot_elems, 2 * kLoraAlign);  // two aligned halves: one optimizer chunk's arrays
     for (int64_t l = 0; l < L; ++l)
       for (int s = 0; s < kNumLoraSlots; ++s)
         if (slots[l][s].E > 0 || layer_scratch) woff[l][s] += single_elems;
@@ -246,10 +253,11 @@ struct CudaDecoder::Impl {
     if (states_on_host) {
       h_lora = cuda::PinnedBuffer<float>(size_t(n_lora)), h_grad = cuda::PinnedBuffer<float>(size_t(n_lora));
       h_m1 = cuda::PinnedBuffer<float>(size_t(n_lora)), h_m2 = cuda::PinnedBuffer<float>(size_t(n_lora));
-      std::fill_n(h_m1.get(), n_lora, 0.f), std::fill_n(h_m2.get(), n_lora, 0.f);
+      for (auto* b : {&h_lora, &h_m1, &h_m2}) std::fill_n(b->get(), n_lora, 0.f);  // padding included
       lora_ring = Buffer<float>(size_t(2 * slot_elems)), grad_ring = Buffer<float>(size_t(2 * slot_elems));
     } else {
       lora = Buffer<float>(size_t(n_lora));
+      lora.fill_bytes(0);  // the padding between tensors stays zero
       if (training) {
         grad = Buffer<float>(size_t(n_lora)), m1 = Buffer<float>(size_t(n_lora)), m2 = Buffer<float>(size_t(n_lora));
         m1.fill_bytes(0), m2.fill_bytes(0), grad.fill_bytes(0);
@@ -456,14 +464,14 @@ struct CudaDecoder::Impl {
   // lora_states_on_host: update(w, g, m, v, n) over the flat state in chunks of slot_elems / 2, bank
   // b = chunk % 2 being (master, m) in lora slot b and (gradient, v) in grad slot b: the chunk comes
   // up on in_stream once the bank's previous chunk has gone back, is updated on the compute stream,
-  // and goes back (master, m, v) on out_stream. The compute stream then waits for every copy back.
+  // and goes back (master, gradient, m, v) on out_stream. The compute stream then waits for every
+  // copy back.
+  // The (clipped) gradient goes back too, as the device path leaves it clipped in its buffer. A step
+  // with no backward since zero_grads starts each chunk's gradient from zero on the device.
   template <typename Update>
   void stream_optimizer(Update&& update) {
-    if (grads_pending) {  // no backward since zero_grads: the step's gradients are zero
-      ctx.synchronize();
-      std::fill_n(h_grad.get(), n_lora, 0.f);
-      grads_pending = false;
-    }
+    const bool zero = grads_pending;
+    grads_pending = false;
     const int64_t C = slot_elems / 2;
     computed.record(ctx.stream());  // the backward's last readers of the slots
     stream_wait(in_stream->get(), computed);
@@ -475,7 +483,8 @@ struct CudaDecoder::Impl {
       cudaStream_t in = in_stream->get(), out = out_stream->get();
       stream_wait(in, bank_saved[b]);
       copy_floats(w, h_lora.get() + off, n, cudaMemcpyHostToDevice, in);
-      copy_floats(g, h_grad.get() + off, n, cudaMemcpyHostToDevice, in);
+      if (zero) QT_CUDA_CHECK(cudaMemsetAsync(g, 0, size_t(n) * sizeof(float), in));
+      else copy_floats(g, h_grad.get() + off, n, cudaMemcpyHostToDevice, in);
       copy_floats(m, h_m1.get() + off, n, cudaMemcpyHostToDevice, in);
       copy_floats(v, h_m2.get() + off, n, cudaMemcpyHostToDevice, in);
       bank_loaded[b].record(in);
@@ -484,6 +493,7 @@ struct CudaDecoder::Impl {
       bank_done[b].record(ctx.stream());
       stream_wait(out, bank_done[b]);
       copy_floats(h_lora.get() + off, w, n, cudaMemcpyDeviceToHost, out);
+      copy_floats(h_grad.get() + off, g, n, cudaMemcpyDeviceToHost, out);
       copy_floats(h_m1.get() + off, m, n, cudaMemcpyDeviceToHost, out);
       copy_floats(h_m2.get() + off, v, n, cudaMemcpyDeviceToHost, out);
       bank_saved[b].record(out);
@@ -974,6 +984,7 @@ CudaDecoder::LayerView CudaDecoder::layer_view(int64_t l) {
   QT_ASSERT(l >= 0 && l < p.L, "layer {} of {}", l, p.L);
   // An NF4 layer's projections must sit in the scratch together: the inference-only layout.
   QT_ASSERT(!p.nf4 || p.layer_scratch, "layer_view needs an inference-only CudaDecoder with an NF4 base");
+  QT_ASSERT(!p.states_on_host, "layer_view of a decoder whose LoRA masters live in host memory");
   const DeviceLayer& d = p.layers[size_t(l)];
   LayerView v;
   v.moe = d.moe;
