@@ -8,6 +8,7 @@
 // the first mismatching element (index, code, device and host values).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -231,6 +232,16 @@ TEST(CudaNf4, BatchedDequantizeEqualsCpuPerTensor) {
         expect_same_bits(std::vector<uint16_t>(got.begin() + e * n, got.begin() + (e + 1) * n), want, qs[size_t(e)],
                          "batched " + std::string(dtype_name(storage)) + " tensor " + std::to_string(e));
       }
+      // A range of tensors (a chunk of experts) on its own: the same values, nothing past the range.
+      const int64_t e0 = count / 2, e1 = count;
+      out.fill_bytes(0xFF);
+      g.dequantize(ctx, out.get(), e0, e1);
+      ctx.synchronize();
+      std::vector<uint16_t> part(size_t(count * n));
+      QT_CUDA_CHECK(cudaMemcpy(part.data(), out.get(), part.size() * 2, cudaMemcpyDeviceToHost));
+      EXPECT_TRUE(std::equal(part.begin(), part.begin() + (e1 - e0) * n, got.begin() + e0 * n)) << "range";
+      EXPECT_TRUE(std::all_of(part.begin() + (e1 - e0) * n, part.end(), [](uint16_t x) { return x == 0xFFFF; }))
+          << "the range wrote past its tensors";
     }
 }
 

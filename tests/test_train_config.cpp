@@ -99,6 +99,9 @@ TEST(TrainConfig, OffloadActivationsAndLora) {
   EXPECT_TRUE(parse_train_config(std::string(kMinimal) + "offload_lora: true\n", "c").offload_lora);
   EXPECT_THROW(parse_train_config(std::string(kMinimal) + "offload_activations: sometimes\n", "c"), Error);
   EXPECT_THROW(parse_train_config(std::string(kMinimal) + "offload_lora: 2\n", "c"), Error);
+  EXPECT_EQ(plain.nf4_expert_chunk, 0);
+  EXPECT_EQ(parse_train_config(std::string(kMinimal) + "nf4_expert_chunk: 16\n", "c").nf4_expert_chunk, 16);
+  EXPECT_THROW(parse_train_config(std::string(kMinimal) + "nf4_expert_chunk: -1\n", "c"), Error);
 }
 
 TEST(TrainConfig, AxolotlStyleFile) {
@@ -318,7 +321,7 @@ TEST(TrainConfig, HelpDocumentsEveryKey) {
     const std::string line = help.substr(at, help.find('\n', at) - at);
     EXPECT_TRUE(line.find("; default: ") != std::string::npos || line.find("; required") != std::string::npos) << line;
   }
-  EXPECT_EQ(n, 39u);
+  EXPECT_EQ(n, 40u);
   EXPECT_NE(help.find("peft_use_rslora"), std::string::npos);
   EXPECT_NE(help.find("Usage: qwentune train CONFIG.yaml"), std::string::npos);
 }

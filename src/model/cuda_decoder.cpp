@@ -159,6 +159,9 @@ struct CudaDecoder::Impl {
   // layer's projection is dequantized for its forward, its recompute and (all but the last one
   // recomputed) its backward; the experts once for the forward and once for recompute + backward.
   bool nf4 = false;
+  // nf4_expert_chunk (training): the experts' region holds gate, up and down of `expert_chunk`
+  // experts, filled chunk by chunk by the MoE layer's loader (moe_weights); 0: one layer's experts.
+  int64_t expert_chunk = 0;
   Buffer<bf16> wscratch;
   std::vector<std::array<int64_t, kNumLoraSlots>> woff;
   int64_t scratch_single = -1;   // l * kNumLoraSlots + s of the projection in the first region (-1: none)
@@ -182,7 +185,9 @@ struct CudaDecoder::Impl {
 
   Impl(cuda::Context& c, const ModelConfig& mc, const LoraConfig& lc, bool nf4_base, const CudaDecoderOptions& opt)
       : ctx(c), cfg(mc), lcfg(lc), states_on_host(opt.lora_states_on_host && opt.training),
-        inputs_on_host(opt.layer_inputs_on_host && opt.training), nf4(nf4_base), layer_scratch(!opt.training) {
+        inputs_on_host(opt.layer_inputs_on_host && opt.training), nf4(nf4_base),
+        expert_chunk(nf4_base && opt.training ? opt.nf4_expert_chunk : 0), layer_scratch(!opt.training) {
+    QT_ASSERT(opt.nf4_expert_chunk >= 0, "nf4_expert_chunk {}", opt.nf4_expert_chunk);
     if (inputs_on_host) copy_stream.emplace();
     if (states_on_host) in_stream.emplace(), out_stream.emplace();
     if (const char* d = std::getenv("QT_TEST_COPY_DELAY_US")) copy_delay_us = std::atoll(d);
@@ -229,7 +234,7 @@ struct CudaDecoder::Impl {
         ref.E = sh.experts, ref.in = sh.in, ref.out = sh.out;
         const int64_t elems = ref.copies() * sh.in * sh.out;
         if (ref.E > 0 || layer_scratch) {
-          woff[l][s] = expert_off, expert_off += elems;
+          woff[l][s] = expert_off, expert_off += chunked(ref.E) ? expert_chunk * sh.in * sh.out : elems;
         } else {
           woff[l][s] = 0, single_elems = std::max(single_elems, elems);
         }
@@ -349,8 +354,27 @@ struct CudaDecoder::Impl {
     for (int s = 0; s < kNumLoraSlots; ++s) layers[l].nf4[s].dequantize(ctx, wscratch.get() + woff[l][s]);
     scratch_layer = l;
   }
+  // Whether a MoE layer of E experts is dequantized chunk by chunk.
+  bool chunked(int64_t E) const { return expert_chunk > 0 && expert_chunk < E; }
   CudaMoeWeights moe_weights(int64_t l) {
-    return {layers[l].router.get(), wt(l, kLoraGate), wt(l, kLoraUp), wt(l, kLoraDown)};
+    const bf16* router = layers[l].router.get();
+    if (!chunked(slots[l][kLoraGate].E)) return {router, wt(l, kLoraGate), wt(l, kLoraUp), wt(l, kLoraDown)};
+    CudaMoeWeights w;
+    w.router = router, w.chunk = expert_chunk;
+    w.load = [this, l, router](unsigned projections, int64_t e0, int64_t e1) {
+      CudaMoeWeights c;
+      c.router = router;
+      const bf16** at[3] = {&c.gate, &c.up, &c.down};
+      for (int i = 0; i < 3; ++i) {
+        if (!(projections & (1u << i))) continue;
+        bf16* dst = wscratch.get() + woff[l][kLoraGate + i];
+        layers[l].nf4[kLoraGate + i].dequantize(ctx, dst, e0, e1);
+        *at[i] = dst;
+      }
+      scratch_experts = -1;  // the region holds a chunk, not a layer
+      return c;
+    };
+    return w;
   }
   // The expert LoRA of MoE layer l in the flat buffers, and the layer's dims and dropout.
   CudaMoeLora moe_lora(int64_t l) const {
@@ -690,14 +714,29 @@ struct CudaDecoder::Impl {
   }
   // NF4, random weights: every projection normal(0, 0.02) in bf16 (made in the scratch), quantized on
   // the device.
+  // With expert chunks the experts are made and quantized a chunk at a time in the chunk's region
+  // (the values do not depend on it: fill_normal hashes each element's index in the projection).
   void random_nf4(uint64_t seed) {
     uint64_t k = 0;
     for (int64_t l = 0; l < L; ++l)
       for (int s = 0; s < kNumLoraSlots; ++s) {
         const SlotRef& sr = slots[l][s];
         bf16* x = wscratch.get() + woff[l][s];
-        cuda::fill_normal(ctx, x, sr.copies() * sr.in * sr.out, 0.f, 0.02f, seed * 7919ull + ++k);
-        layers[l].nf4[s].quantize(ctx, x, sr.copies(), {sr.out, sr.in});
+        const int64_t per = chunked(sr.E) ? expert_chunk : sr.copies(), n = sr.in * sr.out, key = int64_t(++k);
+        if (per == sr.copies()) {
+          cuda::fill_normal(ctx, x, sr.copies() * n, 0.f, 0.02f, seed * 7919ull + uint64_t(key));
+          layers[l].nf4[s].quantize(ctx, x, sr.copies(), {sr.out, sr.in});
+          continue;
+        }
+        std::vector<Nf4Tensor> all;
+        for (int64_t e0 = 0; e0 < sr.copies(); e0 += per) {
+          const int64_t c = std::min(per, sr.copies() - e0);
+          cuda::fill_normal(ctx, x, c * n, 0.f, 0.02f, seed * 7919ull + uint64_t(key), uint64_t(e0 * n));
+          for (Nf4Tensor& t : nf4_quantize_on_device(ctx, x, c, {sr.out, sr.in})) all.push_back(std::move(t));
+        }
+        std::vector<const Nf4Tensor*> ptrs;
+        for (const Nf4Tensor& t : all) ptrs.push_back(&t);
+        layers[l].nf4[s].upload(ptrs, "quantized on the device");
       }
     scratch_single = scratch_experts = scratch_layer = -1;
   }

@@ -53,6 +53,12 @@ struct CudaDecoderOptions {
   // the same arithmetic). Same results bit for bit; for LoRA on every expert of a large MoE model
   // (Qwen3-30B-A3B r=16: 12.6 GiB of state). Not with a layer_backward_hook (data parallelism).
   bool lora_states_on_host = false;
+  // NF4 base, training: a MoE layer's experts are dequantized this many at a time (0: the whole layer
+  // together), each chunk right before its products (model/cuda_moe.h chunks), so the bf16 scratch
+  // holds 3 x chunk experts instead of 3 x E (Qwen3-30B-A3B: 1.13 GiB for 128 experts, 0.14 GiB for
+  // 16). The products' outputs are the same row by row; the LoRA weight gradients are summed in
+  // another order (fp32). Every projection of a chunk is dequantized again for the backward.
+  int64_t nf4_expert_chunk = 0;
 };
 
 class CudaDecoder {

@@ -3,6 +3,9 @@
 // fp32 masters (as ops/cuda lora_forward does for dense layers), refreshed at each call, and the
 // LoRA up-projection (forward) and input gradient (backward, without dropout) are fused into the
 // base product (grouped_gemm.h SecondProduct) with the LoRA scale carried by xa and t.
+// Expert chunks (CudaMoeWeights::chunked): each group of products runs once per chunk [e0, e1) of
+// experts, as the same calls over E' = e1 - e0 experts with the offsets, weights and LoRA pointers
+// advanced by e0 experts (the rows stay where the sort put them: offsets are absolute row indices).
 #ifdef QT_HAVE_CUDA
 #include "model/cuda_moe.h"
 
@@ -48,6 +51,7 @@ struct Ctx {
   const CudaMoeDims& d;
   const CudaMoeDropout& drop;
   CudaMoeWork& work;
+  const int64_t* off;  // the offsets of these experts (E+1, device): work.offsets, or from a chunk's first
 
   int64_t T() const { return d.T(); }
   // The LoRA input of projection i: x, or dropout(x) (rows = assignment ids) in work.xd.
@@ -64,15 +68,13 @@ struct Ctx {
   bf16* lora_xa(int i, const bf16* x, const bf16* A16) {
     const ProjShape p = proj_shape(w, d, i);
     bf16* xa = work.xa[size_t(i)].get();
-    cuda::grouped_gemm_nt(ctx, xa, lora_input(i, x, p.in), A16, work.offsets.get(), T(), d.E, lora.r, p.in, lora.scale,
-                          false);
+    cuda::grouped_gemm_nt(ctx, xa, lora_input(i, x, p.in), A16, off, T(), d.E, lora.r, p.in, lora.scale, false);
     return xa;
   }
   // y (T,out) = x W_e^T (+ xa B_e^T, xa = scale drop(x) A_e^T saved): the LoRA term rides in the base
   // product as its second k range (SecondProduct), so y is written once; the scale is folded into xa.
   void proj_forward(int i, bf16* y, const bf16* x) {
     const ProjShape p = proj_shape(w, d, i);
-    const int64_t* off = work.offsets.get();
     if (!lora.present(i)) {
       cuda::grouped_gemm_nt(ctx, y, x, p.W, off, T(), d.E, p.out, p.in, 1.f, false);
       return;
@@ -88,7 +90,6 @@ struct Ctx {
   // one xd buffer) the two xa products run one after the other; with LoRA on one of the two only,
   // proj_forward runs each.
   void gate_up_forward(bf16* g, bf16* u, const bf16* x) {
-    const int64_t* off = work.offsets.get();
     const ProjShape pg = proj_shape(w, d, 0), pu = proj_shape(w, d, 1);
     if (lora.present(0) != lora.present(1)) {
       proj_forward(0, g, x);
@@ -122,7 +123,6 @@ struct Ctx {
       proj_backward(1, dx, du, x, true);
       return;
     }
-    const int64_t* off = work.offsets.get();
     const ProjShape pg = proj_shape(w, d, 0), pu = proj_shape(w, d, 1);
     if (!lora.present(0)) {
       cuda::grouped_gemm_nn_sum(ctx, dx, {dg, pg.W, {}}, {du, pu.W, {}}, off, T(), d.E, d.I, d.H, 1.f);
@@ -149,7 +149,6 @@ struct Ctx {
   // read only before dx is written: dx may be x's buffer.
   void proj_backward(int i, bf16* dx, const bf16* dy, const bf16* x, bool accumulate) {
     const ProjShape p = proj_shape(w, d, i);
-    const int64_t* off = work.offsets.get();
     if (!lora.present(i)) {
       cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate);
       return;
@@ -164,13 +163,51 @@ struct Ctx {
     if (drop.p > 0) {
       cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate);
       cuda::grouped_gemm_nn(ctx, work.dxd.get(), t, work.a16.get(), off, T(), d.E, r, p.in, 1.f, false);
-      cuda::dropout_backward(ctx, dx, work.dxd.get(), T(), p.in, drop.p, drop.key[size_t(i)], work.perm.get());
+      // only the rows of these experts: the others' dxd rows belong to other chunks' calls
+      cuda::dropout_backward(ctx, dx, work.dxd.get(), T(), p.in, drop.p, drop.key[size_t(i)], work.perm.get(), off,
+                             off + d.E);
     } else {
       cuda::grouped_gemm_nn(ctx, dx, dy, p.W, off, T(), d.E, p.out, p.in, 1.f, accumulate,
                             cuda::SecondProduct{t, work.a16.get(), r});
     }
   }
 };
+
+// The LoRA of experts [e0, ...) of a layer: every pointer advanced by e0 experts.
+CudaMoeLora lora_from(const CudaMoeLora& l, const CudaMoeDims& d, int64_t e0) {
+  CudaMoeLora s = l;
+  for (int i = 0; i < 3; ++i) {
+    if (!l.present(i)) continue;
+    const int64_t in = i == 2 ? d.I : d.H, out = i == 2 ? d.H : d.I;
+    const size_t k = size_t(i);
+    s.A[k] += e0 * l.r * in, s.B[k] += e0 * out * l.r;
+    if (s.dA[k]) s.dA[k] += e0 * l.r * in;
+    if (s.dB[k]) s.dB[k] += e0 * out * l.r;
+  }
+  return s;
+}
+
+// f(Ctx&) over all experts at once, or, chunked, once per chunk of experts after loading the chunk's
+// weights of `projections` (CudaMoeWeights::kGate | kUp | kDown).
+template <typename F>
+void for_each_chunk(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoeLora& lora, const CudaMoeDims& d,
+                    const CudaMoeDropout& drop, CudaMoeWork& work, unsigned projections, F&& f) {
+  if (!w.chunked(d.E)) {
+    Ctx c{ctx, w, lora, d, drop, work, work.offsets.get()};
+    f(c);
+    return;
+  }
+  QT_ASSERT(w.load, "chunked MoE weights without a loader");
+  for (int64_t e0 = 0; e0 < d.E; e0 += w.chunk) {
+    const int64_t e1 = std::min(d.E, e0 + w.chunk);
+    const CudaMoeWeights wc = w.load(projections, e0, e1);
+    const CudaMoeLora lc = lora_from(lora, d, e0);
+    CudaMoeDims dc = d;
+    dc.E = e1 - e0;
+    Ctx c{ctx, wc, lc, dc, drop, work, work.offsets.get() + e0};
+    f(c);
+  }
+}
 
 }  // namespace
 
@@ -201,23 +238,23 @@ size_t CudaMoeWork::bytes() const {
 void cuda_moe_forward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoeLora& lora, const CudaMoeDims& d,
                       const CudaMoeDropout& drop, CudaMoeWork& work, const bf16* m, bf16* out) {
   QT_ASSERT(work.xs.size() >= size_t(d.T() * d.H), "MoE work buffers hold fewer than {} rows", d.T());
-  Ctx c{ctx, w, lora, d, drop, work};
   const int64_t N = d.N, T = d.T();
   cuda::linear_forward(ctx, work.logits.get(), m, w.router, nullptr, N, d.H, d.E);
   cuda::moe_router_forward(ctx, work.topk_idx.get(), work.topk_w.get(), work.probs.get(), work.logits.get(), N, d.E,
                            d.k, d.norm_topk_prob);
   cuda::moe_sort(ctx, work.perm.get(), work.offsets.get(), work.topk_idx.get(), N, d.k, d.E);
   cuda::moe_gather(ctx, work.xs.get(), m, work.perm.get(), T, d.k, d.H);
-  c.gate_up_forward(work.g.get(), work.u.get(), work.xs.get());
+  for_each_chunk(ctx, w, lora, d, drop, work, CudaMoeWeights::kGate | CudaMoeWeights::kUp,
+                 [&](Ctx& c) { c.gate_up_forward(work.g.get(), work.u.get(), work.xs.get()); });
   cuda::swiglu_forward(ctx, work.h.get(), work.g.get(), work.u.get(), T * d.I);
-  c.proj_forward(2, work.ys.get(), work.h.get());
+  for_each_chunk(ctx, w, lora, d, drop, work, CudaMoeWeights::kDown,
+                 [&](Ctx& c) { c.proj_forward(2, work.ys.get(), work.h.get()); });
   cuda::moe_combine(ctx, out, work.ys.get(), work.topk_w.get(), work.perm.get(), T, d.k, d.H);
 }
 
 void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMoeLora& lora, const CudaMoeDims& d,
                        const CudaMoeDropout& drop, CudaMoeWork& work, const bf16* m, const bf16* dout, bf16* dm,
                        const CudaMoeAux& aux) {
-  Ctx c{ctx, w, lora, d, drop, work};
   const int64_t N = d.N, T = d.T();
   // Dead buffers take the gradients: dys over ys (each row's routing-weight gradient is taken from
   // ys first), dh over h, dg / du over g / u, and dxs over dys once the down projection's backward
@@ -226,9 +263,12 @@ void cuda_moe_backward(cuda::Context& ctx, const CudaMoeWeights& w, const CudaMo
   zero_async(ctx, work.dtopk_w, T);
   cuda::moe_combine_backward(ctx, dys, work.dtopk_w.get(), dout, work.ys.get(), work.topk_w.get(), work.perm.get(), T,
                              d.k, d.H, /*accumulate=*/false);
-  c.proj_backward(2, dh, dys, work.h.get(), false);
+  // (chunked: each chunk reads and writes only its experts' rows, so dh over h stays sound)
+  for_each_chunk(ctx, w, lora, d, drop, work, CudaMoeWeights::kDown,
+                 [&](Ctx& c) { c.proj_backward(2, dh, dys, work.h.get(), false); });
   cuda::swiglu_backward_inplace(ctx, dg, du, dh, T * d.I);
-  c.gate_up_backward(dxs, dg, du, work.xs.get());
+  for_each_chunk(ctx, w, lora, d, drop, work, CudaMoeWeights::kGate | CudaMoeWeights::kUp,
+                 [&](Ctx& c) { c.gate_up_backward(dxs, dg, du, work.xs.get()); });
   cuda::moe_gather_backward(ctx, dm, dxs, work.perm.get(), T, d.k, d.H);
   // Through the routing weights: top-k / renorm / softmax -> logits -> m W_r^T.
   zero_async(ctx, work.dlogits, N * d.E);

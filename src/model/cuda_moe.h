@@ -15,6 +15,7 @@
 #ifdef QT_HAVE_CUDA
 #include <array>
 #include <cstdint>
+#include <functional>
 
 #include "ops/cuda/runtime.h"
 
@@ -22,8 +23,18 @@ namespace qt {
 
 // One MoE layer's frozen weights on the device (bf16, owned by the caller): router (E,H), gate/up
 // (E,I,H), down (E,H,I) (the decoder's own buffers, or its per-layer NF4 dequantization scratch).
+// Expert chunks (an NF4 base with a small scratch): with 0 < chunk < E the experts are not all
+// there; every expert product runs chunk by chunk, load(projections, e0, e1) first making the bf16
+// weights of experts [e0, e1) of the projections asked for (bit 0 gate, 1 up, 2 down) available and
+// returning where ((e1 - e0, out, in) each, valid until the next load). The rows of a chunk's
+// experts are contiguous (the sort's offsets), so each chunk's products are grouped GEMMs over its
+// offsets; the outputs are the same row by row.
 struct CudaMoeWeights {
   const cuda::bf16 *router = nullptr, *gate = nullptr, *up = nullptr, *down = nullptr;
+  int64_t chunk = 0;
+  std::function<CudaMoeWeights(unsigned projections, int64_t e0, int64_t e1)> load;
+  static constexpr unsigned kGate = 1, kUp = 2, kDown = 4;
+  bool chunked(int64_t E) const { return chunk > 0 && chunk < E; }
 };
 
 // The expert LoRA of one layer, index 0/1/2 = gate/up/down: masters A (E,r,in), B (E,out,r) and

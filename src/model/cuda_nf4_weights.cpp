@@ -91,6 +91,22 @@ void CudaNf4Group::dequantize(const cuda::Context& ctx, cuda::bf16* out) const {
   cuda::nf4_dequantize_batched(ctx, view_, out);
 }
 
+void CudaNf4Group::dequantize(const cuda::Context& ctx, cuda::bf16* out, int64_t e0, int64_t e1) const {
+  QT_ASSERT(mem_.size() > 0 && 0 <= e0 && e0 < e1 && e1 <= view_.count, "dequantize of tensors [{}, {}) of {}", e0, e1,
+            view_.count);
+  const int64_t n = view_.n, nb = (n + view_.blocksize - 1) / view_.blocksize;
+  const int64_t nb2 = (nb + view_.nested_blocksize - 1) / view_.nested_blocksize;
+  cuda::Nf4BatchView v = view_;  // each per-tensor array advanced by e0 tensors (layout above)
+  v.codes += e0 * ((n + 1) / 2);
+  v.absmax_codes += e0 * nb;
+  v.nested_absmax += e0 * nb2;
+  v.quant_map += 16 * e0;
+  v.nested_quant_map += 256 * e0;
+  v.offsets += e0;
+  v.count = e1 - e0;
+  cuda::nf4_dequantize_batched(ctx, v, out);
+}
+
 std::vector<Nf4Tensor> nf4_quantize_on_device(cuda::Context& ctx, const cuda::bf16* x, int64_t count,
                                               const Shape& shape) {
   Nf4Tensor proto;

@@ -29,6 +29,8 @@ class CudaNf4Group {
   void quantize(cuda::Context& ctx, const cuda::bf16* x, int64_t count, const Shape& shape);
   // out (count, n) <- the dequantized bf16 values, on ctx's stream (asynchronous).
   void dequantize(const cuda::Context& ctx, cuda::bf16* out) const;
+  // out (e1 - e0, n) <- tensors [e0, e1) only (a chunk of a MoE layer's experts): the same values.
+  void dequantize(const cuda::Context& ctx, cuda::bf16* out, int64_t e0, int64_t e1) const;
   int64_t numel() const { return view_.count * view_.n; }
   size_t bytes() const { return mem_.bytes(); }
 

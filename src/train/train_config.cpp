@@ -95,6 +95,10 @@ const std::vector<KeySpec>& keys() {
        "CUDA, one GPU: keep the LoRA training state (fp32 weights, gradients, AdamW moments: 16 bytes per "
        "parameter) in pinned host memory, streamed through two layers' worth on the GPU; for LoRA on every "
        "expert of a large MoE model. Same results; each step moves the state over the bus."},
+      {"nf4_expert_chunk", &C::nf4_expert_chunk, "int", "0",
+       "CUDA with load_in_4bit: dequantize a MoE layer's experts this many at a time right before their "
+       "products (0: the whole layer at once). A smaller bf16 scratch (3 x chunk experts instead of 3 x all) "
+       "for a little more dequantization work."},
       {"lora_r", &C::lora_r, "int", "8", "LoRA rank r (PEFT default)."},
       {"lora_alpha", &C::lora_alpha, "float", "8", "LoRA alpha; the update is scaled by alpha / r (PEFT default)."},
       {"lora_dropout", &C::lora_dropout, "float", "0.0", "Dropout on the LoRA input, in [0, 1) (PEFT default)."},
@@ -408,6 +412,7 @@ void TrainConfig::validate(const std::string& origin) const {
   if (adapter == "lora" && load_in_4bit == true)
     fail("config", "{}: load_in_4bit: true needs adapter: qlora (got adapter: lora)", origin);
   need(lora_r >= 1 && lora_r <= (int64_t(1) << 20), "lora_r", "in [1, 2^20]", num(lora_r));
+  need(nf4_expert_chunk >= 0, "nf4_expert_chunk", ">= 0 (0: the whole layer)", num(nf4_expert_chunk));
   need(lora_alpha > 0, "lora_alpha", "> 0", num(lora_alpha));
   need(lora_dropout >= 0 && lora_dropout < 1, "lora_dropout", "in [0, 1)", num(lora_dropout));
   if (!lora_target_linear) {

@@ -59,6 +59,7 @@ struct TrainConfig {
   std::optional<bool> offload_embeddings; // CUDA: input embeddings in host memory; unset: as load_in_4bit
   bool offload_activations = false;       // CUDA: the saved layer inputs in host memory
   bool offload_lora = false;              // CUDA: LoRA masters, gradients and AdamW moments in host memory
+  int64_t nf4_expert_chunk = 0;           // CUDA + 4-bit: MoE experts dequantized this many at a time (0: a layer's)
   int64_t lora_r = 8;
   double lora_alpha = 8.0;
   double lora_dropout = 0.0;

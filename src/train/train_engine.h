@@ -95,6 +95,7 @@ struct CudaOffload {
   bool embeddings = false;    // the input embedding table (see resolve_embeddings_on_host)
   bool layer_inputs = false;  // the saved layer inputs of the training forward (offload_activations)
   bool lora_states = false;   // LoRA masters, gradients and AdamW moments (offload_lora; one GPU only)
+  int64_t expert_chunk = 0;   // NF4 MoE experts dequantized this many at a time (nf4_expert_chunk; 0: a layer's)
 };
 std::unique_ptr<TrainEngine> make_cuda_engine(const ModelWeights& w, const LoraAdapter& lora, const AdamW& opt,
                                               const DataParallel& dp = {}, const CudaOffload& offload = {});

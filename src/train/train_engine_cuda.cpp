@@ -45,7 +45,8 @@ CudaDecoderOptions decoder_options(const CudaOffload& off, const DataParallel& d
   return {.training = true,
           .embeddings_on_host = off.embeddings,
           .layer_inputs_on_host = off.layer_inputs,
-          .lora_states_on_host = off.lora_states};
+          .lora_states_on_host = off.lora_states,
+          .nf4_expert_chunk = off.expert_chunk};
 }
 
 std::unique_ptr<dist::NcclComm> join_comm(const DataParallel& dp, int device) {

@@ -251,7 +251,8 @@ TrainResult run_training(const TrainConfig& tc, const RunOptions& run) {
                                           {.embeddings = resolve_embeddings_on_host(tc.offload_embeddings, model.cfg,
                                                                                     model.base_4bit),
                                            .layer_inputs = tc.offload_activations,
-                                           .lora_states = tc.offload_lora})
+                                           .lora_states = tc.offload_lora,
+                                           .expert_chunk = tc.nf4_expert_chunk})
                        : make_cpu_engine(model.weights, lora, opt, dp);
   if (device == "cuda") model.weights = ModelWeights{};  // the GPU holds its own bf16 (or NF4) copy
   fmt::print("device: {}{}\n", engine->describe(), device_note.empty() ? "" : " (" + device_note + ")");

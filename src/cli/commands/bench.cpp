@@ -41,6 +41,7 @@ struct BenchArgs {
   std::optional<bool> offload_embeddings;  // unset: train's default (resolve_embeddings_on_host)
   bool offload_activations = false;        // the saved layer inputs in pinned host memory
   bool offload_lora = false;               // LoRA masters, gradients and AdamW moments in pinned host memory
+  int64_t nf4_expert_chunk = 0;            // with --load-in-4bit: MoE experts dequantized this many at a time
   int gpus = 0;  // 0: the single-process benchmark; N >= 1: N data-parallel ranks through the engine
 };
 
@@ -75,7 +76,8 @@ Batch random_batch(const BenchArgs& a, int64_t vocab, std::mt19937_64& rng) {
 CudaOffload bench_offload(const BenchArgs& a, const ModelConfig& cfg) {
   return {.embeddings = resolve_embeddings_on_host(a.offload_embeddings, cfg, a.load_in_4bit),
           .layer_inputs = a.offload_activations,
-          .lora_states = a.offload_lora};
+          .lora_states = a.offload_lora,
+          .expert_chunk = a.nf4_expert_chunk};
 }
 
 double median(std::vector<double> v) {
@@ -96,7 +98,8 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
                   {.training = true,
                    .embeddings_on_host = off.embeddings,
                    .layer_inputs_on_host = off.layer_inputs,
-                   .lora_states_on_host = off.lora_states});
+                   .lora_states_on_host = off.lora_states,
+                   .nf4_expert_chunk = off.expert_chunk});
   std::mt19937_64 rng(a.seed + 2);
   dec.set_batch(random_batch(a, cfg.vocab_size, rng));
   cuda::Event t0, t1;
@@ -126,6 +129,7 @@ void run_bench_cuda(const BenchArgs& a, const ModelConfig& cfg) {
                         {"embeddings_on_host", dec.embeddings_on_host()},
                         {"layer_inputs_on_host", dec.layer_inputs_on_host()},
                         {"lora_states_on_host", dec.lora_states_on_host()},
+                        {"nf4_expert_chunk", a.load_in_4bit ? a.nf4_expert_chunk : 0},
                         {"step", "forward+backward(recompute)+clip+adamw"},
                         {"median_step_s", med},
                         {"tokens_per_s", double(a.batch * a.seq) / med},
@@ -286,6 +290,10 @@ void register_bench_command(CLI::App& app) {
               "The saved layer inputs (activation checkpoints) in pinned host memory");
   c->add_flag("--offload-lora", a->offload_lora,
               "The LoRA masters, gradients and AdamW moments in pinned host memory (one GPU)");
+  c->add_option("--nf4-expert-chunk", a->nf4_expert_chunk,
+                "With --load-in-4bit: dequantize a MoE layer's experts this many at a time (0: the whole layer)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   c->callback([a] { run_bench(*a); });
 }
 

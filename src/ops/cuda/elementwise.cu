@@ -121,11 +121,14 @@ __device__ __forceinline__ bool dropout_keep(uint64_t key, uint64_t row, uint64_
 }
 
 // add = false: y = mask(x) * keep_scale; add = true: y += mask(x) * keep_scale (dropout's backward).
+// lo / hi (device, may be null): only rows [*lo, *hi) are touched.
 template <bool kAdd>
 __global__ void dropout_kernel(bf16* y, const bf16* x, int64_t N, int64_t D, double p, float keep_scale, uint64_t key,
-                               const int32_t* rows) {
+                               const int32_t* rows, const int64_t* lo = nullptr, const int64_t* hi = nullptr) {
+  const int64_t r0 = lo ? *lo : 0, r1 = hi ? *hi : N;
   QT_GRID_STRIDE(i, N * D) {
     const int64_t n = i / D, f = i - n * D;
+    if (n < r0 || n >= r1) continue;
     const uint64_t row = rows ? uint64_t(rows[n]) : uint64_t(n);
     const float v = dropout_keep(key, row, uint64_t(f), p) ? to_f(x[i]) * keep_scale : 0.f;
     y[i] = kAdd ? to_bf(to_f(y[i]) + v) : to_bf(v);
@@ -224,9 +227,10 @@ void dropout_forward(Context& ctx, bf16* y, const bf16* x, int64_t N, int64_t D,
 }
 
 void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t D, double p, uint64_t key,
-                      const int32_t* rows) {
+                      const int32_t* rows, const int64_t* row_lo, const int64_t* row_hi) {
   if (N * D <= 0) return;
-  dropout_kernel<true><<<grid_for(N * D), kThreads, 0, ctx.stream()>>>(dx, dy, N, D, p, float(1.0 / (1.0 - p)), key, rows);
+  dropout_kernel<true><<<grid_for(N * D), kThreads, 0, ctx.stream()>>>(dx, dy, N, D, p, float(1.0 / (1.0 - p)), key, rows,
+                                                                      row_lo, row_hi);
   QT_CUDA_LAUNCH_CHECK();
 }
 

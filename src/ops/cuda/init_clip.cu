@@ -1,5 +1,5 @@
 // Device-side initialisation and clipping for the CUDA decoder (no host round trip):
-//  - fill_normal: x[i] = mean + std * N(0,1) from a counter-based hash of (seed, i) (splitmix64 ->
+//  - fill_normal: x[i] = mean + std * N(0,1) from a counter-based hash of (seed, first + i) (splitmix64 ->
 //    two uniforms -> Box-Muller), so a 7B model's random weights never exist on the host and the
 //    values do not depend on the launch shape.
 //  - fill_constant: x[i] = c.
@@ -23,9 +23,9 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
 }
 
 template <typename T>
-__global__ void fill_normal_kernel(T* x, int64_t n, float mean, float std, uint64_t seed) {
+__global__ void fill_normal_kernel(T* x, int64_t n, float mean, float std, uint64_t seed, uint64_t first) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint64_t h = splitmix64(seed ^ splitmix64(uint64_t(i)));
+    const uint64_t h = splitmix64(seed ^ splitmix64(first + uint64_t(i)));
     const float u1 = (float(h >> 40) + 1.0f) * (1.0f / 16777217.0f);  // (0, 1]
     const float u2 = float((h >> 16) & 0xFFFFFFull) * (1.0f / 16777216.0f);
     const float z = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
@@ -51,14 +51,14 @@ __global__ void clip_kernel(float* x, int64_t n, const double* sum_sq, double ma
 
 }  // namespace
 
-void fill_normal(Context& ctx, bf16* x, int64_t n, float mean, float std, uint64_t seed) {
+void fill_normal(Context& ctx, bf16* x, int64_t n, float mean, float std, uint64_t seed, uint64_t first) {
   if (n <= 0) return;
-  fill_normal_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, mean, std, seed);
+  fill_normal_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, mean, std, seed, first);
   QT_CUDA_LAUNCH_CHECK();
 }
-void fill_normal(Context& ctx, float* x, int64_t n, float mean, float std, uint64_t seed) {
+void fill_normal(Context& ctx, float* x, int64_t n, float mean, float std, uint64_t seed, uint64_t first) {
   if (n <= 0) return;
-  fill_normal_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, mean, std, seed);
+  fill_normal_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, mean, std, seed, first);
   QT_CUDA_LAUNCH_CHECK();
 }
 void fill_constant(Context& ctx, bf16* x, int64_t n, float c) {

@@ -11,8 +11,9 @@ namespace qt::cuda {
 void clip_by_sum_squares(Context& ctx, float* x, int64_t n, const double* sum_sq, double max_norm);
 
 // x[i] = mean + std * N(0,1) from a hash of (seed, i): independent of the launch shape.
-void fill_normal(Context& ctx, bf16* x, int64_t n, float mean, float std, uint64_t seed);
-void fill_normal(Context& ctx, float* x, int64_t n, float mean, float std, uint64_t seed);
+// first: the index of x[0] in the hashed sequence (a tensor made in parts: the same values).
+void fill_normal(Context& ctx, bf16* x, int64_t n, float mean, float std, uint64_t seed, uint64_t first = 0);
+void fill_normal(Context& ctx, float* x, int64_t n, float mean, float std, uint64_t seed, uint64_t first = 0);
 void fill_constant(Context& ctx, bf16* x, int64_t n, float c);
 
 }  // namespace qt::cuda

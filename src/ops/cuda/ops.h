@@ -131,9 +131,10 @@ void fused_linear_cross_entropy(Context& ctx, double* loss_sum, int64_t* count, 
 // row_n = rows ? rows[n] : n (experts: rows = the assignment ids perm, as the CPU's moe_mlp).
 void dropout_forward(Context& ctx, bf16* y, const bf16* x, int64_t N, int64_t D, double p, uint64_t key,
                      const int32_t* rows = nullptr);
-// dx (N,D) += keep(row_n, f) ? dy * float(1/(1-p)) : 0 (the same mask: dropout's backward).
+// dx (N,D) += keep(row_n, f) ? dy * float(1/(1-p)) : 0 (the same mask: dropout's backward). row_lo /
+// row_hi (device scalars, may be null): only rows [*row_lo, *row_hi) (the rows of a chunk of experts).
 void dropout_backward(Context& ctx, bf16* dx, const bf16* dy, int64_t N, int64_t D, double p, uint64_t key,
-                      const int32_t* rows = nullptr);
+                      const int32_t* rows = nullptr, const int64_t* row_lo = nullptr, const int64_t* row_hi = nullptr);
 
 // ---- optimizer ---------------------------------------------------------------------------
 // One fused AdamW update of n fp32 parameters, arithmetic in fp64 and rounded exactly as
