@@ -32,7 +32,7 @@ namespace qt {
 struct CudaMoeWeights {
   const cuda::bf16 *router = nullptr, *gate = nullptr, *up = nullptr, *down = nullptr;
   int64_t chunk = 0;
-  std::function<CudaMoeWeights(unsigned projections, int64_t e0, int64_t e1)> load;
+  std::function<CudaMoeWeights(unsigned projections, int64_t e0, int64_t e1)> load = nullptr;
   static constexpr unsigned kGate = 1, kUp = 2, kDown = 4;
   bool chunked(int64_t E) const { return chunk > 0 && chunk < E; }
 };

@@ -1,9 +1,11 @@
 // Grouped GEMMs over the experts of an MoE layer (bf16 operands, fp32 accumulation), with the
 // group boundaries ONLY on the device: after moe_sort + moe_gather the rows (T, .) are grouped by
 // expert, expert e owning rows [offsets[e], offsets[e+1]) (offsets (E+1) int64 on the device,
-// offsets[0] = 0, non-decreasing, offsets[E] <= T). No call reads the offsets on the host, so a
-// training step needs no synchronisation and can be captured in a CUDA graph; rows past
-// offsets[E] are neither read nor written.
+// non-decreasing, offsets[E] <= T: absolute row indices, so a chunk of experts [e0, e1) of a sort
+// is run as offsets + e0 with E = e1 - e0, model/cuda_moe.cpp). No call reads the offsets on the
+// host, so a training step needs no synchronisation and can be captured in a CUDA graph; rows
+// outside [offsets[0], offsets[E]) are never written (a row tile may read past its expert's rows,
+// within the T rows of X).
 //
 //   grouped_gemm_nt:          Y  (T,N) (+)= alpha X (T,K)  W_e^T   W (E,N,K)  (forward: gate_up, down,
 //                                                                   LoRA x A_e^T, xa B_e^T)
