@@ -13,6 +13,8 @@ B="${QT_CUDA_PREBUILT:?set QT_CUDA_PREBUILT to the folder of the CUDA binaries}"
 LOGS="${OUT:-$PWD/cuda-memory-logs}"
 mkdir -p "$LOGS"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# the CUDA train tests run the CLI at QT_BINARY (build-cuda/qwentune of the build tree by default)
+mkdir -p build-cuda && { [ -x build-cuda/qwentune ] || cp "$B/qwentune" build-cuda/; }
 summary() { grep -E '^\[  (PASSED|FAILED) |^\[  FAILED  \]' "$1" | tr '\n' ' '; echo; }
 status=0
 run_test() {  # name, timeout, binary, gtest filter
