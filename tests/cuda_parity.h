@@ -109,11 +109,11 @@ inline void randomise_and_round(ModelWeights& w, std::mt19937_64& rng) {
   }
 }
 
-// An fp32 adapter with r = 4, alpha = 8 on all seven modules: A as PEFT initialises it (seed 5), B
+// An fp32 adapter with rank r, alpha = 2r on all seven modules: A as PEFT initialises it (seed 5), B
 // normal(0, b_std) from rng (non-zero, so every LoRA path counts).
-inline LoraAdapter random_lora_all_modules(const ModelConfig& cfg, std::mt19937_64& rng, float b_std) {
+inline LoraAdapter random_lora_all_modules(const ModelConfig& cfg, std::mt19937_64& rng, float b_std, int64_t r = 4) {
   LoraConfig lc;
-  lc.r = 4, lc.alpha = 8;
+  lc.r = r, lc.alpha = double(2 * r);
   lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
   LoraAdapter a = init_lora(cfg, lc, DType::F32, 5);
   std::normal_distribution<float> nd(0.f, b_std);
@@ -121,6 +121,21 @@ inline LoraAdapter random_lora_all_modules(const ModelConfig& cfg, std::mt19937_
     for (auto& p : l.slot)
       for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<float>()[i] = nd(rng);
   return a;
+}
+
+// Calls f(tensor of a, tensor of b, label) for every A and B of two adapters of one structure.
+template <typename F>
+void for_each_lora_pair(const LoraAdapter& a, const LoraAdapter& b, F&& f) {
+  ASSERT_EQ(a.layers.size(), b.layers.size());
+  for (size_t l = 0; l < a.layers.size(); ++l)
+    for (int s = 0; s < kNumLoraSlots; ++s)
+      for (bool is_b : {false, true}) {
+        const Tensor& x = is_b ? a.layers[l].slot[s].B : a.layers[l].slot[s].A;
+        const Tensor& y = is_b ? b.layers[l].slot[s].B : b.layers[l].slot[s].A;
+        if (!x.defined()) continue;
+        ASSERT_EQ(x.numel(), y.numel());
+        f(x, y, "layer " + std::to_string(l) + " " + lora_slot_module(LoraSlot(s)) + (is_b ? " B" : " A"));
+      }
 }
 
 // Checks |got - ref| <= rtol |ref| + atol * max|ref| elementwise; prints the measured worst

@@ -70,23 +70,9 @@ TinySetup tiny_setup(bool qwen3, std::mt19937_64& rng) {
   return t;
 }
 
-// Calls f(cpu tensor, gpu tensor, label) for every A and B of two adapters of one structure.
-template <typename F>
-void for_each_pair(const LoraAdapter& a, const LoraAdapter& b, F&& f) {
-  for (size_t l = 0; l < a.layers.size(); ++l)
-    for (int s = 0; s < kNumLoraSlots; ++s)
-      for (bool is_b : {false, true}) {
-        const Tensor& x = is_b ? a.layers[l].slot[s].B : a.layers[l].slot[s].A;
-        const Tensor& y = is_b ? b.layers[l].slot[s].B : b.layers[l].slot[s].A;
-        if (!x.defined()) continue;
-        ASSERT_EQ(x.numel(), y.numel());
-        f(x, y, "layer " + std::to_string(l) + " " + lora_slot_module(LoraSlot(s)) + (is_b ? " B" : " A"));
-      }
-}
-
 // Every A and B of two fp32 adapters of one structure equal bit for bit.
 void expect_same_bits(const LoraAdapter& a, const LoraAdapter& b, const std::string& what) {
-  for_each_pair(a, b, [&](const Tensor& x, const Tensor& y, const std::string& n) {
+  testing::for_each_lora_pair(a, b, [&](const Tensor& x, const Tensor& y, const std::string& n) {
     EXPECT_EQ(std::memcmp(x.data<float>(), y.data<float>(), size_t(x.numel()) * sizeof(float)), 0) << what << " " << n;
   });
 }
@@ -210,7 +196,7 @@ TEST(CudaDecoder, AccumulatesMicroBatches) {
         Tensor& e = is_b ? expect.layers[l].slot[s].B : expect.layers[l].slot[s].A;
         for (int64_t i = 0; i < a.numel(); ++i) e.data<float>()[i] = a.data<float>()[i] + b.data<float>()[i];
       }
-  for_each_pair(expect, g12, [&](const Tensor& e, const Tensor& g, const std::string& what) {
+  testing::for_each_lora_pair(expect, g12, [&](const Tensor& e, const Tensor& g, const std::string& what) {
     for (int64_t i = 0; i < e.numel(); ++i) {
       const double x = e.data<float>()[i], y = g.data<float>()[i];
       sum_sq += y * y;

@@ -50,28 +50,23 @@ bool same_bits(const Tensor& a, const Tensor& b) {
 
 // Every A and B of two adapters bit for bit.
 void expect_same_adapter(const LoraAdapter& a, const LoraAdapter& b, const std::string& what) {
-  ASSERT_EQ(a.layers.size(), b.layers.size());
-  for (size_t l = 0; l < a.layers.size(); ++l)
-    for (int s = 0; s < kNumLoraSlots; ++s) {
-      const auto& x = a.layers[l].slot[s];
-      const auto& y = b.layers[l].slot[s];
-      if (!x.present()) continue;
-      EXPECT_TRUE(same_bits(x.A, y.A)) << what << " layer " << l << " " << lora_slot_module(LoraSlot(s)) << " A";
-      EXPECT_TRUE(same_bits(x.B, y.B)) << what << " layer " << l << " " << lora_slot_module(LoraSlot(s)) << " B";
-    }
+  testing::for_each_lora_pair(a, b, [&](const Tensor& x, const Tensor& y, const std::string& n) {
+    EXPECT_TRUE(same_bits(x, y)) << what << " " << n;
+  });
 }
 
-// LoRA r (alpha 2r) on all seven projections, B drawn from rng too (every LoRA path live).
-LoraAdapter qlora_adapter(const ModelConfig& cfg, int64_t r, std::mt19937_64& rng) {
-  LoraConfig lc;
-  lc.r = r, lc.alpha = double(2 * r);
-  lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  LoraAdapter lora = init_lora(cfg, lc, DType::F32, 5);
-  std::normal_distribution<float> nd(0.f, 0.05f);
-  for (auto& l : lora.layers)
-    for (auto& p : l.slot)
-      for (int64_t i = 0; i < p.B.numel(); ++i) p.B.data<float>()[i] = nd(rng);
-  return lora;
+// On each decoder: zero_grads, then forward_backward of micro-batches b1 and b2 (grad scale 1/64,
+// LoRA dropout p with the step's masks).
+void accumulate_step(std::initializer_list<CudaDecoder*> decoders, const Batch& b1, const Batch& b2, int64_t step,
+                     double p) {
+  for (CudaDecoder* d : decoders) {
+    d->zero_grads();
+    int mb = 0;
+    for (const Batch* b : {&b1, &b2}) {
+      d->set_batch(*b);
+      d->forward_backward(1.0 / 64.0, LoraDropout{p, 9, step, mb++});
+    }
+  }
 }
 
 void check_nf4_equals_bf16(bool moe, DType storage) {
@@ -84,7 +79,7 @@ void check_nf4_equals_bf16(bool moe, DType storage) {
   EXPECT_EQ(nq, int64_t(w.nf4->tensors.size()));
   ModelWeights plain = w;  // the same dequantized floats, no NF4 data: the bf16 path
   plain.nf4 = nullptr;
-  const LoraAdapter lora = qlora_adapter(cfg, 4, rng);
+  const LoraAdapter lora = testing::random_lora_all_modules(cfg, rng, 0.05f);
   const Batch b1 = qlora_batch(rng), b2 = qlora_batch(rng);
 
   cuda::Context ctx;
@@ -98,14 +93,7 @@ void check_nf4_equals_bf16(bool moe, DType storage) {
   EXPECT_EQ(q4.loss_sum(), bf.loss_sum()) << "forward loss";
   EXPECT_TRUE(same_bits(q4.logits(), bf.logits())) << "logits";
   for (int64_t step = 1; step <= 2; ++step) {
-    for (CudaDecoder* d : {&q4, &bf}) {
-      d->zero_grads();
-      int mb = 0;
-      for (const Batch* b : {&b1, &b2}) {
-        d->set_batch(*b);
-        d->forward_backward(1.0 / 64.0, LoraDropout{0.1, 9, step, mb++});
-      }
-    }
+    accumulate_step({&q4, &bf}, b1, b2, step, 0.1);
     expect_same_adapter(q4.download_grads(), bf.download_grads(), "grads of step " + std::to_string(step));
     for (CudaDecoder* d : {&q4, &bf}) d->optimizer_step(step, 1e-3, 0.01, 1.0);
     const CudaDecoder::StepStats s4 = q4.read_step_stats(), sb = bf.read_step_stats();
@@ -126,17 +114,10 @@ TEST(CudaQlora, MoeNf4EqualsBf16OfDequantizedWeights) { check_nf4_equals_bf16(tr
 
 // Every A and B of two adapters elementwise within rtol |ref| + atol max|ref| (expect_close).
 void expect_close_adapter(const LoraAdapter& got, const LoraAdapter& ref, const std::string& what, double tol) {
-  ASSERT_EQ(got.layers.size(), ref.layers.size());
-  for (size_t l = 0; l < got.layers.size(); ++l)
-    for (int s = 0; s < kNumLoraSlots; ++s) {
-      const auto& x = got.layers[l].slot[s];
-      const auto& y = ref.layers[l].slot[s];
-      if (!x.present()) continue;
-      const std::string name = what + " layer " + std::to_string(l) + " " + lora_slot_module(LoraSlot(s));
-      const auto vec = [](const Tensor& t) { return std::vector<float>(t.data<float>(), t.data<float>() + t.numel()); };
-      testing::expect_close(name + " A", vec(x.A), vec(y.A), tol, tol);
-      testing::expect_close(name + " B", vec(x.B), vec(y.B), tol, tol);
-    }
+  const auto vec = [](const Tensor& t) { return std::vector<float>(t.data<float>(), t.data<float>() + t.numel()); };
+  testing::for_each_lora_pair(got, ref, [&](const Tensor& x, const Tensor& y, const std::string& n) {
+    testing::expect_close(what + " " + n, vec(x), vec(y), tol, tol);
+  });
 }
 
 // nf4_expert_chunk: a MoE layer's experts dequantized a chunk at a time train as with the whole
@@ -154,7 +135,7 @@ void check_expert_chunks(const std::string& name, const ModelConfig& cfg, const 
   std::mt19937_64 rng(47);
   ModelWeights w = random_model_weights(cfg, DType::F32, 3, 0.08);
   nf4_round_trip_weights(w, DType::BF16);
-  const LoraAdapter lora = qlora_adapter(cfg, 8, rng);
+  const LoraAdapter lora = testing::random_lora_all_modules(cfg, rng, 0.05f, 8);
   const Batch b1 = qlora_batch(rng), b2 = qlora_batch(rng);
   const auto near = [](double a, double b) { return std::fabs(a - b) <= 1e-5 * std::fabs(b); };
   cuda::Context ctx;
@@ -164,14 +145,7 @@ void check_expert_chunks(const std::string& name, const ModelConfig& cfg, const 
     for (CudaDecoder* d : {&whole, &part}) d->set_batch(b1), d->forward();
     EXPECT_TRUE(near(part.loss_sum(), whole.loss_sum())) << what << ": " << part.loss_sum() << " vs " << whole.loss_sum();
     for (int64_t step = 1; step <= 2; ++step) {
-      for (CudaDecoder* d : {&whole, &part}) {
-        d->zero_grads();
-        int mb = 0;
-        for (const Batch* b : {&b1, &b2}) {
-          d->set_batch(*b);
-          d->forward_backward(1.0 / 64.0, LoraDropout{step == 1 ? 0.1 : 0.0, 9, step, mb++});
-        }
-      }
+      accumulate_step({&whole, &part}, b1, b2, step, step == 1 ? 0.1 : 0.0);
       expect_close_adapter(part.download_grads(), whole.download_grads(), what + " grads", 1e-3);
       for (CudaDecoder* d : {&whole, &part}) d->optimizer_step(step, 1e-3, 0.01, 1.0);
       const CudaDecoder::StepStats sp = part.read_step_stats(), sw = whole.read_step_stats();

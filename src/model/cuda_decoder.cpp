@@ -384,7 +384,7 @@ struct CudaDecoder::Impl {
       const SlotRef& sr = slots[l][kLoraGate + i];
       if (!sr.present) continue;
       m.A[size_t(i)] = master_at(l, sr.a_off), m.B[size_t(i)] = master_at(l, sr.b_off);
-      if (grad.size() || states_on_host) m.dA[size_t(i)] = grad_at(l, sr.a_off), m.dB[size_t(i)] = grad_at(l, sr.b_off);
+      if (layer_sq.size()) m.dA[size_t(i)] = grad_at(l, sr.a_off), m.dB[size_t(i)] = grad_at(l, sr.b_off);  // training
     }
     return m;
   }
@@ -713,25 +713,20 @@ struct CudaDecoder::Impl {
     }
   }
   // NF4, random weights: every projection normal(0, 0.02) in bf16 (made in the scratch), quantized on
-  // the device.
-  // With expert chunks the experts are made and quantized a chunk at a time in the chunk's region
-  // (the values do not depend on it: fill_normal hashes each element's index in the projection).
+  // the device; with expert chunks a chunk of experts at a time in the chunk's region (the values do
+  // not depend on it: fill_normal hashes each element's index in the projection).
   void random_nf4(uint64_t seed) {
     uint64_t k = 0;
     for (int64_t l = 0; l < L; ++l)
       for (int s = 0; s < kNumLoraSlots; ++s) {
         const SlotRef& sr = slots[l][s];
         bf16* x = wscratch.get() + woff[l][s];
-        const int64_t per = chunked(sr.E) ? expert_chunk : sr.copies(), n = sr.in * sr.out, key = int64_t(++k);
-        if (per == sr.copies()) {
-          cuda::fill_normal(ctx, x, sr.copies() * n, 0.f, 0.02f, seed * 7919ull + uint64_t(key));
-          layers[l].nf4[s].quantize(ctx, x, sr.copies(), {sr.out, sr.in});
-          continue;
-        }
+        const int64_t per = chunked(sr.E) ? expert_chunk : sr.copies(), n = sr.in * sr.out;
+        const uint64_t key = seed * 7919ull + ++k;
         std::vector<Nf4Tensor> all;
         for (int64_t e0 = 0; e0 < sr.copies(); e0 += per) {
           const int64_t c = std::min(per, sr.copies() - e0);
-          cuda::fill_normal(ctx, x, c * n, 0.f, 0.02f, seed * 7919ull + uint64_t(key), uint64_t(e0 * n));
+          cuda::fill_normal(ctx, x, c * n, 0.f, 0.02f, key, uint64_t(e0 * n));
           for (Nf4Tensor& t : nf4_quantize_on_device(ctx, x, c, {sr.out, sr.in})) all.push_back(std::move(t));
         }
         std::vector<const Nf4Tensor*> ptrs;
@@ -753,18 +748,21 @@ struct CudaDecoder::Impl {
         if (sr.present) f(sr, p.A, p.B);
       }
   }
-  // The flat state `which` ('w' masters, 'g' gradients, 'm' / 'v' moments) as an adapter.
+  // The flat state `which` ('w' masters, 'g' gradients, 'm' / 'v' moments): where it lives with
+  // lora_states_on_host, and on the device otherwise.
+  float* host_state(char which) const {
+    return (which == 'w' ? h_lora : which == 'g' ? h_grad : which == 'm' ? h_m1 : h_m2).get();
+  }
+  Buffer<float>& device_state(char which) { return which == 'w' ? lora : which == 'g' ? grad : which == 'm' ? m1 : m2; }
+  const Buffer<float>& device_state(char which) const { return const_cast<Impl*>(this)->device_state(which); }
+  // The flat state `which` as an adapter.
   LoraAdapter download(char which) const {
     QT_ASSERT(which == 'w' || layer_sq.size(), "gradients or moments of an inference-only CudaDecoder");
     ctx.synchronize();
     std::vector<float> host;
-    if (states_on_host) {
-      const float* src = which == 'w' ? h_lora.get() : which == 'g' ? h_grad.get() : which == 'm' ? h_m1.get() : h_m2.get();
-      if (which == 'g' && grads_pending) host.assign(size_t(n_lora), 0.f);
-      else host.assign(src, src + n_lora);
-    } else {
-      host = (which == 'w' ? lora : which == 'g' ? grad : which == 'm' ? m1 : m2).download();
-    }
+    if (!states_on_host) host = device_state(which).download();
+    else if (which == 'g' && grads_pending) host.assign(size_t(n_lora), 0.f);
+    else host.assign(host_state(which), host_state(which) + n_lora);
     LoraAdapter out;
     out.cfg = lcfg;
     out.layers.resize(size_t(L));
@@ -792,10 +790,10 @@ struct CudaDecoder::Impl {
     });
     ctx.synchronize();
     if (states_on_host) {
-      std::copy(host.begin(), host.end(), which == 'w' ? h_lora.get() : which == 'm' ? h_m1.get() : h_m2.get());
+      std::copy(host.begin(), host.end(), host_state(which));
       ring_layer = {-1, -1};
     } else {
-      (which == 'w' ? lora : which == 'm' ? m1 : m2).upload(host);
+      device_state(which).upload(host);
     }
   }
 };

@@ -79,17 +79,8 @@ void CudaNf4Group::upload(const std::vector<const Nf4Tensor*>& ts, const std::st
   view_.f16_storage = f.dtype == DType::F16;
 }
 
-void CudaNf4Group::quantize(cuda::Context& ctx, const cuda::bf16* x, int64_t count, const Shape& shape) {
-  const std::vector<Nf4Tensor> ts = nf4_quantize_on_device(ctx, x, count, shape);
-  std::vector<const Nf4Tensor*> ptrs;
-  for (const Nf4Tensor& t : ts) ptrs.push_back(&t);
-  upload(ptrs, "quantized on the device");
-}
 
-void CudaNf4Group::dequantize(const cuda::Context& ctx, cuda::bf16* out) const {
-  QT_ASSERT(mem_.size() > 0, "dequantize of an empty NF4 group");
-  cuda::nf4_dequantize_batched(ctx, view_, out);
-}
+void CudaNf4Group::dequantize(const cuda::Context& ctx, cuda::bf16* out) const { dequantize(ctx, out, 0, view_.count); }
 
 void CudaNf4Group::dequantize(const cuda::Context& ctx, cuda::bf16* out, int64_t e0, int64_t e1) const {
   QT_ASSERT(mem_.size() > 0 && 0 <= e0 && e0 < e1 && e1 <= view_.count, "dequantize of tensors [{}, {}) of {}", e0, e1,

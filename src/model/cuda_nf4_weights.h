@@ -24,9 +24,6 @@ class CudaNf4Group {
   // Uploads host tensors (all of one numel, double quantization, one blocksize; quant-state dtype
   // bf16, f16 or f32). Bad data: "[cuda] <what>: ...". Synchronises (load time only).
   void upload(const std::vector<const Nf4Tensor*>& ts, const std::string& what);
-  // Quantizes `count` bf16 tensors of `shape` stored back to back at x on the device and keeps the
-  // result (the bytes nf4_quantize gives on the host for the same values, quant-state dtype bf16).
-  void quantize(cuda::Context& ctx, const cuda::bf16* x, int64_t count, const Shape& shape);
   // out (count, n) <- the dequantized bf16 values, on ctx's stream (asynchronous).
   void dequantize(const cuda::Context& ctx, cuda::bf16* out) const;
   // out (e1 - e0, n) <- tensors [e0, e1) only (a chunk of a MoE layer's experts): the same values.
